@@ -1,0 +1,123 @@
+"""LoraConfig: which kernels get an adapter, of what rank and scale, and how it starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+INITS = ("gaussian", "kaiming")
+
+# Presets usable in `targets`. "all-linear" is resolved in code (every kernel but the output
+# head); "attention" is a regex over module paths.
+ALL_LINEAR = "all-linear"
+ATTENTION = "attention"
+PRESETS = (ALL_LINEAR, ATTENTION)
+ATTENTION_PATTERN = (
+    r"(^|/)[^/]*(attn|attention)[^/]*(/|$)"
+    r"|(^|/)(q_proj|k_proj|v_proj|o_proj|query|key|value)$"
+)
+# Module names treated as the output head, which "all-linear" leaves alone (as peft does):
+# adapting the head is rarely wanted and its vocabulary-sized kernel dominates the cost.
+HEAD_NAMES = ("lm_head", "classifier", "score", "head")
+
+
+def _as_tuple(value: str | Iterable[str], name: str) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else tuple(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"LoraConfig.{name} holds {item!r}; expected regex strings.")
+        if item in PRESETS:
+            continue
+        try:
+            re.compile(item)
+        except re.error as err:
+            raise ValueError(f"LoraConfig.{name}: {item!r} is not a valid regex ({err}).") from err
+    return items
+
+
+def _as_pairs(value: Mapping[str, Any], name: str) -> tuple[tuple[str, Any], ...]:
+    pairs = tuple(dict(value).items())
+    _as_tuple([k for k, _ in pairs], name)
+    return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how: rank r, scale alpha/r, targets as regexes over module paths.
+
+    `targets` and `exclude` are regular expressions searched in the '/'-joined module path of
+    each kernel (e.g. "layers/attn/q_proj"), or the presets "all-linear" and "attention".
+    `rank_pattern` and `alpha_pattern` override rank and alpha per path (first matching regex
+    wins, as in peft). `modules_to_save` are regexes over full leaf paths (e.g. "classifier")
+    of params trained in full and saved with the adapter. `dropout` applies to the adapter's
+    input only when a "dropout" rng is given. `dtype` is the adapter params' dtype (float32
+    when None, whatever the base's dtype).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    exclude: tuple[str, ...] = ()
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    dropout: float = 0.0
+    init: str = "gaussian"
+    dtype: Any = None
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Normalise to tuples so the config is hashable and usable as a jit static argument.
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("targets", _as_tuple(self.targets, "targets"))
+        set_("exclude", _as_tuple(self.exclude, "exclude"))
+        set_("modules_to_save", _as_tuple(self.modules_to_save, "modules_to_save"))
+        set_("rank_pattern", _as_pairs(self.rank_pattern, "rank_pattern"))
+        set_("alpha_pattern", _as_pairs(self.alpha_pattern, "alpha_pattern"))
+        if not self.targets:
+            raise ValueError("LoraConfig.targets is empty: name at least one module regex.")
+        for where, rank in (("rank", self.rank), *self.rank_pattern):
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"LoraConfig rank for {where!r} is {rank!r}; must be an int >= 1.")
+        for where, alpha in (("alpha", self.alpha), *self.alpha_pattern):
+            if not isinstance(alpha, int | float) or alpha <= 0:
+                raise ValueError(f"LoraConfig alpha for {where!r} is {alpha!r}; must be > 0.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout is {self.dropout}; must be in [0, 1).")
+        if self.init not in INITS:
+            raise ValueError(f"LoraConfig.init is {self.init!r}; choose one of {INITS}.")
+        set_("dtype", jnp.dtype(self.dtype if self.dtype is not None else jnp.float32))
+
+    def rank_for(self, path: str) -> int:
+        """The rank for a module path: the first matching rank_pattern, else `rank`."""
+        return next((r for pat, r in self.rank_pattern if re.search(pat, path)), self.rank)
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha for a module path: the first matching alpha_pattern, else `alpha`."""
+        return next((a for pat, a in self.alpha_pattern if re.search(pat, path)), self.alpha)
+
+    def scale_for(self, path: str, rank: int) -> float:
+        """The factor alpha/r that multiplies A·B at this path."""
+        return self.alpha_for(path) / rank
+
+    def is_target(self, path: str, presets: bool = True) -> bool:
+        """Whether the kernel at this module path gets an adapter (presets=False: regexes only)."""
+        if any(re.search(pat, path) for pat in self.exclude):
+            return False
+        chosen = self.targets if presets else [t for t in self.targets if t not in PRESETS]
+        return any(_matches(t, path) for t in chosen)
+
+    def is_saved(self, leaf_path: str) -> bool:
+        """Whether a leaf (by full path, e.g. "classifier/kernel") is trained in full."""
+        return any(re.search(pat, leaf_path) for pat in self.modules_to_save)
+
+
+def _matches(target: str, path: str) -> bool:
+    if target == ALL_LINEAR:
+        return not any(part in HEAD_NAMES for part in path.split("/"))
+    if target == ATTENTION:
+        return re.search(ATTENTION_PATTERN, path) is not None
+    return re.search(target, path) is not None

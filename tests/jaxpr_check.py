@@ -1,0 +1,61 @@
+"""Finds LoRA weight materialisation in a jaxpr: a kernel-shaped value computed from A and B
+without the activations (W0 + A·B built as a weight, which the factored forward must avoid)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import jax
+from jax.extend import core as jex_core
+
+A, B, X = "A", "B", "X"
+
+
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(item, jex_core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jex_core.Jaxpr):
+                yield item
+
+
+def _align_end(values: list, n: int, empty=frozenset()) -> list:
+    # scan / pjit / remat pass operands one to one; cond and while drop leading operands (the
+    # branch index, the other half's consts), so sub-jaxpr operands line up from the end.
+    return [empty] * max(n - len(values), 0) + values[max(len(values) - n, 0) :]
+
+
+def _walk(jaxpr, taint_in, shapes, found):
+    env = dict(zip(jaxpr.invars, taint_in, strict=True))
+    read = lambda v: frozenset() if isinstance(v, jex_core.Literal) else env.get(v, frozenset())  # noqa: E731
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        outs = [frozenset().union(*ins)] * len(eqn.outvars)
+        subs = list(_sub_jaxprs(eqn))
+        if subs:
+            outs = [frozenset()] * len(eqn.outvars)
+            for sub in subs:
+                inner = _walk(sub, _align_end(ins, len(sub.invars)), shapes, found)
+                outs = [o | t for o, t in zip(outs, _align_end(inner, len(outs)), strict=True)]
+        for var, taint in zip(eqn.outvars, outs, strict=True):
+            env[var] = taint
+            shape = tuple(getattr(var.aval, "shape", ()))
+            if A in taint and B in taint and X not in taint and shape in shapes:
+                found.append((eqn.primitive.name, shape))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def materialised(fn, args, a_leaves: Iterable, b_leaves: Iterable, x_leaves: Iterable, shapes):
+    """(primitive, shape) of every kernel-shaped value `fn(*args)` builds from A and B alone.
+
+    `a_leaves`, `b_leaves` and `x_leaves` name, by identity, which flattened inputs are the
+    adapters' A and B factors and the activations.
+    """
+    closed = jax.make_jaxpr(fn)(*args)
+    ids = {A: {id(v) for v in a_leaves}, B: {id(v) for v in b_leaves}, X: {id(v) for v in x_leaves}}
+    leaves = jax.tree.leaves(args)
+    taint = [frozenset(k for k, s in ids.items() if id(leaf) in s) for leaf in leaves]
+    found: list = []
+    _walk(closed.jaxpr, taint, {tuple(s) for s in shapes}, found)
+    return found

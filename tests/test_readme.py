@@ -1,0 +1,47 @@
+"""The README says what the code does: its example is the file it runs, and it runs."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def block_after(marker: str) -> str:
+    match = re.search(rf"<!-- {marker} -->\n```\w+\n(.*?)```", README, re.S)
+    assert match, f"README has no block after <!-- {marker} -->"
+    return match.group(1)
+
+
+def test_readme_example_is_the_quickstart_file():
+    assert block_after("example") == (ROOT / "examples/quickstart.py").read_text()
+
+
+def test_quickstart_trains_and_merges():
+    out = subprocess.run(
+        [sys.executable, "examples/quickstart.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", out)]
+    assert len(losses) == 4 and losses[-1] < 0.1 * losses[0]
+    assert "trainable params: 704 || all params: 3,938" in out
+    gap = float(re.search(r"max \|diff\| = (\S+)", out).group(1))
+    assert gap < 1e-3  # float32 logits of magnitude ~10: factored and merged sums differ ~1e-5
+
+
+def test_ci_runs_the_readme_test_command():
+    printed = subprocess.run(
+        ["bash", ".ci/run", "--print"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+    assert printed == block_after("install-and-test")
+    assert "pytest" in printed and 'pip install -e ".[test]"' in printed
+
+
+def test_readme_run_command_runs_the_quickstart():
+    assert "python examples/quickstart.py" in block_after("install-and-run")
