@@ -139,11 +139,10 @@ def _no_adapter(flat: Mapping[Keys, Any], what: str) -> None:
             )
 
 
-def targets(params: Params, config: LoraConfig) -> list[str]:
-    """The module paths whose kernels `init` would adapt; ValueError if a target is unusable."""
-    modules = _modules(_flatten(params))
-    kernels = sorted(path_str(k) for k, m in modules.items() if KERNEL in m)
-    chosen = [p for p in kernels if config.is_target(p)]
+def _targets(modules: Mapping[Keys, Mapping[str, Any]], config: LoraConfig) -> list[Keys]:
+    """Keys of the modules whose kernels get an adapter; ValueError if a target is unusable."""
+    kernels = sorted((k for k, m in modules.items() if KERNEL in m), key=path_str)
+    chosen = [k for k in kernels if config.is_target(path_str(k))]
     for keys, leaves in modules.items():
         path = path_str(keys)
         if KERNEL not in leaves and leaves and config.is_target(path, presets=False):
@@ -151,15 +150,20 @@ def targets(params: Params, config: LoraConfig) -> list[str]:
                 f"target matches {path!r}, which holds {sorted(leaves)} but no kernel; LoRA "
                 "adapts Dense/DenseGeneral/Einsum kernels. Narrow `targets` or add `exclude`."
             )
-    for path in chosen:
-        if config.is_saved(f"{path}/{KERNEL}"):
-            raise ValueError(f"{path}: both a LoRA target and in modules_to_save; pick one.")
+    for keys in chosen:
+        if config.is_saved(f"{path_str(keys)}/{KERNEL}"):
+            raise ValueError(f"{path_str(keys)}: both a LoRA target and in modules_to_save.")
     if not chosen:
         raise ValueError(
             f"no kernel matches targets={config.targets} (exclude={config.exclude}). "
-            f"Module paths with a kernel: {kernels}"
+            f"Module paths with a kernel: {[path_str(k) for k in kernels]}"
         )
     return chosen
+
+
+def targets(params: Params, config: LoraConfig) -> list[str]:
+    """The module paths whose kernels `init` would adapt; ValueError if a target is unusable."""
+    return [path_str(k) for k in _targets(_modules(_flatten(params)), config)]
 
 
 def init(
@@ -176,9 +180,8 @@ def init(
     _no_adapter(flat, "init")
     modules = _modules(flat)
     plans = []
-    for path in targets(params, config):
-        keys = next(k for k in modules if path_str(k) == path)
-        shape = tuple(modules[keys][KERNEL].shape)
+    for keys in _targets(modules, config):
+        path, shape = path_str(keys), tuple(modules[keys][KERNEL].shape)
         n_in, n_out = _kernel_layout(path, shape, layouts)
         lead = len(shape) - n_in - n_out
         fan_in, fan_out = math.prod(shape[lead : lead + n_in]), math.prod(shape[lead + n_in :])

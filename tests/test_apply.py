@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 from jaxpr_check import materialised
 from small_models import CASES, D, Stack, randomize_adapters, tokens
 
@@ -91,17 +91,17 @@ def test_gradients_match_merged_path(name):
 
 
 def kernel_shapes(params):
-    shapes = set()
-    for leaves in lj.tree._adapted(lj.tree._flatten(params)).values():
-        w = leaves["kernel"]
-        lead, n_in, *_ = lj.adapter_layout(
-            "", w.shape, leaves["lora_a"].shape, leaves["lora_b"].shape
-        )
+    """Each adapted kernel's shape, per layer and flattened to (fan_in, fan_out)."""
+    shapes, flat = set(), traverse_util.flatten_dict(params)
+    for keys, leaf in flat.items():
+        if keys[-1] != "lora_a":
+            continue
+        w, b = flat[(*keys[:-1], "kernel")], flat[(*keys[:-1], "lora_b")]
+        lead, n_in, *_ = lj.adapter_layout("", w.shape, leaf.shape, b.shape)
         for drop in range(lead + 1):  # stacked, and per layer inside the scan
-            shape = w.shape[drop:]
-            k = lead - drop
-            flat = (int(np.prod(shape[k : k + n_in])), int(np.prod(shape[k + n_in :])))
-            shapes |= {shape, shape[:k] + flat, flat}
+            shape, k = w.shape[drop:], lead - drop
+            matrix = (int(np.prod(shape[k : k + n_in])), int(np.prod(shape[k + n_in :])))
+            shapes |= {shape, shape[:k] + matrix, matrix}
     return shapes
 
 

@@ -53,9 +53,10 @@ def chains(draw):
 def build(specs, targets, rank, alpha, d_in):
     model, x = Chain(specs), jax.random.normal(jax.random.key(0), (3, d_in))
     variables = model.init(jax.random.key(1), x)
+    # Every kernel's first and last axes are one input and one output axis, so the smallest of
+    # those bounds min(fan_in, fan_out) from below: a rank that fits every kernel.
     smallest = min(
-        min(np.prod(s) for s in (v["kernel"].shape[:1], v["kernel"].shape[-1:]))
-        for v in variables["params"].values()
+        min(v["kernel"].shape[0], v["kernel"].shape[-1]) for v in variables["params"].values()
     )
     config = lj.LoraConfig(rank=min(rank, int(smallest)), alpha=alpha, targets=targets)
     layouts = lj.kernel_layouts(model, x)
