@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import flax.linen as nn
 import jax
@@ -90,7 +91,7 @@ def randomize_adapters(params, key, scale=0.1):
     def fill(path, leaf):
         name = jax.tree_util.keystr(path)
         if "lora_a" in name or "lora_b" in name:
-            sub = jax.random.fold_in(key, hash(name) & 0x7FFFFFFF)
+            sub = jax.random.fold_in(key, zlib.crc32(name.encode()))  # same in every process
             return (scale * jax.random.normal(sub, leaf.shape)).astype(leaf.dtype)
         return leaf
 

@@ -1,0 +1,213 @@
+"""BERT and RoBERTa encoders with sequence-classification heads, named like Hugging Face's
+modules (encoder/layer/attention/self/query, ...). RoBERTa differs only in its position ids
+(counted from padding_idx + 1) and its classification head."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lora_jax.models.common import (
+    ZooModel,
+    activation,
+    attend,
+    default_positions,
+    merge_heads,
+    scanned,
+    split_heads,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The architecture fields of a BERT/RoBERTa config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    num_labels: int = 2
+    roberta: bool = False
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> BertConfig:
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("only absolute position embeddings are supported for BERT/RoBERTa.")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"num_labels", "roberta"}
+        return cls(
+            **{k: v for k, v in hf.items() if k in fields and v is not None},
+            num_labels=len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2),
+            roberta=hf.get("model_type") == "roberta",
+        )
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids):
+        c = self.config
+        if c.roberta:  # RoBERTa counts real tokens from padding_idx + 1
+            real = (input_ids != c.pad_token_id).astype(jnp.int32)
+            positions = jnp.cumsum(real, axis=1) * real + c.pad_token_id
+        else:
+            positions = default_positions(input_ids)
+        embed = lambda n, name: nn.Embed(n, c.hidden_size, dtype=self.dtype, name=name)  # noqa: E731
+        x = (
+            embed(c.vocab_size, "word_embeddings")(input_ids)
+            + embed(c.max_position_embeddings, "position_embeddings")(positions)
+            + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        )
+        return nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
+
+
+class BertSelfAttention(nn.Module):
+    config: BertConfig
+    dtype: Any = None
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, padding):
+        c = self.config
+        q, k, v = (
+            split_heads(nn.Dense(c.hidden_size, dtype=self.dtype, name=n)(x), c.num_attention_heads)
+            for n in ("query", "key", "value")
+        )
+        return merge_heads(
+            attend(q, k, v, padding, causal=False, implementation=self.attention_impl)
+        )
+
+
+class AddNorm(nn.Module):
+    """dense, residual, LayerNorm: BERT's `attention.output` and `output` modules."""
+
+    config: BertConfig
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, residual):
+        c = self.config
+        x = nn.Dense(c.hidden_size, dtype=self.dtype, name="dense")(x) + residual
+        return nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
+
+
+class BertAttention(nn.Module):
+    config: BertConfig
+    dtype: Any = None
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, padding):
+        attn = BertSelfAttention(self.config, self.dtype, self.attention_impl, name="self")
+        return AddNorm(self.config, self.dtype, name="output")(attn(x, padding), x)
+
+
+class BertIntermediate(nn.Module):
+    config: BertConfig
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        return activation(c.hidden_act)(
+            nn.Dense(c.intermediate_size, dtype=self.dtype, name="dense")(x)
+        )
+
+
+class BertLayer(nn.Module):
+    config: BertConfig
+    dtype: Any = None
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, padding):
+        h = BertAttention(self.config, self.dtype, self.attention_impl, name="attention")(
+            x, padding
+        )
+        inner = BertIntermediate(self.config, self.dtype, name="intermediate")(h)
+        return AddNorm(self.config, self.dtype, name="output")(inner, h), None
+
+
+class BertEncoder(ZooModel):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x, padding):
+        stack = scanned(BertLayer, self.config.num_hidden_layers, self.remat, broadcast=1)
+        return stack(self.config, self.dtype, self.attention_impl, name="layer")(x, padding)[0]
+
+
+class BertModel(ZooModel):
+    """Token ids (B, T) -> (hidden states (B, T, D), pooled first token (B, D) or None)."""
+
+    config: BertConfig
+    add_pooling_layer: bool = True
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+        c = self.config
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = BertEmbeddings(c, self.dtype, name="embeddings")(input_ids, token_type_ids)
+        x = BertEncoder(c, self.dtype, self.remat, self.attention_impl, name="encoder")(
+            x, attention_mask
+        )
+        if not self.add_pooling_layer:
+            return x, None
+        return x, BertPooler(c, self.dtype, name="pooler")(x[:, 0])
+
+
+class BertPooler(nn.Module):
+    config: BertConfig
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, first_token):
+        return jnp.tanh(
+            nn.Dense(self.config.hidden_size, dtype=self.dtype, name="dense")(first_token)
+        )
+
+
+class BertForSequenceClassification(ZooModel):
+    """Token ids (B, T) -> class logits (B, num_labels), for BERT and RoBERTa checkpoints."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+        c = self.config
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)  # noqa: E731
+        encoder = BertModel(
+            c,
+            self.dtype,
+            self.remat,
+            self.attention_impl,
+            add_pooling_layer=not c.roberta,
+            name="roberta" if c.roberta else "bert",
+        )
+        hidden, pooled = encoder(input_ids, attention_mask, token_type_ids)
+        if not c.roberta:
+            return dense(c.num_labels, "classifier")(pooled)
+        head = RobertaClassificationHead(c, self.dtype, name="classifier")
+        return head(hidden[:, 0])
+
+
+class RobertaClassificationHead(nn.Module):
+    config: BertConfig
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        x = jnp.tanh(nn.Dense(c.hidden_size, dtype=self.dtype, name="dense")(x))
+        return nn.Dense(c.num_labels, dtype=self.dtype, name="out_proj")(x)

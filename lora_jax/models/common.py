@@ -1,0 +1,111 @@
+"""Pieces every model in the zoo shares: scanned layers, masks, attention, activations."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Named remat policies (`remat=` on every model): what the backward pass may keep.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+class ZooModel(nn.Module):
+    """Fields every top-level model takes: its architecture config and run-time options
+    (compute dtype, remat policy name, attention implementation)."""
+
+    config: Any
+    dtype: Any = None
+    remat: str = "none"
+    attention_impl: str | None = None
+
+
+def default_positions(input_ids: jax.Array) -> jax.Array:
+    """0, 1, 2, ... per row, as transformers uses when no position ids are given."""
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+
+
+def activation(name: str):
+    """The activation Hugging Face calls `name`."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def scanned(block: type[nn.Module], length: int, remat: str, broadcast: int) -> type[nn.Module]:
+    """`block` stacked `length` times by nn.scan (one compiled layer, params with a leading
+    layer axis), optionally rematerialised with a named policy. The block's signature is
+    (carry, *broadcast_args) -> (carry, None)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+    if remat != "none":
+        # prevent_cse=False is the recommended setting inside scan.
+        block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * broadcast,
+        length=length,
+    )
+
+
+def implementation_for(choice: str | None, dtype: Any) -> str:
+    """`choice`, or the fastest that fits: cuDNN flash attention on GPU in 16-bit, else XLA."""
+    if choice is not None:
+        return choice
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    padding: jax.Array | None,
+    *,
+    causal: bool,
+    window: int | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention, (B, T, N, H) x (B, S, K, H) with K | N (GQA).
+
+    `padding` (B, S): 1 for real tokens, 0 for pads (any layout). Causality and a sliding
+    `window` (query i sees keys i - window < j <= i, as Mistral) are passed structurally, so
+    cuDNN skips the masked blocks instead of reading a dense mask.
+    """
+    mask = None if padding is None else padding.astype(bool)[:, None, None, :]
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        scale=1.0 / math.sqrt(q.shape[-1]),
+        is_causal=causal,
+        local_window_size=(window - 1, 0) if window else None,
+        implementation=implementation_for(implementation, q.dtype),
+    )
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-2], -1)

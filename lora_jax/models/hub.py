@@ -1,0 +1,254 @@
+"""Hugging Face checkpoints in and out, without torch.
+
+Our module trees mirror transformers' names, so one rule maps every tensor both ways: drop
+the layer index and stack along axis 0 (nn.scan), `weight` <-> kernel (transposed, except
+GPT-2's Conv1D which is already (in, out)) / scale / embedding, `bias` <-> bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from lora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
+from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+    "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one `model_type` maps to our modules and to checkpoint tensor names."""
+
+    config: type
+    architectures: dict[str, type[nn.Module]]
+    stacked: str  # the module name under which transformers numbers its layers
+    conv1d: bool = False  # kernels stored (in, out), as GPT-2's Conv1D does
+    buffers: str = r"$^"  # checkpoint entries that are buffers, not params
+
+
+def _llama(arch: str) -> Family:
+    return Family(LlamaConfig, {arch: LlamaForCausalLM}, "layers", buffers=r"rotary_emb\.inv_freq$")
+
+
+def _bert(prefix: str) -> Family:
+    archs = {
+        f"{prefix}Model": BertModel,
+        f"{prefix}ForSequenceClassification": BertForSequenceClassification,
+    }
+    return Family(BertConfig, archs, "layer", buffers=r"position_ids$")
+
+
+FAMILIES = {
+    "llama": _llama("LlamaForCausalLM"),
+    "mistral": _llama("MistralForCausalLM"),
+    "qwen2": _llama("Qwen2ForCausalLM"),
+    "gpt2": Family(
+        GPT2Config,
+        {"GPT2LMHeadModel": GPT2LMHeadModel},
+        "h",
+        conv1d=True,
+        buffers=r"\.attn\.(masked_)?bias$",
+    ),
+    "bert": _bert("Bert"),
+    "roberta": _bert("Roberta"),
+}
+
+
+def family_of(hf_config: dict[str, Any]) -> tuple[Family, str]:
+    """(family, architecture name) for a config.json, or a ValueError listing what is supported."""
+    model_type = hf_config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}"
+        )
+    family = FAMILIES[model_type]
+    arch = (hf_config.get("architectures") or [next(iter(family.architectures))])[0]
+    if arch not in family.architectures:
+        raise ValueError(
+            f"architecture {arch!r} is not supported for {model_type}; "
+            f"supported: {sorted(family.architectures)}"
+        )
+    return family, arch
+
+
+def build(hf_config: dict[str, Any], **options: Any) -> nn.Module:
+    """Our Linen model for a config.json; options: dtype (compute), remat, attention_impl."""
+    family, arch = family_of(hf_config)
+    return family.architectures[arch](family.config.from_hf(hf_config), **options)
+
+
+def _hf_names(keys: tuple[str, ...], family: Family, layers: int) -> list[str]:
+    """Checkpoint names of one leaf: one per layer for a stacked leaf, else one."""
+    *modules, leaf = keys
+    parts = [*modules, LEAF_TO_HF[leaf]]
+    if family.stacked not in modules:
+        return [".".join(parts)]
+    i = modules.index(family.stacked) + 1
+    return [".".join([*parts[:i], str(n), *parts[i:]]) for n in range(layers)]
+
+
+def _transposed(keys: tuple[str, ...], family: Family) -> bool:
+    return keys[-1] == "kernel" and not family.conv1d
+
+
+class _Checkpoint:
+    """The tensors of model.safetensors or a sharded model.safetensors.index.json, read lazily."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (directory / "model.safetensors").exists():
+            with safe_open(directory / "model.safetensors", "flax") as f:
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+        elif any(directory.glob("pytorch_model*.bin")):
+            raise ValueError(
+                f"{directory}: only pickle checkpoints (pytorch_model.bin), which can "
+                "run code when loaded; convert them to safetensors first."
+            )
+        else:
+            raise FileNotFoundError(f"{directory}: no model.safetensors or its index.")
+        self.files = {name: directory / file for name, file in weight_map.items()}
+
+    def get(self, name: str) -> np.ndarray:
+        with safe_open(self.files[name], "flax") as f:
+            return np.asarray(f.get_tensor(name))
+
+
+def load_params(model: nn.Module, directory: Path, hf_config: dict, dtype: Any) -> dict[str, Any]:
+    """The model's params tree filled from the checkpoint, every name and shape checked."""
+    family, _ = family_of(hf_config)
+    dummy = jnp.zeros((1, 2), jnp.int32)
+    expected = traverse_util.flatten_dict(
+        jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
+    )
+    checkpoint = _Checkpoint(directory)
+    used, missing, params = set(), [], {}
+    for keys, spec in expected.items():
+        names = _hf_names(keys, family, spec.shape[0])
+        stacked = family.stacked in keys
+        used.update(n for n in names if n in checkpoint.files)
+        if absent := [n for n in names if n not in checkpoint.files]:
+            missing += absent
+            continue
+        arrays = []
+        for name in names:
+            array = checkpoint.get(name)
+            array = array.T if _transposed(keys, family) else array
+            want = spec.shape[1:] if stacked else spec.shape
+            if array.shape != want:
+                raise ValueError(
+                    f"{name}: checkpoint shape {array.shape} (after layout change) "
+                    f"!= model shape {want}; is config.json the checkpoint's?"
+                )
+            arrays.append(array.astype(dtype))
+        params[keys] = jnp.asarray(np.stack(arrays) if stacked else arrays[0])
+    unexpected = sorted(
+        n for n in checkpoint.files if n not in used and not re.search(family.buffers, n)
+    )
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory} does not match {type(model).__name__}: missing tensors "
+            f"{missing}, unexpected tensors {unexpected}."
+        )
+    return traverse_util.unflatten_dict(params)
+
+
+def _resolve(path_or_repo_id: str | Path) -> Path:
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_repo_id)
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        raise FileNotFoundError(f"{text}: not a checkpoint directory (nor a hub id 'org/name').")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:  # pragma: no cover - huggingface_hub is a dependency
+        raise ImportError(
+            "loading a hub id needs huggingface_hub; pass a local directory."
+        ) from err
+    try:
+        return Path(
+            snapshot_download(text, allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES])
+        )
+    except Exception as err:
+        raise OSError(
+            f"could not fetch {text!r} from the Hugging Face hub ({type(err).__name__}); "
+            "offline? Pass a local directory holding config.json and model.safetensors."
+        ) from err
+
+
+def from_pretrained(
+    path_or_repo_id: str | Path,
+    dtype: Any = jnp.float32,
+    *,
+    compute_dtype: Any = None,
+    remat: str = "none",
+    attention_impl: str | None = None,
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """(model, {"params": ...}, config.json dict) from a Hugging Face checkpoint directory or id.
+
+    Params are stored in `dtype`; the model computes in `compute_dtype` (default: the params').
+    """
+    directory = _resolve(path_or_repo_id)
+    hf_config = json.loads((directory / "config.json").read_text())
+    model = build(hf_config, dtype=compute_dtype, remat=remat, attention_impl=attention_impl)
+    return model, {"params": load_params(model, directory, hf_config, dtype)}, hf_config
+
+
+def _hf_tensors(params: dict[str, Any], family: Family) -> Iterator[tuple[str, jax.Array]]:
+    for keys, value in traverse_util.flatten_dict(params).items():
+        if keys[-1] not in LEAF_TO_HF:
+            raise ValueError(
+                f"{'/'.join(keys)}: not a model parameter (an adapter leaf? "
+                "merge it first with lj.merge)."
+            )
+        stacked = family.stacked in keys
+        names = _hf_names(keys, family, value.shape[0] if stacked else 1)
+        for name, array in zip(names, value if stacked else [value], strict=True):
+            yield name, jnp.asarray(array.T if _transposed(keys, family) else array)
+
+
+def save_pretrained(
+    params: dict[str, Any],
+    hf_config: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    copy_from: str | Path | None = None,
+) -> Path:
+    """Writes config.json and model.safetensors that transformers loads (e.g. a merged model).
+
+    `copy_from`: a checkpoint directory whose tokenizer files are copied alongside.
+    """
+    family, _ = family_of(hf_config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tree = params.get("params", params)
+    tensors = {name: jnp.array(t, copy=True) for name, t in _hf_tensors(tree, family)}
+    dtypes = {str(t.dtype) for t in tensors.values()}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = dict(hf_config, dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for name in TOKENIZER_FILES if copy_from else ():
+        if (Path(copy_from) / name).exists():
+            shutil.copy(Path(copy_from) / name, out / name)
+    return out

