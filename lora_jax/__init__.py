@@ -1,6 +1,7 @@
 """lora_jax: LoRA for JAX/Flax as a pure parameter-tree transform.
 
-The core (config, tree, apply) holds no model, training or I/O code.
+The core (config, tree, apply) holds no model, training or I/O code; `lora_jax.models` holds
+the Flax model zoo and `lora_jax.io` adapter files in peft's format.
 """
 
 from lora_jax.apply import kernel_layouts, lora_apply, merged_apply
@@ -28,14 +29,26 @@ __all__ = [
     "extract",
     "init",
     "kernel_layouts",
+    "load_adapter",
     "lora_apply",
     "merge",
     "merged_apply",
     "optimizer",
     "partition",
+    "save_adapter",
     "split",
     "summary",
     "targets",
     "unmerge",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Adapter files need the model zoo and safetensors; load them on first use so that
+    # importing the core stays light for projects that only transform trees.
+    if name in ("load_adapter", "save_adapter"):
+        from lora_jax import io
+
+        return getattr(io, name)
+    raise AttributeError(f"module 'lora_jax' has no attribute {name!r}")

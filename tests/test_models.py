@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers as tf
-from hf_peer import PEERS, reference_output, write
+from hf_peer import PEERS, reference_output
 from safetensors.numpy import load_file, save_file
 from small_models import randomize_adapters
 
@@ -18,14 +18,6 @@ import lora_jax as lj
 from lora_jax import models
 
 NAMES = sorted(PEERS)
-
-
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    for name in NAMES:
-        write(name, root / name)
-    return root
 
 
 def batch(vocab=96, length=7):

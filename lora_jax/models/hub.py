@@ -96,17 +96,20 @@ def build(hf_config: dict[str, Any], **options: Any) -> nn.Module:
     return family.architectures[arch](family.config.from_hf(hf_config), **options)
 
 
-def _hf_names(keys: tuple[str, ...], family: Family, layers: int) -> list[str]:
-    """Checkpoint names of one leaf: one per layer for a stacked leaf, else one."""
-    *modules, leaf = keys
-    parts = [*modules, LEAF_TO_HF[leaf]]
+def hf_modules(modules: tuple[str, ...], family: Family, layers: int) -> list[str]:
+    """transformers' dotted module names for one of our module paths: one per layer if stacked."""
     if family.stacked not in modules:
-        return [".".join(parts)]
+        return [".".join(modules)]
     i = modules.index(family.stacked) + 1
-    return [".".join([*parts[:i], str(n), *parts[i:]]) for n in range(layers)]
+    return [".".join([*modules[:i], str(n), *modules[i:]]) for n in range(layers)]
 
 
-def _transposed(keys: tuple[str, ...], family: Family) -> bool:
+def hf_names(keys: tuple[str, ...], family: Family, layers: int) -> list[str]:
+    """Checkpoint names of one leaf: one per layer for a stacked leaf, else one."""
+    return [f"{m}.{LEAF_TO_HF[keys[-1]]}" for m in hf_modules(keys[:-1], family, layers)]
+
+
+def transposed(keys: tuple[str, ...], family: Family) -> bool:
     return keys[-1] == "kernel" and not family.conv1d
 
 
@@ -144,7 +147,7 @@ def load_params(model: nn.Module, directory: Path, hf_config: dict, dtype: Any) 
     checkpoint = _Checkpoint(directory)
     used, missing, params = set(), [], {}
     for keys, spec in expected.items():
-        names = _hf_names(keys, family, spec.shape[0])
+        names = hf_names(keys, family, spec.shape[0])
         stacked = family.stacked in keys
         used.update(n for n in names if n in checkpoint.files)
         if absent := [n for n in names if n not in checkpoint.files]:
@@ -153,7 +156,7 @@ def load_params(model: nn.Module, directory: Path, hf_config: dict, dtype: Any) 
         arrays = []
         for name in names:
             array = checkpoint.get(name)
-            array = array.T if _transposed(keys, family) else array
+            array = array.T if transposed(keys, family) else array
             want = spec.shape[1:] if stacked else spec.shape
             if array.shape != want:
                 raise ValueError(
@@ -215,7 +218,8 @@ def from_pretrained(
     return model, {"params": load_params(model, directory, hf_config, dtype)}, hf_config
 
 
-def _hf_tensors(params: dict[str, Any], family: Family) -> Iterator[tuple[str, jax.Array]]:
+def hf_tensors(params: dict[str, Any], family: Family) -> Iterator[tuple[str, jax.Array]]:
+    """(checkpoint name, tensor in transformers' layout) for every leaf of a params tree."""
     for keys, value in traverse_util.flatten_dict(params).items():
         if keys[-1] not in LEAF_TO_HF:
             raise ValueError(
@@ -223,9 +227,9 @@ def _hf_tensors(params: dict[str, Any], family: Family) -> Iterator[tuple[str, j
                 "merge it first with lj.merge)."
             )
         stacked = family.stacked in keys
-        names = _hf_names(keys, family, value.shape[0] if stacked else 1)
+        names = hf_names(keys, family, value.shape[0] if stacked else 1)
         for name, array in zip(names, value if stacked else [value], strict=True):
-            yield name, jnp.asarray(array.T if _transposed(keys, family) else array)
+            yield name, jnp.asarray(array.T if transposed(keys, family) else array)
 
 
 def save_pretrained(
@@ -243,7 +247,7 @@ def save_pretrained(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tree = params.get("params", params)
-    tensors = {name: jnp.array(t, copy=True) for name, t in _hf_tensors(tree, family)}
+    tensors = {name: jnp.array(t, copy=True) for name, t in hf_tensors(tree, family)}
     dtypes = {str(t.dtype) for t in tensors.values()}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     config = dict(hf_config, dtype=dtypes.pop() if len(dtypes) == 1 else "float32")

@@ -1,0 +1,62 @@
+"""`lora-jax`: command-line entry points. `merge` folds a peft-format adapter into its base and
+writes a Hugging Face model directory that transformers, vLLM or TGI serve as is."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from lora_jax.io import load_adapter
+from lora_jax.models import from_pretrained, save_pretrained
+from lora_jax.tree import attach, merge
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _size(directory: Path, pattern: str) -> int:
+    return sum(f.stat().st_size for f in directory.glob(pattern))
+
+
+def merge_command(args: argparse.Namespace) -> None:
+    model, params, hf_config = from_pretrained(args.base, DTYPES[args.dtype])
+    adapter, config = load_adapter(args.adapter, params)
+    merged = merge(attach(params, adapter), config)
+    out = save_pretrained(merged, hf_config, args.out, copy_from=args.base)
+    print(f"merged {Path(args.adapter)} ({_size(Path(args.adapter), '*.safetensors'):,} bytes) "
+          f"into {type(model).__name__} from {args.base}: wrote {out} "
+          f"({_size(out, '*.safetensors'):,} bytes, {args.dtype})")  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="lora-jax", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+    merge_p = commands.add_parser("merge", help="fold an adapter into its base model")
+    merge_p.add_argument("--base", required=True, help="Hugging Face checkpoint directory")
+    merge_p.add_argument("--adapter", required=True, help="peft-format adapter directory")
+    merge_p.add_argument("--out", required=True, help="output model directory")
+    merge_p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="dtype of the written weights; the sum is formed in float32",
+    )
+    merge_p.set_defaults(run=merge_command)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one command; bad input ends with its message on stderr and exit status 2."""
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"lora-jax {args.command}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Adapter files in peft's format, both ways: adapter_config.json + adapter_model.safetensors.
+
+peft names a tensor `base_model.model.<transformers module>.lora_A.weight` and stores A as
+(r, in), B as (out, r); ours are (in, r) and (r, out) with stacked layers on axis 0. Files are
+read from safetensors only: a pickle file can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from lora_jax.config import LoraConfig
+from lora_jax.models.hub import LEAF_TO_HF, build, family_of, hf_modules, hf_names, hf_tensors
+from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_B, Params, attach
+
+PREFIX = "base_model.model."
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# peft task_type by the ending of the transformers architecture name.
+TASK_TYPES = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("Model", "FEATURE_EXTRACTION"),
+)
+UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "layers_to_transform")
+
+
+def _params(tree: Params) -> Params:
+    return tree.get("params", tree)
+
+
+def _exact(names: list[str]) -> str:
+    """A regex matching exactly these strings, with layer indices generalised to \\d+."""
+    alternatives = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in names})
+    return alternatives[0] if len(alternatives) == 1 else "(" + "|".join(alternatives) + ")"
+
+
+def _target_modules(adapted: list[str], all_modules: list[str]) -> list[str] | str:
+    """peft's target_modules: module suffixes when they pick exactly the adapted modules (what
+    vLLM and most tools expect), else a regex that peft full-matches."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    picked = {n for n in all_modules if n.rsplit(".", 1)[-1] in suffixes}
+    return suffixes if picked == set(adapted) else _exact(adapted)
+
+
+def _saved_modules(saved: list[str], base_names: list[str]) -> list[str] | None:
+    """peft's modules_to_save: for each saved tensor, its largest enclosing module whose tensors
+    are all saved (e.g. "classifier", the name peft itself uses for a sequence-classification
+    head, rather than "classifier.dense" and "classifier.out_proj")."""
+    done, modules = set(saved), set()
+    for name in saved:
+        parts = name.split(".")[:-1]
+        for k in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:k]) + "."
+            if all(n in done for n in base_names if n.startswith(prefix)):
+                modules.add(prefix[:-1])
+                break
+    return sorted(modules) or None
+
+
+def _vllm_warnings(ranks: set[int], saved: list[str]) -> None:
+    if bad := sorted(r for r in ranks if r not in VLLM_RANKS):
+        warnings.warn(f"vLLM serves LoRA ranks {VLLM_RANKS}; this adapter has ranks {bad}.",
+                      stacklevel=3)  # fmt: skip
+    if saved:
+        biases = " (including trained biases)" if any(n.endswith(".bias") for n in saved) else ""
+        warnings.warn(f"vLLM does not load fully trained modules (modules_to_save){biases}: "
+                      f"{saved}; serve a merged model instead.", stacklevel=3)  # fmt: skip
+
+
+def save_adapter(
+    out_dir: str | Path,
+    adapter: Params,
+    config: LoraConfig,
+    *,
+    hf_config: dict[str, Any],
+    base_model_id: str | None = None,
+) -> Path:
+    """Writes the adapter as peft does for the matching transformers model.
+
+    `hf_config` is the base's config.json (from `lj.models.from_pretrained`): it fixes the
+    tensor names, the task type and GPT-2's fan_in_fan_out. Warns when vLLM could not serve it.
+    """
+    family, arch = family_of(hf_config)
+    flat = traverse_util.flatten_dict(_params(adapter))
+    tensors: dict[str, jax.Array] = {}
+    adapted, ranks, alphas = [], {}, {}
+    for keys, a in flat.items():
+        if keys[-1] != LORA_A:
+            continue
+        module, b = keys[:-1], flat[(*keys[:-1], LORA_B)]
+        path, rank = "/".join(module), a.shape[-1]
+        stacked = family.stacked in module
+        names = hf_modules(module, family, a.shape[0] if stacked else 1)
+        for name, a_i, b_i in zip(names, a if stacked else [a], b if stacked else [b], strict=True):
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = jnp.asarray(a_i.reshape(-1, rank).T)
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = jnp.asarray(b_i.reshape(rank, -1).T)
+        adapted += names
+        ranks[_exact(names)], alphas[_exact(names)] = rank, config.alpha_for(path)
+    if not adapted:
+        raise ValueError("save_adapter: the tree holds no lora_a/lora_b leaves.")
+    full = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
+    saved = []
+    for name, tensor in hf_tensors(traverse_util.unflatten_dict(full), family):
+        tensors[PREFIX + name] = jnp.array(tensor, copy=True)
+        saved.append(name)
+    _vllm_warnings(set(ranks.values()), saved)
+
+    model = build(hf_config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    base_flat = traverse_util.flatten_dict(shapes["params"])
+    layers = lambda k, s: s.shape[0] if family.stacked in k else 1  # noqa: E731
+    kernel_modules = [n for k, s in base_flat.items() if k[-1] == KERNEL
+                      for n in hf_modules(k[:-1], family, layers(k, s))]  # fmt: skip
+    base_names = [n for k, s in base_flat.items() for n in hf_names(k, family, layers(k, s))]
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": next(t for suffix, t in TASK_TYPES if arch.endswith(suffix)),
+        "base_model_name_or_path": base_model_id,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "target_modules": _target_modules(adapted, kernel_modules),
+        "rank_pattern": {k: r for k, r in ranks.items() if r != config.rank},
+        "alpha_pattern": {k: a for k, a in alphas.items() if a != config.alpha},
+        "modules_to_save": _saved_modules(saved, base_names),
+        "lora_dropout": config.dropout,
+        "fan_in_fan_out": family.conv1d,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+    return out
+
+
+def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    path = directory / "adapter_model.safetensors"
+    if not path.exists():
+        if (directory / "adapter_model.bin").exists():
+            raise ValueError(
+                f"{directory}/adapter_model.bin is a pickle file, and unpickling can run "
+                "arbitrary code, so lora_jax reads adapters from safetensors only. Convert it "
+                'once where you trust it: python -c "import torch; from safetensors.torch import '
+                "save_file; save_file(torch.load('adapter_model.bin'), "
+                "'adapter_model.safetensors')\""
+            )
+        raise FileNotFoundError(f"{directory}: no adapter_model.safetensors.")
+    with safe_open(path, "flax") as f:
+        return {name: np.asarray(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+
+
+def _peft_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
+    """peft's rule: the first key k with (.*\\.)?(k)$ matching the module name."""
+    return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", name)), default)
+
+
+def _our_keys(dotted: list[str]) -> tuple[tuple[str, ...], int | None]:
+    """transformers module path -> (our module keys, layer index or None)."""
+    layer = next((int(p) for p in dotted if p.isdigit()), None)
+    return tuple(p for p in dotted if not p.isdigit()), layer
+
+
+def _check_factor(name: str, keys: tuple, kind: str, factor: np.ndarray, base: dict) -> None:
+    """A (in, r) or B (r, out) against the base kernel, before anything is stacked or attached."""
+    path = "/".join((*keys, LORA_A if kind == "lora_A" else LORA_B))
+    if (*keys, KERNEL) not in base:
+        raise ValueError(f"{name} ({path}): the base has no kernel at {'/'.join(keys)}.")
+    kernel = base[(*keys, KERNEL)].shape[-2:]  # per layer: (in, out)
+    fits = factor.ndim == 2 and (
+        factor.shape[0] == kernel[0] if kind == "lora_A" else factor.shape[1] == kernel[1]
+    )
+    if not fits:
+        raise ValueError(
+            f"{name} ({path}): shape {factor.shape} does not fit the base kernel "
+            f"{kernel} (expected {'(in, r)' if kind == 'lora_A' else '(r, out)'})."
+        )
+
+
+def _stack(per_layer: dict[int | None, np.ndarray], what: str) -> np.ndarray:
+    if None in per_layer:
+        return per_layer[None]
+    if sorted(per_layer) != list(range(len(per_layer))):
+        raise ValueError(f"{what}: the file holds layers {sorted(per_layer)}, not 0..n-1.")
+    if len(shapes := {a.shape for a in per_layer.values()}) > 1:
+        raise ValueError(f"{what}: layers differ in shape: {sorted(shapes)}.")
+    return np.stack([per_layer[i] for i in range(len(per_layer))])
+
+
+def load_adapter(directory: str | Path, base_params: Params) -> tuple[dict[str, Any], LoraConfig]:
+    """(adapter tree, LoraConfig) from a peft LoRA directory, checked against `base_params`.
+
+    Every tensor's shape is checked against the base before anything is returned; the base is
+    never modified. Attach the result with `lj.attach(base_params, adapter)`.
+    """
+    directory = Path(directory)
+    tensors = _read_tensors(directory)
+    peft_config = json.loads((directory / "adapter_config.json").read_text())
+    if peft_config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r}, not LORA.")
+    if flags := [f for f in UNSUPPORTED if peft_config.get(f)]:
+        raise ValueError(f"{directory}: adapters with {flags} are not supported yet.")
+    base = traverse_util.flatten_dict(_params(base_params))
+    lora: dict[tuple, dict[str, dict]] = {}  # module -> lora_A/lora_B -> layer -> array
+    dotted: dict[str, set[str]] = {}  # our module path -> transformers module names
+    full: dict[tuple, dict] = {}  # leaf -> layer -> array
+    for name, tensor in tensors.items():
+        if not name.startswith(PREFIX):
+            raise ValueError(f"{name}: not a peft tensor name (expected {PREFIX}...).")
+        parts = name[len(PREFIX) :].split(".")
+        if parts[-2] in ("lora_A", "lora_B"):
+            keys, layer = _our_keys(parts[:-2])
+            _check_factor(name, keys, parts[-2], tensor.T, base)
+            lora.setdefault(keys, {}).setdefault(parts[-2], {})[layer] = tensor.T
+            dotted.setdefault("/".join(keys), set()).add(".".join(parts[:-2]))
+        else:
+            keys, layer = _our_keys(parts[:-1])
+            module = {k[-1] for k in base if k[:-1] == keys}
+            leaf = "bias" if parts[-1] == "bias" else next(
+                (n for n in module if LEAF_TO_HF.get(n) == "weight"), KERNEL)  # fmt: skip
+            # torch Linear weights are (out, in); GPT-2's Conv1D (fan_in_fan_out) already (in, out)
+            flip = leaf == KERNEL and not peft_config.get("fan_in_fan_out")
+            full.setdefault((*keys, leaf), {})[layer] = tensor.T if flip else tensor
+    flat, ranks, alphas = {}, {}, {}
+    for keys, parts in lora.items():
+        path = "/".join(keys)
+        flat[(*keys, LORA_A)] = _stack(parts["lora_A"], f"{path}/lora_a")
+        flat[(*keys, LORA_B)] = _stack(parts["lora_B"], f"{path}/lora_b")
+        ranks[path] = flat[(*keys, LORA_A)].shape[-1]
+        alphas[path] = _peft_value(peft_config.get("alpha_pattern") or {}, min(dotted[path]),
+                                   peft_config["lora_alpha"])  # fmt: skip
+    for keys, per_layer in full.items():
+        flat[keys] = _stack(per_layer, "/".join(keys))
+    rank, alpha = peft_config["r"], peft_config["lora_alpha"]
+    config = LoraConfig(
+        rank=rank,
+        alpha=alpha,
+        targets=("^(" + "|".join(re.escape(p) for p in ranks) + ")$",),
+        rank_pattern={f"^{re.escape(p)}$": r for p, r in ranks.items() if r != rank},
+        alpha_pattern={f"^{re.escape(p)}$": a for p, a in alphas.items() if a != alpha},
+        modules_to_save=tuple(f"^{re.escape('/'.join(k))}$" for k in full),
+        dropout=peft_config.get("lora_dropout") or 0.0,
+    )
+    adapter = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+    adapter = {"params": adapter} if "params" in base_params else adapter
+    attach(base_params, adapter)  # every path and shape checked against the base
+    return adapter, config

@@ -1,0 +1,198 @@
+"""Adapter files against the real peer: peft + transformers (PyTorch CPU) load ours, we load
+theirs, and merged exports match peft's merge_and_unload."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import peft
+import pytest
+import torch
+from hf_peer import PEERS
+from safetensors.numpy import load_file, save_file
+
+import lora_jax as lj
+from lora_jax import cli, models
+
+IDS = np.random.RandomState(0).randint(3, 96, (2, 7))
+LABELS = np.array([0, 2])
+
+# name -> (LoraConfig for our side, peft LoraConfig kwargs for theirs). Together they cover
+# rank/alpha patterns, a regex target (GPT-2's attn/c_proj but not mlp/c_proj, with
+# fan_in_fan_out), and a classification head trained in full.
+CASES = {
+    "llama": (
+        lj.LoraConfig(rank=4, alpha=8.0, targets=("all-linear",), rank_pattern={"v_proj": 2},
+                      alpha_pattern={"o_proj": 4.0}),
+        dict(target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2},
+             alpha_pattern={"down_proj": 2.0}),
+    ),
+    "gpt2": (
+        lj.LoraConfig(rank=4, alpha=8.0, targets=("c_attn", "attn/c_proj")),
+        dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    ),
+    "roberta": (
+        lj.LoraConfig(rank=8, alpha=16.0, targets=("query", "value"),
+                      modules_to_save=("classifier",)),
+        dict(target_modules=["query", "key"], modules_to_save=["classifier"]),
+    ),
+}  # fmt: skip
+
+
+def peer_model(name, directory):
+    return PEERS[name][1].from_pretrained(directory).eval()
+
+
+def peer_logits(model):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(IDS)).logits.numpy()
+
+
+def loss_fn(name, apply, base):
+    def loss(adapter):
+        logits = apply(lj.combine(adapter, base), jnp.asarray(IDS))
+        if name == "roberta":
+            return optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], IDS[:, 1:]).mean()
+
+    return loss
+
+
+def train(name, model, params, config, steps=3):
+    """A few Adam steps on the adapter alone, as a user would."""
+    params = lj.init(jax.random.key(0), params, config, lj.kernel_layouts(model, jnp.asarray(IDS)))
+    adapter, base = lj.split(params, config)
+    apply = lj.lora_apply(model.apply, config)
+    tx = optax.adam(1e-2)
+    state, grad = tx.init(adapter), jax.jit(jax.grad(loss_fn(name, apply, base)))
+    for _ in range(steps):
+        updates, state = tx.update(grad(adapter), state)
+        adapter = optax.apply_updates(adapter, updates)
+    return adapter, base, apply
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_trained_adapter_loads_in_peft_with_equal_logits(checkpoints, name, tmp_path):
+    model, params, hf_config = models.from_pretrained(checkpoints / name)
+    config = CASES[name][0]
+    adapter, base, apply = train(name, model, params, config)
+    assert all(np.abs(b).max() > 0 for b in jax.tree.leaves(adapter))  # B moved off zero
+    ours = np.asarray(apply(lj.combine(adapter, base), jnp.asarray(IDS)))
+    with pytest.warns(UserWarning, match="vLLM") if name != "roberta" else _no_vllm_rank_warning():
+        lj.save_adapter(tmp_path, adapter, config, hf_config=hf_config,
+                        base_model_id=str(checkpoints / name))  # fmt: skip
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["peft_type"] == "LORA" and written["r"] == config.rank
+    theirs = peer_logits(peft.PeftModel.from_pretrained(peer_model(name, checkpoints / name),
+                                                        tmp_path))  # fmt: skip
+    assert np.abs(ours - np.asarray(model.apply(params, jnp.asarray(IDS)))).max() > 1e-3
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)  # float32 on both sides
+
+
+class _no_vllm_rank_warning:
+    """RoBERTa's rank 8 is one vLLM serves; its trained head still draws the other warning."""
+
+    def __enter__(self):
+        self.ctx = pytest.warns(UserWarning, match="modules_to_save")
+        self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        assert not any("ranks" in str(w.message) for w in self.ctx.list)
+
+
+@pytest.fixture
+def peft_adapter(checkpoints, tmp_path):
+    """An adapter made by peft with random non-zero A and B, saved by peft."""
+
+    def make(name):
+        torch.manual_seed(1)
+        task = "SEQ_CLS" if name == "roberta" else "CAUSAL_LM"
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type=task,
+                              **CASES[name][1])  # fmt: skip
+        model = peft.get_peft_model(peer_model(name, checkpoints / name), cfg).eval()
+        model.save_pretrained(tmp_path / f"peft_{name}")
+        return model, tmp_path / f"peft_{name}"
+
+    return make
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_peft_adapter_loads_with_equal_logits(checkpoints, peft_adapter, name):
+    peer, directory = peft_adapter(name)
+    model, params, _ = models.from_pretrained(checkpoints / name)
+    adapter, config = lj.load_adapter(directory, params)
+    ours = lj.lora_apply(model.apply, config)(lj.attach(params, adapter), jnp.asarray(IDS))
+    np.testing.assert_allclose(np.asarray(ours), peer_logits(peer), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_cli_merge_matches_peft_merge_and_unload(checkpoints, peft_adapter, name, tmp_path):
+    peer, directory = peft_adapter(name)
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--base", str(checkpoints / name), "--adapter", str(directory),
+                     "--out", str(out)]) == 0  # fmt: skip
+    merged = peer_logits(peer_model(name, out))
+    np.testing.assert_allclose(merged, peer_logits(peer.merge_and_unload()), atol=1e-4)
+
+
+def snapshot(params):
+    return [np.asarray(v).copy() for v in jax.tree.leaves(params)]
+
+
+def test_pickle_adapter_is_refused_and_base_untouched(checkpoints, tmp_path):
+    _, params, _ = models.from_pretrained(checkpoints / "llama")
+    before = snapshot(params)
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(ValueError, match=r"pickle file, and unpickling can run arbitrary code"):
+        lj.load_adapter(tmp_path, params)
+    assert all(np.array_equal(a, b) for a, b in zip(before, snapshot(params), strict=True))
+
+
+def test_shape_mismatch_names_path_and_shapes(checkpoints, peft_adapter):
+    _, directory = peft_adapter("llama")
+    tensors = load_file(directory / "adapter_model.safetensors")
+    name = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    tensors[name] = np.zeros((4, 31), np.float32)
+    save_file(tensors, directory / "adapter_model.safetensors")
+    _, params, _ = models.from_pretrained(checkpoints / "llama")
+    before = snapshot(params)
+    with pytest.raises(
+        ValueError,
+        match=r"layers.1.self_attn.q_proj.lora_A.weight \(model/layers/"
+        r"self_attn/q_proj/lora_a\): shape \(31, 4\) does not fit the base kernel "
+        r"\(32, 32\)",
+    ):
+        lj.load_adapter(directory, params)
+    tensors[name] = np.zeros((4, 32), np.float32)
+    # A and B disagree on the rank (each fits the kernel): caught when checked as a pair.
+    for layer in (0, 1):
+        tensors[f"base_model.model.model.layers.{layer}.self_attn.v_proj.lora_B.weight"] = (
+            np.zeros((16, 3), np.float32))  # fmt: skip
+    save_file(tensors, directory / "adapter_model.safetensors")
+    with pytest.raises(
+        ValueError,
+        match=r"model/layers/self_attn/v_proj: lora_a \(2, 32, 2\) "
+        r"and lora_b \(2, 3, 16\) do not fit kernel \(2, 32, 16\)",
+    ):
+        lj.load_adapter(directory, params)
+    assert all(np.array_equal(a, b) for a, b in zip(before, snapshot(params), strict=True))
+
+
+def test_vllm_friendly_adapter_saves_without_warnings(checkpoints, tmp_path, recwarn):
+    model, params, hf_config = models.from_pretrained(checkpoints / "llama")
+    config = lj.LoraConfig(rank=8, targets=("q_proj", "v_proj"))
+    adapted = lj.init(jax.random.key(0), params, config, lj.kernel_layouts(model, jnp.asarray(IDS)))
+    lj.save_adapter(tmp_path, lj.extract(adapted, config), config, hf_config=hf_config)
+    assert not [w for w in recwarn if "vLLM" in str(w.message)]
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["target_modules"] == ["q_proj", "v_proj"] and written["rank_pattern"] == {}
+
+
+def test_cli_merge_reports_bad_input(tmp_path, capsys):
+    assert cli.main(["merge", "--base", str(tmp_path), "--adapter", str(tmp_path),
+                     "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "lora-jax merge:" in capsys.readouterr().err
