@@ -33,12 +33,12 @@ def ours(model, params, ids, mask, apply=None):
 
 
 def compare(got, want, mask, name):
-    """float32 parity, on the positions that are real tokens (pads' outputs are arbitrary)."""
-    if name == "roberta":  # classification logits read the first token only
-        np.testing.assert_allclose(got, want, atol=1e-4)
-        return
-    keep = mask.astype(bool)
-    np.testing.assert_allclose(got[keep], want[keep], atol=1e-4)
+    """float32 parity within 1e-4 (tighter, relative, for outputs smaller than 1: RoBERTa's
+    random head gives ~0.02), on real tokens' positions (pads' outputs are arbitrary)."""
+    if name != "roberta":  # classification logits read the first token only
+        keep = mask.astype(bool)
+        got, want = got[keep], want[keep]
+    np.testing.assert_allclose(got, want, atol=1e-4 * min(1.0, np.abs(want).max()))
 
 
 @pytest.mark.parametrize("name", NAMES)
