@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import string
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -19,10 +19,28 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax.config import LoraConfig
-from lora_jax.tree import KERNEL, LORA_A, LORA_B, Params, adapter_layout, merge
+from lora_jax.tree import (
+    KERNEL,
+    LORA_A,
+    LORA_B,
+    LORA_M,
+    Params,
+    adapter_layout,
+    direction_norm,
+    merge,
+)
 
 FACTORED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 LowRank = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
+
+
+class Plan(NamedTuple):
+    """How one call of a supported module contracts its kernel."""
+
+    n_in: int  # kernel input axes
+    n_out: int  # kernel output axes
+    low_rank: LowRank  # (x, A, B, precision) -> (x·A)·B
+    trailing: bool  # the output axes come last in y (DoRA scales them by broadcasting)
 
 
 def _as_tuple(x: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -36,7 +54,7 @@ def _contract(x: jax.Array, a: jax.Array, b: jax.Array, precision: Any, axis: tu
     return lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
-def _einsum_plan(spec: str) -> tuple[int, int, LowRank]:
+def _einsum_plan(spec: str) -> Plan:
     """Splits "x,kernel->out" into the kernel's input and output axes and two low-rank einsums."""
     spec = spec.replace(" ", "")
     if "->" not in spec or "..." in spec or spec.count(",") != 1:
@@ -59,11 +77,11 @@ def _einsum_plan(spec: str) -> tuple[int, int, LowRank]:
             second, jnp.einsum(first, x, a, precision=precision), b, precision=precision
         )
 
-    return len(contracted), len(free), low_rank
+    return Plan(len(contracted), len(free), low_rank, out.endswith(free))
 
 
-def _plan(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, LowRank]:
-    """(input axes, output axes, x,A,B -> (x·A)·B) for one call of a supported module."""
+def _plan(module: nn.Module, args: tuple, kwargs: dict) -> Plan:
+    """How a call of a supported module contracts its kernel; ValueError for others."""
     if isinstance(module, nn.Einsum):
         spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
         return _einsum_plan(spec or module.einsum_str)
@@ -71,9 +89,10 @@ def _plan(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, LowRa
         if module.batch_dims:
             raise ValueError("nn.DenseGeneral with batch_dims is not supported by LoRA.")
         axis = _as_tuple(module.axis)
-        return len(axis), len(_as_tuple(module.features)), functools.partial(_contract, axis=axis)
+        n_out = len(_as_tuple(module.features))
+        return Plan(len(axis), n_out, functools.partial(_contract, axis=axis), True)
     if isinstance(module, nn.Dense):
-        return 1, 1, functools.partial(_contract, axis=(-1,))
+        return Plan(1, 1, functools.partial(_contract, axis=(-1,)), True)
     raise ValueError(
         f"{type(module).__name__} is not one of Dense, DenseGeneral, Einsum; the factored forward "
         "does not cover it. Use lj.merged_apply for this model, or exclude the path."
@@ -122,23 +141,33 @@ def _factored_call(config: LoraConfig, next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     path = "/".join(module.path)
     try:
-        n_in, _, low_rank = _plan(module, args, kwargs)
+        plan = _plan(module, args, kwargs)
     except ValueError as err:
         raise ValueError(f"{path}: holds a LoRA adapter, but {err}") from None
     kernel = module.get_variable("params", KERNEL)
     a, b = module.get_variable("params", LORA_A), module.get_variable("params", LORA_B)
     lead, a_in, _, rank = adapter_layout(path, kernel.shape, a.shape, b.shape)
-    if lead or a_in != n_in:
+    if lead or a_in != plan.n_in:
         raise ValueError(
             f"{path}: adapter made for {a_in} input axes (+{lead} stacked), but "
-            f"this {type(module).__name__} call contracts {n_in}; was `layouts` right?"
+            f"this {type(module).__name__} call contracts {plan.n_in}; was `layouts` right?"
         )
+    scale = config.scale_for(path, rank)
     y = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     x = _adapter_dropout(module, x, config.dropout)
-    x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
-    delta = low_rank(x, a, b, module.precision) * config.scale_for(path, rank)
-    return y + delta.astype(y.dtype)
+    x, a_c, b_c = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
+    delta = (plan.low_rank(x, a_c, b_c, module.precision) * scale).astype(y.dtype)
+    if not module.has_variable("params", LORA_M):
+        return y + delta
+    # DoRA: y = m/||W0 + s·A·B|| · (x·W0 + s·x·A·B) + bias, the norm detached as in the paper.
+    if not plan.trailing:
+        raise ValueError(f"{path}: DoRA needs the einsum's output axes last in its result.")
+    norm = jax.lax.stop_gradient(direction_norm(kernel, a, b, scale, 0, plan.n_in))
+    ratio = (module.get_variable("params", LORA_M) / norm).astype(y.dtype)
+    bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else 0
+    bias = jnp.asarray(bias, y.dtype)
+    return ratio * (y - bias + delta) + bias
 
 
 def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -68,6 +69,8 @@ class LoraConfig:
     init: str = "gaussian"
     dtype: Any = None
     modules_to_save: tuple[str, ...] = ()
+    use_rslora: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         # Normalise to tuples so the config is hashable and usable as a jit static argument.
@@ -100,8 +103,8 @@ class LoraConfig:
         return next((a for pat, a in self.alpha_pattern if re.search(pat, path)), self.alpha)
 
     def scale_for(self, path: str, rank: int) -> float:
-        """The factor alpha/r that multiplies A·B at this path."""
-        return self.alpha_for(path) / rank
+        """The factor that multiplies A·B at this path: α/r, or α/√r with rsLoRA."""
+        return self.alpha_for(path) / (math.sqrt(rank) if self.use_rslora else rank)
 
     def is_target(self, path: str, presets: bool = True) -> bool:
         """Whether the kernel at this module path gets an adapter (presets=False: regexes only)."""

@@ -22,7 +22,7 @@ from safetensors.flax import save_file
 
 from lora_jax.config import LoraConfig
 from lora_jax.models.hub import LEAF_TO_HF, build, family_of, hf_modules, hf_names, hf_tensors
-from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_B, Params, attach
+from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_B, LORA_M, Params, attach
 
 PREFIX = "base_model.model."
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -33,7 +33,8 @@ TASK_TYPES = (
     ("ForSequenceClassification", "SEQ_CLS"),
     ("Model", "FEATURE_EXTRACTION"),
 )
-UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "layers_to_transform")
+UNSUPPORTED = ("lora_bias", "layers_to_transform")
+MAGNITUDE = "lora_magnitude_vector"  # peft's DoRA magnitude, one per output feature
 
 
 def _params(tree: Params) -> Params:
@@ -69,7 +70,10 @@ def _saved_modules(saved: list[str], base_names: list[str]) -> list[str] | None:
     return sorted(modules) or None
 
 
-def _vllm_warnings(ranks: set[int], saved: list[str]) -> None:
+def _vllm_warnings(ranks: set[int], saved: list[str], dora: bool) -> None:
+    if dora:
+        warnings.warn("vLLM does not serve DoRA adapters; serve a merged model instead.",
+                      stacklevel=3)  # fmt: skip
     if bad := sorted(r for r in ranks if r not in VLLM_RANKS):
         warnings.warn(f"vLLM serves LoRA ranks {VLLM_RANKS}; this adapter has ranks {bad}.",
                       stacklevel=3)  # fmt: skip
@@ -99,13 +103,19 @@ def save_adapter(
     for keys, a in flat.items():
         if keys[-1] != LORA_A:
             continue
-        module, b = keys[:-1], flat[(*keys[:-1], LORA_B)]
+        module = keys[:-1]
         path, rank = "/".join(module), a.shape[-1]
         stacked = family.stacked in module
         names = hf_modules(module, family, a.shape[0] if stacked else 1)
-        for name, a_i, b_i in zip(names, a if stacked else [a], b if stacked else [b], strict=True):
+        # One entry per layer: unstacked leaves get a leading axis of one.
+        present = [n for n in ADAPTER_LEAVES if (*module, n) in flat]
+        layered = {n: flat[(*module, n)] if stacked else flat[(*module, n)][None] for n in present}
+        for i, name in enumerate(names):
+            a_i, b_i = layered[LORA_A][i], layered[LORA_B][i]
             tensors[f"{PREFIX}{name}.lora_A.weight"] = jnp.asarray(a_i.reshape(-1, rank).T)
             tensors[f"{PREFIX}{name}.lora_B.weight"] = jnp.asarray(b_i.reshape(rank, -1).T)
+            if LORA_M in layered:
+                tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = jnp.asarray(layered[LORA_M][i].reshape(-1))
         adapted += names
         ranks[_exact(names)], alphas[_exact(names)] = rank, config.alpha_for(path)
     if not adapted:
@@ -115,7 +125,7 @@ def save_adapter(
     for name, tensor in hf_tensors(traverse_util.unflatten_dict(full), family):
         tensors[PREFIX + name] = jnp.array(tensor, copy=True)
         saved.append(name)
-    _vllm_warnings(set(ranks.values()), saved)
+    _vllm_warnings(set(ranks.values()), saved, config.use_dora)
 
     model = build(hf_config)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
@@ -137,8 +147,8 @@ def save_adapter(
         "lora_dropout": config.dropout,
         "fan_in_fan_out": family.conv1d,
         "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -223,7 +233,10 @@ def load_adapter(directory: str | Path, base_params: Params) -> tuple[dict[str, 
         if not name.startswith(PREFIX):
             raise ValueError(f"{name}: not a peft tensor name (expected {PREFIX}...).")
         parts = name[len(PREFIX) :].split(".")
-        if parts[-2] in ("lora_A", "lora_B"):
+        if parts[-1] == MAGNITUDE:
+            keys, layer = _our_keys(parts[:-1])
+            lora.setdefault(keys, {}).setdefault(LORA_M, {})[layer] = tensor
+        elif parts[-2] in ("lora_A", "lora_B"):
             keys, layer = _our_keys(parts[:-2])
             _check_factor(name, keys, parts[-2], tensor.T, base)
             lora.setdefault(keys, {}).setdefault(parts[-2], {})[layer] = tensor.T
@@ -241,6 +254,8 @@ def load_adapter(directory: str | Path, base_params: Params) -> tuple[dict[str, 
         path = "/".join(keys)
         flat[(*keys, LORA_A)] = _stack(parts["lora_A"], f"{path}/lora_a")
         flat[(*keys, LORA_B)] = _stack(parts["lora_B"], f"{path}/lora_b")
+        if LORA_M in parts:
+            flat[(*keys, LORA_M)] = _stack(parts[LORA_M], f"{path}/{LORA_M}")
         ranks[path] = flat[(*keys, LORA_A)].shape[-1]
         alphas[path] = _peft_value(peft_config.get("alpha_pattern") or {}, min(dotted[path]),
                                    peft_config["lora_alpha"])  # fmt: skip
@@ -255,6 +270,8 @@ def load_adapter(directory: str | Path, base_params: Params) -> tuple[dict[str, 
         alpha_pattern={f"^{re.escape(p)}$": a for p, a in alphas.items() if a != alpha},
         modules_to_save=tuple(f"^{re.escape('/'.join(k))}$" for k in full),
         dropout=peft_config.get("lora_dropout") or 0.0,
+        use_rslora=bool(peft_config.get("use_rslora")),
+        use_dora=bool(peft_config.get("use_dora")),
     )
     adapter = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     adapter = {"params": adapter} if "params" in base_params else adapter

@@ -12,6 +12,7 @@ Every function returns a new tree and shares, never copies or mutates, the array
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Mapping
@@ -27,7 +28,8 @@ from lora_jax.config import LoraConfig
 KERNEL = "kernel"
 LORA_A = "lora_a"
 LORA_B = "lora_b"
-ADAPTER_LEAVES = (LORA_A, LORA_B)
+LORA_M = "lora_magnitude"  # DoRA: lead + out, the learned norm of each output unit's weights
+ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_M)
 LORA, FROZEN = "lora", "frozen"
 
 Params = Mapping[str, Any]
@@ -118,6 +120,25 @@ def _kernel_layout(path: str, shape: tuple[int, ...], layouts: Layouts | None) -
     )
 
 
+def direction_norm(
+    w: jax.Array, a: jax.Array, b: jax.Array, scale: float, lead: int, n_in: int
+) -> jax.Array:
+    """||W0 + s·A·B|| over the input axes, one per output unit (shape lead + out), in float32.
+
+    DoRA's denominator, from ||W0||² + 2s·<AᵀW0, B> + s²·<(AᵀA)B, B>: thin matmuls only, so
+    the kernel-sized W0 + s·A·B is never formed. init, merge and the forward all use it.
+    """
+    rank, layers = a.shape[-1], math.prod(w.shape[:lead])
+    f32 = lambda x, shape: x.reshape(shape).astype(jnp.float32)  # noqa: E731
+    w3 = f32(w, (layers, math.prod(w.shape[lead : lead + n_in]), -1))
+    a3, b3 = f32(a, (layers, -1, rank)), f32(b, (layers, rank, -1))
+    dot = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+    cross = jnp.sum(b3 * dot("lir,lio->lro", a3, w3), axis=1)
+    square = jnp.sum(b3 * dot("lrs,lso->lro", dot("lir,lis->lrs", a3, a3), b3), axis=1)
+    total = jnp.sum(w3 * w3, axis=1) + 2 * scale * cross + scale**2 * square
+    return jnp.sqrt(jnp.maximum(total, 0.0)).reshape(w.shape[:lead] + w.shape[lead + n_in :])
+
+
 # ----------------------------------------------------------------------------- init
 
 
@@ -195,8 +216,12 @@ def init(
     new = dict(flat)
     for keys, path, shape, lead, n_in, fan_in, rank in plans:
         sub = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-        new[(*keys, LORA_A)] = _init_a(sub, (*shape[: lead + n_in], rank), fan_in, config)
-        new[(*keys, LORA_B)] = jnp.zeros((*shape[:lead], rank, *shape[lead + n_in :]), config.dtype)
+        a = _init_a(sub, (*shape[: lead + n_in], rank), fan_in, config)
+        b = jnp.zeros((*shape[:lead], rank, *shape[lead + n_in :]), config.dtype)
+        new[(*keys, LORA_A)], new[(*keys, LORA_B)] = a, b
+        if config.use_dora:  # m = ||W0|| per output unit, so the output is unchanged at init
+            w = modules[keys][KERNEL]
+            new[(*keys, LORA_M)] = direction_norm(w, a, b, 0.0, lead, n_in).astype(config.dtype)
     return _unflatten(new)
 
 
@@ -217,10 +242,25 @@ def _label(keys: Keys, config: LoraConfig) -> str:
 
 
 def optimizer(
-    tx: optax.GradientTransformation, params: Params, config: LoraConfig
+    tx: optax.GradientTransformation,
+    params: Params,
+    config: LoraConfig,
+    lr_ratio: float | None = None,
 ) -> optax.GradientTransformation:
-    """`tx` on the trained leaves, zero updates (and no optimizer state) for the frozen ones."""
-    return optax.multi_transform({LORA: tx, FROZEN: optax.set_to_zero()}, partition(params, config))
+    """`tx` on the trained leaves, zero updates (and no optimizer state) for the frozen ones.
+
+    `lr_ratio` (LoRA+): B's updates are `tx`'s scaled by this factor, i.e. B learns at
+    lr_ratio times A's learning rate (the LoRA+ paper suggests 16).
+    """
+    labels = partition(params, config)
+    transforms = {LORA: tx, FROZEN: optax.set_to_zero()}
+    if lr_ratio is not None:
+        if lr_ratio <= 0:
+            raise ValueError(f"lr_ratio is {lr_ratio}; must be > 0.")
+        flat = _flatten(labels)
+        labels = _unflatten({k: LORA_B if k[-1] == LORA_B else v for k, v in flat.items()})
+        transforms[LORA_B] = optax.chain(tx, optax.scale(lr_ratio))
+    return optax.multi_transform(transforms, labels)
 
 
 def split(params: Params, config: LoraConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -258,12 +298,20 @@ def attach(base: Params, adapter: Params) -> dict[str, Any]:
             )
         module = base_modules[keys]
         if any(n in leaves for n in ADAPTER_LEAVES):
-            if not all(n in leaves for n in ADAPTER_LEAVES) or KERNEL not in module:
+            if not all(n in leaves for n in (LORA_A, LORA_B)) or KERNEL not in module:
                 raise ValueError(
                     f"{path}: an adapter needs lora_a and lora_b beside a base "
                     f"kernel; adapter has {sorted(leaves)}, base {sorted(module)}."
                 )
-            adapter_layout(path, module[KERNEL].shape, leaves[LORA_A].shape, leaves[LORA_B].shape)
+            w = module[KERNEL]
+            lead, n_in, *_ = adapter_layout(path, w.shape, leaves[LORA_A].shape,
+                                            leaves[LORA_B].shape)  # fmt: skip
+            out_shape = w.shape[:lead] + w.shape[lead + n_in :]
+            if LORA_M in leaves and leaves[LORA_M].shape != out_shape:
+                raise ValueError(
+                    f"{path}: lora_magnitude {leaves[LORA_M].shape} != the "
+                    f"kernel's output shape {out_shape}."
+                )
         for name, leaf in leaves.items():
             if name in module and jnp.shape(module[name]) != jnp.shape(leaf):
                 raise ValueError(
@@ -286,22 +334,29 @@ def combine(adapter: Params, base: Params) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- merge
 
 
-def _with_delta(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array, lead: int) -> jax.Array:
-    """w + scale·A·B in float32, cast to w's dtype. The layer axes stay a batch axis."""
+def _with_delta(
+    w: jax.Array, a: jax.Array, b: jax.Array, m: jax.Array | None, scale: jax.Array, lead: int,
+    n_in: int,
+) -> jax.Array:  # fmt: skip
+    """W0 + s·A·B in float32 (DoRA: rescaled to m per output unit), cast to w's dtype."""
     lead_shape, rank = w.shape[:lead], a.shape[-1]
     a2 = a.reshape(math.prod(lead_shape), -1, rank).astype(jnp.float32)
     b2 = b.reshape(math.prod(lead_shape), rank, -1).astype(jnp.float32)
     delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST).reshape(w.shape)
-    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+    v = w.astype(jnp.float32) + scale * delta
+    if m is not None:
+        ratio = m.astype(jnp.float32) / direction_norm(w, a, b, scale, lead, n_in)
+        v = v * jnp.expand_dims(ratio, tuple(range(lead, lead + n_in)))
+    return v.astype(w.dtype)
 
 
-def _apply_delta(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, lead: int) -> jax.Array:
+def _apply_delta(w, a, b, m, scale: float, lead: int, n_in: int) -> jax.Array:
     # Outside a trace, pin the result to the kernel's sharding so a merged sharded model stays
     # sharded as it was; inside one, the caller's jit decides.
     concrete = isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer)
     pin = {"out_shardings": w.sharding} if concrete else {}
-    fn = jax.jit(_with_delta, static_argnames="lead", **pin)
-    return fn(w, a, b, jnp.float32(scale), lead=lead)
+    fn = jax.jit(_with_delta, static_argnames=("lead", "n_in"), **pin)
+    return fn(w, a, b, m, jnp.float32(scale), lead=lead, n_in=n_in)
 
 
 def _fold(
@@ -315,16 +370,24 @@ def _fold(
     out = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
     for keys, leaves in adapted.items():
         path = path_str(keys)
-        if (*keys, KERNEL) not in flat or not all(n in leaves for n in ADAPTER_LEAVES):
+        if (*keys, KERNEL) not in flat or not all(n in leaves for n in (LORA_A, LORA_B)):
             raise ValueError(f"{what}: {path} needs a kernel, lora_a and lora_b.")
+        if sign < 0 and LORA_M in leaves:
+            raise ValueError(
+                f"unmerge: {path} is a DoRA adapter; its merge rescaled each output unit by "
+                "m/||W0 + s·A·B||, which cannot be inverted without W0. Keep the base instead."
+            )
         w, a, b = flat[(*keys, KERNEL)], leaves[LORA_A], leaves[LORA_B]
-        lead, _, _, rank = adapter_layout(path, w.shape, a.shape, b.shape)
-        out[(*keys, KERNEL)] = _apply_delta(w, a, b, sign * config.scale_for(path, rank), lead)
+        lead, n_in, _, rank = adapter_layout(path, w.shape, a.shape, b.shape)
+        scale = sign * config.scale_for(path, rank)
+        out[(*keys, KERNEL)] = _apply_delta(w, a, b, leaves.get(LORA_M), scale, lead, n_in)
     return _unflatten(out)
 
 
 def merge(params: Params, config: LoraConfig) -> dict[str, Any]:
     """kernel = W0 + (α/r)·A·B, adapter leaves removed: the base tree's exact structure and dtypes.
+
+    DoRA adapters fold their magnitude in: kernel = m·(W0 + s·A·B)/||W0 + s·A·B|| per output.
 
     The sum is formed in float32 and rounded once to the kernel's dtype, so a bfloat16 base is
     within one bfloat16 rounding of the float32 merge. Pure and jitted per kernel.
@@ -362,7 +425,7 @@ def summary(params: Params, config: LoraConfig) -> str:
                 str(b.shape),
                 str(a.shape[-1]),
                 f"{config.alpha_for(path):g}",
-                f"{a.size + b.size:,}",
+                f"{sum(leaves[n].size for n in ADAPTER_LEAVES if n in leaves):,}",
             )
         )
     for keys, leaf in sorted(flat.items()):

@@ -11,7 +11,8 @@ SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_lay
 
 # name -> (config, transformers class). Each covers a feature: llama3 rope scaling, GQA and a
 # tied head; Mistral's sliding window (shorter than the test sequence); Qwen2's q/k/v biases
-# and an untied head; GPT-2's Conv1D; BERT's pooler; RoBERTa's positions and head.
+# and an untied head; GPT-2's Conv1D; BERT's pooler and its classifier; RoBERTa's positions
+# and head.
 PEERS = {
     "llama": (tf.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True,
                              rope_scaling={"rope_type": "llama3", "factor": 8.0,
@@ -25,6 +26,7 @@ PEERS = {
     "gpt2": (tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                            bos_token_id=0, eos_token_id=0), tf.GPT2LMHeadModel),
     "bert": (tf.BertConfig(**SMALL), tf.BertModel),
+    "bert_cls": (tf.BertConfig(**SMALL, num_labels=3), tf.BertForSequenceClassification),
     "roberta": (tf.RobertaConfig(**SMALL, num_labels=3), tf.RobertaForSequenceClassification),
 }  # fmt: skip
 

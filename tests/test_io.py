@@ -57,6 +57,7 @@ LOAD_ONLY = {
     "mistral": dict(target_modules=["q_proj", "k_proj", "gate_proj"], rank_pattern={"k_proj": 2}),
     "qwen2": dict(target_modules=["q_proj", "v_proj", "o_proj"], alpha_pattern={"o_proj": 2.0}),
     "bert": dict(target_modules=["query", "value", "dense"]),
+    "bert_cls": dict(target_modules=["query", "value"], modules_to_save=["classifier"]),
 }
 
 
@@ -121,7 +122,8 @@ def peft_adapter(checkpoints, tmp_path):
 
     def make(name):
         torch.manual_seed(1)
-        task = {"roberta": "SEQ_CLS", "bert": "FEATURE_EXTRACTION"}.get(name, "CAUSAL_LM")
+        tasks = {"roberta": "SEQ_CLS", "bert_cls": "SEQ_CLS", "bert": "FEATURE_EXTRACTION"}
+        task = tasks.get(name, "CAUSAL_LM")
         kwargs = LOAD_ONLY[name] if name in LOAD_ONLY else CASES[name][1]
         cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type=task, **kwargs)
         model = peft.get_peft_model(peer_model(name, checkpoints / name), cfg).eval()

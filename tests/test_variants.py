@@ -1,0 +1,175 @@
+"""LoRA variants as config switches: rsLoRA, DoRA, LoRA+ (references in numpy and peft)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import peft
+import pytest
+import torch
+from hf_peer import PEERS
+from jaxpr_check import materialised
+from small_models import CASES, randomize_adapters
+
+import lora_jax as lj
+from lora_jax import models
+
+
+def dense_layer(config, seed=0, scale=0.5):
+    layer, x = nn.Dense(6), jax.random.normal(jax.random.key(seed), (4, 5))
+    params = lj.init(jax.random.key(1), layer.init(jax.random.key(2), x), config)
+    return layer, x, randomize_adapters(params, jax.random.key(3), scale=scale)
+
+
+def f64(params):
+    return {k: np.asarray(v, np.float64) for k, v in params["params"].items()}
+
+
+def test_rslora_scales_by_alpha_over_sqrt_rank():
+    config = lj.LoraConfig(rank=4, alpha=6.0, targets=(".*",), use_rslora=True)
+    layer, x, params = dense_layer(config)
+    p = f64(params)
+    expected = np.asarray(x, np.float64) @ (p["kernel"] + 6.0 / 2.0 * p["lora_a"] @ p["lora_b"])
+    np.testing.assert_allclose(lj.lora_apply(layer.apply, config)(params, x),
+                               expected + p["bias"], rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(layer.apply(lj.merge(params, config), x), expected + p["bias"],
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+DORA = lj.LoraConfig(rank=2, alpha=4.0, targets=("all-linear",), use_dora=True)
+
+
+def test_dora_matches_float64_reference_and_merge():
+    config = lj.LoraConfig(rank=2, alpha=3.0, targets=(".*",), use_dora=True)
+    layer, x, params = dense_layer(config)
+    params["params"]["lora_magnitude"] = params["params"]["lora_magnitude"] * 1.3
+    p = f64(params)
+    v = p["kernel"] + 1.5 * p["lora_a"] @ p["lora_b"]
+    w = p["lora_magnitude"] * v / np.linalg.norm(v, axis=0)  # norm over inputs, per output
+    expected = np.asarray(x, np.float64) @ w + p["bias"]
+    np.testing.assert_allclose(lj.lora_apply(layer.apply, config)(params, x), expected,
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(lj.merge(params, config)["params"]["kernel"], w, rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_dora_starts_at_the_base_and_factored_equals_merged(name):
+    model, make_input = CASES[name]
+    x = make_input(jax.random.key(0))
+    variables = model.init(jax.random.key(1), x)
+    params = lj.init(jax.random.key(2), variables, DORA, lj.kernel_layouts(model, x))
+    apply = jax.jit(lj.lora_apply(model.apply, DORA))
+    base = jax.jit(model.apply)(variables, x)
+    # m = ||W0|| and B = 0: the ratio is exactly 1; (y - bias) + bias rounds once at most.
+    np.testing.assert_allclose(apply(params, x), base, rtol=1e-6, atol=1e-6)
+    params = randomize_adapters(params, jax.random.key(3), scale=0.2)
+    got, merged = apply(params, x), model.apply(lj.merge(params, DORA), x)
+    np.testing.assert_allclose(got, merged, rtol=1e-5, atol=1e-5 * np.abs(merged).max())
+    assert np.abs(got - base).max() > 1e-2
+
+
+def test_dora_gradients_follow_the_paper_with_the_norm_detached():
+    config = lj.LoraConfig(rank=2, alpha=3.0, targets=(".*",), use_dora=True)
+    layer, x, params = dense_layer(config)
+    adapter, base = lj.split(params, config)
+    kernel, bias = base["params"]["kernel"], base["params"]["bias"]
+
+    def reference(adapter):  # the DoRA paper, with the full weight formed explicitly
+        a, b, m = (adapter["params"][k] for k in ("lora_a", "lora_b", "lora_magnitude"))
+        v = kernel + 1.5 * a @ b
+        w = m * v / jax.lax.stop_gradient(jnp.linalg.norm(v, axis=0))
+        return jnp.sum(jnp.sin(x @ w + bias))
+
+    def factored(adapter):
+        return jnp.sum(jnp.sin(lj.lora_apply(layer.apply, config)(lj.combine(adapter, base), x)))
+
+    for got, want in zip(jax.tree.leaves(jax.grad(factored)(adapter)),
+                         jax.tree.leaves(jax.grad(reference)(adapter)), strict=True):  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert np.abs(got).max() > 0
+
+
+def test_dora_forward_and_backward_never_form_the_kernel():
+    model, make_input = CASES["scan"]
+    x = make_input(jax.random.key(0))
+    params = lj.init(jax.random.key(2), model.init(jax.random.key(1), x), DORA,
+                     lj.kernel_layouts(model, x))  # fmt: skip
+    adapter, base = lj.split(params, DORA)
+    leaves = lambda name: [v for p, v in jax.tree_util.tree_leaves_with_path(adapter)  # noqa: E731
+                           if name in jax.tree_util.keystr(p)]  # fmt: skip
+    shapes = set()
+    for layer in jax.tree.leaves(base, is_leaf=lambda t: isinstance(t, dict) and "kernel" in t):
+        if isinstance(layer, dict):
+            shapes |= {layer["kernel"].shape, layer["kernel"].shape[1:]}
+    apply = lj.lora_apply(model.apply, DORA)
+    forward = lambda a, b, x: apply(lj.combine(a, b), x)  # noqa: E731
+    backward = jax.grad(lambda a, b, x: jnp.sum(forward(a, b, x)))
+    tagged = (leaves("lora_a"), leaves("lora_b"), [x])
+    assert materialised(forward, (adapter, base, x), *tagged, shapes) == []
+    assert materialised(backward, (adapter, base, x), *tagged, shapes) == []
+
+
+def test_dora_unmerge_is_refused():
+    config = lj.LoraConfig(rank=2, targets=(".*",), use_dora=True)
+    _, _, params = dense_layer(config)
+    with pytest.raises(ValueError, match="DoRA adapter; its merge rescaled"):
+        lj.unmerge(lj.merge(params, config), lj.extract(params, config), config)
+
+
+def test_lora_plus_scales_b_updates_by_the_ratio():
+    config = lj.LoraConfig(rank=2, targets=(".*",))
+    layer, x, params = dense_layer(config)
+    grads = jax.grad(lambda p: jnp.sum(lj.lora_apply(layer.apply, config)(p, x) ** 2))(params)
+
+    def one_step(tx):
+        return tx.update(grads, tx.init(params), params)[0]
+
+    plain = one_step(lj.optimizer(optax.sgd(0.1), params, config))
+    plus = one_step(lj.optimizer(optax.sgd(0.1), params, config, lr_ratio=16.0))
+    for name in ("lora_a", "lora_b"):
+        np.testing.assert_allclose(plus["params"][name],
+                                   (16.0 if name == "lora_b" else 1.0) * plain["params"][name],
+                                   rtol=1e-6)  # fmt: skip
+        assert np.abs(plain["params"][name]).max() > 0
+    assert not np.any(plus["params"]["kernel"])  # frozen stays frozen
+    with pytest.raises(ValueError, match="lr_ratio is 0"):
+        lj.optimizer(optax.sgd(0.1), params, config, lr_ratio=0)
+
+
+IDS = np.random.RandomState(0).randint(3, 96, (2, 7))
+
+
+def peer_logits(model):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(IDS)).logits.numpy()
+
+
+def test_rslora_dora_adapter_round_trips_with_peft(checkpoints, tmp_path):
+    directory = checkpoints / "llama"
+    model, params, hf_config = models.from_pretrained(directory)
+    config = lj.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"),
+                           use_rslora=True, use_dora=True)  # fmt: skip
+    adapted = lj.init(jax.random.key(0), params, config, lj.kernel_layouts(model, jnp.asarray(IDS)))
+    adapted = randomize_adapters(adapted, jax.random.key(1), scale=0.3)
+    ours = np.asarray(lj.lora_apply(model.apply, config)(adapted, jnp.asarray(IDS)))
+    with pytest.warns(UserWarning, match="vLLM does not serve DoRA"):
+        lj.save_adapter(tmp_path / "ours", lj.extract(adapted, config), config, hf_config=hf_config)
+    peer = PEERS["llama"][1].from_pretrained(directory).eval()
+    theirs = peer_logits(peft.PeftModel.from_pretrained(peer, tmp_path / "ours").eval())
+    scale = np.abs(theirs).max()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale)
+    assert np.abs(ours - np.asarray(model.apply(params, jnp.asarray(IDS)))).max() > 1e-3 * scale
+
+    # And the other way: a DoRA + rsLoRA adapter made by peft loads here with equal logits.
+    torch.manual_seed(2)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"],
+                          use_dora=True, use_rslora=True, init_lora_weights=False)  # fmt: skip
+    peer = peft.get_peft_model(PEERS["llama"][1].from_pretrained(directory), cfg).eval()
+    peer.save_pretrained(tmp_path / "theirs")
+    adapter, loaded = lj.load_adapter(tmp_path / "theirs", params)
+    assert loaded.use_dora and loaded.use_rslora
+    ours = lj.lora_apply(model.apply, loaded)(lj.attach(params, adapter), jnp.asarray(IDS))
+    theirs = peer_logits(peer)
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max())
