@@ -2,8 +2,9 @@
 
 `lora_apply` intercepts each adapted nn.Dense / nn.DenseGeneral / nn.Einsum call (public
 `flax.linen.intercept_methods`) and adds (α/r)·((dropout(x)·A)·B) to the base output: two thin
-matmuls, never the kernel-shaped A·B. The adapter leaves live in the module's own params, so
-`nn.scan` slices them per layer and `nn.remat` / `jax.grad` see ordinary arrays.
+matmuls, never the kernel-shaped A·B (DoRA then rescales each output unit by a norm computed
+from thin matmuls too). The adapter leaves live in the module's own params, so `nn.scan`
+slices them per layer and `nn.remat` / `jax.grad` see ordinary arrays.
 """
 
 from __future__ import annotations

@@ -10,7 +10,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-INITS = ("gaussian", "kaiming")
+# gaussian/kaiming: random A, B = 0. pissa/olora: A, B from W0's SVD/QR, W0 replaced by the
+# residual so the output is unchanged (they rewrite the base; see lj.init and lj.save_adapter).
+INITS = ("gaussian", "kaiming", "pissa", "olora")
+BASE_MODIFYING_INITS = ("pissa", "olora")
 
 # Presets usable in `targets`. "all-linear" is resolved in code (every kernel but the output
 # head); "attention" is a regex over module paths.

@@ -7,7 +7,9 @@ read from safetensors only: a pickle file can run code when loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -20,8 +22,16 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from lora_jax.config import LoraConfig
-from lora_jax.models.hub import LEAF_TO_HF, build, family_of, hf_modules, hf_names, hf_tensors
+from lora_jax.config import BASE_MODIFYING_INITS, LoraConfig
+from lora_jax.models.hub import (
+    LEAF_TO_HF,
+    Family,
+    build,
+    family_of,
+    hf_modules,
+    hf_names,
+    hf_tensors,
+)
 from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_B, LORA_M, Params, attach
 
 PREFIX = "base_model.model."
@@ -83,6 +93,39 @@ def _vllm_warnings(ranks: set[int], saved: list[str], dora: bool) -> None:
                       f"{saved}; serve a merged model instead.", stacklevel=3)  # fmt: skip
 
 
+def _relative_to_original(
+    adapter: Params, initial: Params, config: LoraConfig, family: Family
+) -> tuple[dict[str, Any], LoraConfig]:
+    """A PiSSA/OLoRA adapter as a plain one on the original W0, as peft converts it: the update
+    s·(A·B − A0·B0) is the rank-2r adapter [A, A0], [B; −B0] with alpha doubled (×√2 with
+    rsLoRA), so the scale and the model are unchanged."""
+    if config.use_dora:
+        raise ValueError("save_adapter: converting a DoRA adapter with a PiSSA/OLoRA init is "
+                         "not supported; merge it instead.")  # fmt: skip
+    flat, first = traverse_util.flatten_dict(_params(adapter)), traverse_util.flatten_dict(
+        _params(initial))  # fmt: skip
+    out = {}
+    for keys, value in flat.items():
+        if keys[-1] not in (LORA_A, LORA_B):
+            out[keys] = value
+            continue
+        if keys not in first or first[keys].shape != value.shape:
+            raise ValueError(f"{'/'.join(keys)}: initial_adapter does not match the adapter.")
+        rank_axis = -1 if keys[-1] == LORA_A else int(family.stacked in keys)
+        start = first[keys] if keys[-1] == LORA_A else -first[keys]
+        out[keys] = jnp.concatenate([value, start.astype(value.dtype)], axis=rank_axis)
+    factor = math.sqrt(2) if config.use_rslora else 2.0
+    doubled = dataclasses.replace(
+        config,
+        init="gaussian",
+        rank=2 * config.rank,
+        alpha=factor * config.alpha,
+        rank_pattern={p: 2 * r for p, r in config.rank_pattern},
+        alpha_pattern={p: factor * a for p, a in config.alpha_pattern},
+    )
+    return traverse_util.unflatten_dict(out), doubled
+
+
 def save_adapter(
     out_dir: str | Path,
     adapter: Params,
@@ -90,13 +133,23 @@ def save_adapter(
     *,
     hf_config: dict[str, Any],
     base_model_id: str | None = None,
+    initial_adapter: Params | None = None,
 ) -> Path:
     """Writes the adapter as peft does for the matching transformers model.
 
     `hf_config` is the base's config.json (from `lj.models.from_pretrained`): it fixes the
     tensor names, the task type and GPT-2's fan_in_fan_out. Warns when vLLM could not serve it.
+    PiSSA/OLoRA inits rewrote the base, so pass `initial_adapter` (`lj.extract` of the tree
+    `lj.init` returned) to save the adapter relative to the original model, as peft does.
     """
     family, arch = family_of(hf_config)
+    if config.init in BASE_MODIFYING_INITS and initial_adapter is not None:
+        adapter, config = _relative_to_original(adapter, initial_adapter, config, family)
+    elif config.init in BASE_MODIFYING_INITS:
+        warnings.warn(f"init={config.init!r} rewrote the base kernels, so this adapter fits only "
+                      "that residual base, not the original model that peft and vLLM load. Pass "
+                      "initial_adapter= (lj.extract right after lj.init) to convert it.",
+                      stacklevel=2)  # fmt: skip
     flat = traverse_util.flatten_dict(_params(adapter))
     tensors: dict[str, jax.Array] = {}
     adapted, ranks, alphas = [], {}, {}
@@ -149,7 +202,7 @@ def save_adapter(
         "bias": "none",
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
-        "init_lora_weights": True,
+        "init_lora_weights": config.init if config.init in BASE_MODIFYING_INITS else True,
         "inference_mode": True,
     }
     out = Path(out_dir)

@@ -2,8 +2,9 @@
 
 A targeted module's dict holds `kernel` of shape lead + in + out (lead: stacked-layer axes from
 `nn.scan`, in/out: the input and output axes). `init` adds `lora_a` (lead + in + (r,)) and
-`lora_b` (lead + (r,) + out) beside it. From then on the tree describes itself: the three
-shapes determine lead, in and out (see `adapter_layout`), so no other function needs the model.
+`lora_b` (lead + (r,) + out) beside it, and for DoRA `lora_magnitude` (lead + out). From then
+on the tree describes itself: the shapes determine lead, in and out (see `adapter_layout`), so
+no other function needs the model.
 
 Paths are '/'-joined dict keys relative to the params collection: a leading "params" key (a
 Linen variables dict) is left out, so `{"params": {"attn": {"q": ...}}}` has module "attn/q".
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from lora_jax.config import LoraConfig
+from lora_jax.config import BASE_MODIFYING_INITS, LoraConfig
 
 KERNEL = "kernel"
 LORA_A = "lora_a"
@@ -151,6 +152,24 @@ def _init_a(key: jax.Array, shape: tuple[int, ...], fan_in: int, config: LoraCon
     return jax.random.uniform(key, shape, config.dtype, -bound, bound)
 
 
+def _principal(
+    w: jax.Array, rank: int, scale: float, lead: int, n_in: int, kind: str
+) -> tuple[jax.Array, jax.Array]:
+    """PiSSA (top-r SVD) or OLoRA (QR) factors of W0 in float32, as peft computes them, such
+    that scale·A·B is the part of W0 they take over."""
+    layers, fan_in = math.prod(w.shape[:lead]), math.prod(w.shape[lead : lead + n_in])
+    w3 = w.reshape(layers, fan_in, -1).astype(jnp.float32)
+    if kind == "pissa":
+        u, s, vt = jnp.linalg.svd(w3, full_matrices=False)
+        root = jnp.sqrt(s[:, :rank] / scale)
+        a, b = u[:, :, :rank] * root[:, None, :], root[:, :, None] * vt[:, :rank, :]
+    else:  # olora: QR of the (out, in) weight, A = R[:r], B = Q[:, :r]
+        q, r = jnp.linalg.qr(jnp.swapaxes(w3, 1, 2))
+        a, b = jnp.swapaxes(r[:, :rank, :], 1, 2), jnp.swapaxes(q[:, :, :rank], 1, 2)
+    return (a.reshape(*w.shape[: lead + n_in], rank),
+            b.reshape(*w.shape[:lead], rank, *w.shape[lead + n_in :]))  # fmt: skip
+
+
 def _no_adapter(flat: Mapping[Keys, Any], what: str) -> None:
     for keys in flat:
         if keys[-1] in ADAPTER_LEAVES:
@@ -192,9 +211,13 @@ def init(
 ) -> dict[str, Any]:
     """Adds `lora_a` (random) and `lora_b` (zeros) beside every targeted kernel.
 
-    At init A·B = 0, so the model computes exactly what the base does. `layouts` says how many
-    input/output axes each kernel has; it is only needed for kernels of more than two axes
-    (stacked or DenseGeneral), and `lj.kernel_layouts(model, *inputs)` reads it off the model.
+    At init A·B = 0, so the model computes exactly what the base does. With init="pissa" or
+    "olora", A and B take W0's principal part (SVD / QR) and the kernel becomes the residual
+    W0 − s·A·B (float32, then the kernel's dtype): same output, but a new base tree, so keep
+    `lj.extract` of this tree to convert the trained adapter for peft (`lj.save_adapter`).
+    `layouts` says how many input/output axes each kernel has; it is only needed for kernels
+    of more than two axes (stacked or DenseGeneral), and `lj.kernel_layouts(model, *inputs)`
+    reads it off the model.
     Each adapter's randomness depends on its path alone, so adding a target leaves the others'.
     """
     flat = _flatten(params)
@@ -215,13 +238,20 @@ def init(
         plans.append((keys, path, shape, lead, n_in, fan_in, rank))
     new = dict(flat)
     for keys, path, shape, lead, n_in, fan_in, rank in plans:
-        sub = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-        a = _init_a(sub, (*shape[: lead + n_in], rank), fan_in, config)
-        b = jnp.zeros((*shape[:lead], rank, *shape[lead + n_in :]), config.dtype)
+        w, scale = modules[keys][KERNEL], config.scale_for(path, rank)
+        if config.init in BASE_MODIFYING_INITS:
+            a, b = _principal(w, rank, scale, lead, n_in, config.init)
+            w = _apply_delta(w, a, b, None, -scale, lead, n_in)  # the residual stays frozen
+            new[(*keys, KERNEL)] = w
+            a, b = a.astype(config.dtype), b.astype(config.dtype)
+        else:
+            sub = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+            a = _init_a(sub, (*shape[: lead + n_in], rank), fan_in, config)
+            b = jnp.zeros((*shape[:lead], rank, *shape[lead + n_in :]), config.dtype)
         new[(*keys, LORA_A)], new[(*keys, LORA_B)] = a, b
         if config.use_dora:  # m = ||W0|| per output unit, so the output is unchanged at init
-            w = modules[keys][KERNEL]
-            new[(*keys, LORA_M)] = direction_norm(w, a, b, 0.0, lead, n_in).astype(config.dtype)
+            m = direction_norm(w, a, b, scale, lead, n_in)
+            new[(*keys, LORA_M)] = m.astype(config.dtype)
     return _unflatten(new)
 
 

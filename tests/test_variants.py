@@ -173,3 +173,65 @@ def test_rslora_dora_adapter_round_trips_with_peft(checkpoints, tmp_path):
     ours = lj.lora_apply(model.apply, loaded)(lj.attach(params, adapter), jnp.asarray(IDS))
     theirs = peer_logits(peer)
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("kind", ["pissa", "olora"])
+def test_principal_inits_match_numpy_svd_and_qr(kind):
+    layer, x = nn.Dense(6, use_bias=False), jax.random.normal(jax.random.key(0), (4, 8))
+    variables = layer.init(jax.random.key(1), x)
+    config = lj.LoraConfig(rank=3, alpha=6.0, targets=(".*",), init=kind)
+    params = lj.init(jax.random.key(2), variables, config)
+    w0 = np.asarray(variables["params"]["kernel"], np.float64)
+    p = f64(params)
+    taken = 2.0 * p["lora_a"] @ p["lora_b"]  # s·A·B, s = 6/3
+    if kind == "pissa":  # the top-3 singular directions of W0
+        u, s, vt = np.linalg.svd(w0, full_matrices=False)
+        expected = (u[:, :3] * s[:3]) @ vt[:3]
+    else:  # peft's OLoRA: QR of the (out, in) weight, s·Q_r·R_r
+        q, r = np.linalg.qr(w0.T)
+        expected = 2.0 * (q[:, :3] @ r[:3]).T
+    np.testing.assert_allclose(taken, expected, atol=1e-5)
+    np.testing.assert_allclose(p["kernel"], w0 - expected, atol=1e-5)  # the residual base
+    np.testing.assert_allclose(lj.lora_apply(layer.apply, config)(params, x),
+                               layer.apply(variables, x), atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["pissa", "olora"])
+def test_principal_inits_keep_the_output_and_merge_to_the_original_plus_update(kind):
+    model, make_input = CASES["scan"]
+    x = make_input(jax.random.key(0))
+    variables = model.init(jax.random.key(1), x)
+    config = lj.LoraConfig(rank=2, alpha=4.0, targets=("all-linear",), init=kind)
+    params = lj.init(jax.random.key(2), variables, config, lj.kernel_layouts(model, x))
+    base = jax.jit(model.apply)(variables, x)
+    got = jax.jit(lj.lora_apply(model.apply, config))(params, x)
+    np.testing.assert_allclose(got, base, atol=1e-5 * np.abs(base).max())  # float32 rounding
+    first = params["params"]["layers"]["up_proj"]
+    trained = randomize_adapters(params, jax.random.key(3), scale=0.2)
+    now = trained["params"]["layers"]["up_proj"]
+    update = (np.einsum("lir,lro->lio", now["lora_a"], now["lora_b"])
+              - np.einsum("lir,lro->lio", first["lora_a"], first["lora_b"]))  # fmt: skip
+    expected = np.asarray(variables["params"]["layers"]["up_proj"]["kernel"]) + 2.0 * update
+    merged = lj.merge(trained, config)["params"]["layers"]["up_proj"]["kernel"]
+    np.testing.assert_allclose(merged, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["pissa", "olora"])
+def test_principal_init_adapters_convert_for_peft(checkpoints, tmp_path, kind):
+    directory = checkpoints / "llama"
+    model, params, hf_config = models.from_pretrained(directory)
+    config = lj.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "up_proj"),
+                           init=kind, rank_pattern={"v_proj": 2})  # fmt: skip
+    start = lj.init(jax.random.key(0), params, config, lj.kernel_layouts(model, jnp.asarray(IDS)))
+    trained = randomize_adapters(start, jax.random.key(1), scale=0.1)  # stands in for training
+    ours = np.asarray(lj.lora_apply(model.apply, config)(trained, jnp.asarray(IDS)))
+    with pytest.warns(UserWarning, match="fits only that residual base"):
+        lj.save_adapter(tmp_path / "raw", lj.extract(trained, config), config, hf_config=hf_config)
+    lj.save_adapter(tmp_path / "converted", lj.extract(trained, config), config,
+                    hf_config=hf_config, initial_adapter=lj.extract(start, config))  # fmt: skip
+    # peft loads the converted (rank 2r) adapter onto the ORIGINAL checkpoint.
+    peer = PEERS["llama"][1].from_pretrained(directory).eval()
+    theirs = peer_logits(peft.PeftModel.from_pretrained(peer, tmp_path / "converted").eval())
+    scale = np.abs(theirs).max()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale)
+    assert np.abs(ours - np.asarray(model.apply(params, jnp.asarray(IDS)))).max() > 1e-3 * scale
