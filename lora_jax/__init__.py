@@ -8,6 +8,7 @@ from lora_jax.apply import kernel_layouts, lora_apply, merged_apply
 from lora_jax.config import LoraConfig
 from lora_jax.tree import (
     adapter_layout,
+    adapter_specs,
     attach,
     combine,
     extract,
@@ -24,6 +25,7 @@ from lora_jax.tree import (
 __all__ = [
     "LoraConfig",
     "adapter_layout",
+    "adapter_specs",
     "attach",
     "combine",
     "extract",

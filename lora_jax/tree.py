@@ -13,7 +13,6 @@ Every function returns a new tree and shares, never copies or mutates, the array
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
+from jax.sharding import PartitionSpec
 
 from lora_jax.config import BASE_MODIFYING_INITS, LoraConfig
 
@@ -121,6 +121,25 @@ def _kernel_layout(path: str, shape: tuple[int, ...], layouts: Layouts | None) -
     )
 
 
+def _axes(w: jax.Array, lead: int, n_in: int) -> tuple[str, str, str]:
+    """einsum letters for a kernel's layer, input and output axes (r, s name the rank axes)."""
+    letters = "abcdefghijklmnopq"[: w.ndim]
+    return letters[:lead], letters[lead : lead + n_in], letters[lead + n_in :]
+
+
+def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
+    # einsum over the kernel's own axes, never a reshape: a reshape that merges sharded axes
+    # is refused under explicit sharding, and this keeps every axis's sharding as it was.
+    f32 = [x.astype(jnp.float32) for x in operands]
+    return jnp.einsum(spec, *f32, precision=jax.lax.Precision.HIGHEST)
+
+
+def _low_rank_update(w: jax.Array, a: jax.Array, b: jax.Array, lead: int, n_in: int) -> jax.Array:
+    """A·B in float32, kernel-shaped: the update that merge adds (not used in the forward)."""
+    layer, ins, outs = _axes(w, lead, n_in)
+    return _einsum(f"{layer}{ins}r,{layer}r{outs}->{layer}{ins}{outs}", a, b)
+
+
 def direction_norm(
     w: jax.Array, a: jax.Array, b: jax.Array, scale: float, lead: int, n_in: int
 ) -> jax.Array:
@@ -129,15 +148,14 @@ def direction_norm(
     DoRA's denominator, from ||W0||² + 2s·<AᵀW0, B> + s²·<(AᵀA)B, B>: thin matmuls only, so
     the kernel-sized W0 + s·A·B is never formed. init, merge and the forward all use it.
     """
-    rank, layers = a.shape[-1], math.prod(w.shape[:lead])
-    f32 = lambda x, shape: x.reshape(shape).astype(jnp.float32)  # noqa: E731
-    w3 = f32(w, (layers, math.prod(w.shape[lead : lead + n_in]), -1))
-    a3, b3 = f32(a, (layers, -1, rank)), f32(b, (layers, rank, -1))
-    dot = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
-    cross = jnp.sum(b3 * dot("lir,lio->lro", a3, w3), axis=1)
-    square = jnp.sum(b3 * dot("lrs,lso->lro", dot("lir,lis->lrs", a3, a3), b3), axis=1)
-    total = jnp.sum(w3 * w3, axis=1) + 2 * scale * cross + scale**2 * square
-    return jnp.sqrt(jnp.maximum(total, 0.0)).reshape(w.shape[:lead] + w.shape[lead + n_in :])
+    layer, ins, outs = _axes(w, lead, n_in)
+    a_w = _einsum(f"{layer}{ins}r,{layer}{ins}{outs}->{layer}r{outs}", a, w)
+    gram = _einsum(f"{layer}{ins}r,{layer}{ins}s->{layer}rs", a, a)
+    gram_b = _einsum(f"{layer}rs,{layer}s{outs}->{layer}r{outs}", gram, b)
+    b32 = b.astype(jnp.float32)
+    cross, square = jnp.sum(b32 * a_w, axis=lead), jnp.sum(b32 * gram_b, axis=lead)
+    w2 = jnp.sum(jnp.square(w.astype(jnp.float32)), axis=tuple(range(lead, lead + n_in)))
+    return jnp.sqrt(jnp.maximum(w2 + 2 * scale * cross + scale**2 * square, 0.0))
 
 
 # ----------------------------------------------------------------------------- init
@@ -361,6 +379,36 @@ def combine(adapter: Params, base: Params) -> dict[str, Any]:
     return attach(base, adapter)
 
 
+def adapter_specs(params: Params, base_specs: Params) -> dict[str, Any]:
+    """PartitionSpecs for every leaf of an adapted tree, derived from the base's specs.
+
+    Each factor is sharded like its kernel on the axes it shares with it (A: layer + input
+    axes, B: layer + output axes, DoRA's magnitude: layer + output axes) and replicated on
+    the rank axis, so the adapter follows the base's layout instead of being replicated.
+    """
+    flat, specs = _flatten(params), _flatten(base_specs)
+    out = {}
+    for keys, leaf in flat.items():
+        if leaf is traverse_util.empty_node or keys[-1] not in ADAPTER_LEAVES:
+            if keys not in specs:
+                raise ValueError(f"{path_str(keys)}: no spec in base_specs for this base leaf.")
+            out[keys] = specs[keys]
+            continue
+        module = keys[:-1]
+        w, a, b = (flat[(*module, n)] for n in (KERNEL, LORA_A, LORA_B))
+        lead, n_in, _, _ = adapter_layout(path_str(module), w.shape, a.shape, b.shape)
+        kernel = tuple(specs.get((*module, KERNEL)) or ())
+        kernel += (None,) * (w.ndim - len(kernel))  # a spec may leave trailing axes out
+        layer, ins, outs = kernel[:lead], kernel[lead : lead + n_in], kernel[lead + n_in :]
+        axes = {
+            LORA_A: (*layer, *ins, None),
+            LORA_B: (*layer, None, *outs),
+            LORA_M: (*layer, *outs),
+        }
+        out[keys] = PartitionSpec(*axes[keys[-1]])
+    return _unflatten(out)
+
+
 # ----------------------------------------------------------------------------- merge
 
 
@@ -369,10 +417,7 @@ def _with_delta(
     n_in: int,
 ) -> jax.Array:  # fmt: skip
     """W0 + s·A·B in float32 (DoRA: rescaled to m per output unit), cast to w's dtype."""
-    lead_shape, rank = w.shape[:lead], a.shape[-1]
-    a2 = a.reshape(math.prod(lead_shape), -1, rank).astype(jnp.float32)
-    b2 = b.reshape(math.prod(lead_shape), rank, -1).astype(jnp.float32)
-    delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST).reshape(w.shape)
+    delta = _low_rank_update(w, a, b, lead, n_in)
     v = w.astype(jnp.float32) + scale * delta
     if m is not None:
         ratio = m.astype(jnp.float32) / direction_norm(w, a, b, scale, lead, n_in)

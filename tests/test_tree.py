@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from small_models import CASES, FF, Mlp, Stack, features, randomize_adapters, tokens
 
@@ -270,3 +270,47 @@ def test_summary_reports_counts_like_peft():
     total = sum(v.size for v in jax.tree.leaves(variables)) + adapter
     assert "layers/up_proj" in text and "(3, 16, 4)" in text and "lm_head/kernel" in text
     assert f"trainable params: {adapter + head:,} || all params: {total:,}" in text
+
+
+def test_adapter_specs_follow_each_kernel_and_train_sharded():
+    # Auto axes: XLA propagates shardings through the model (GSPMD), as in most JAX training.
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    model, x = Stack(), tokens(jax.random.key(0), batch=4)
+    config = lj.LoraConfig(rank=4, targets=("all-linear",), use_dora=True)
+    variables = model.init(jax.random.key(1), x)
+    params = lj.init(jax.random.key(2), variables, config, lj.kernel_layouts(model, x))
+    params = randomize_adapters(params, jax.random.key(3))
+
+    def base_spec(path, leaf):  # a rule a user would write: inputs over fsdp, outputs over tensor
+        if path[-1].key != "kernel":
+            return P()
+        stacked = int(path[1].key == "layers")
+        first, last = leaf.shape[stacked], leaf.shape[-1]
+        middle = [None] * (leaf.ndim - stacked - 2)
+        fsdp, tensor = "fsdp" if first % 4 == 0 else None, "tensor" if last % 2 == 0 else None
+        return P(*([None] * stacked), fsdp, *middle, tensor)
+
+    specs = lj.adapter_specs(params, jax.tree_util.tree_map_with_path(base_spec, variables))
+    up = specs["params"]["layers"]["up_proj"]
+    assert up["kernel"] == P(None, "fsdp", "tensor")
+    assert up["lora_a"] == P(None, "fsdp", None)  # layer, input (as the kernel), rank
+    assert up["lora_b"] == P(None, None, "tensor")  # layer, rank, output (as the kernel)
+    assert up["lora_magnitude"] == P(None, "tensor")
+    assert specs["params"]["layers"]["attn"]["q_proj"]["lora_b"] == P(None, None, None, "tensor")
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                             is_leaf=lambda s: isinstance(s, P))  # fmt: skip
+    placed = jax.device_put(params, shardings)
+    a = placed["params"]["layers"]["up_proj"]["lora_a"]
+    assert {s.data.shape for s in a.addressable_shards} == {(3, 4, 4)}  # 16 inputs over 4
+    adapter_shardings = lj.extract(shardings, config)
+    apply = lj.lora_apply(model.apply, config)
+    loss = lambda adapter, base: jnp.mean(apply(lj.combine(adapter, base), x) ** 2)  # noqa: E731
+    adapter, base_params = lj.split(placed, config)
+    grad = jax.jit(jax.value_and_grad(loss), out_shardings=(NamedSharding(mesh, P()),
+                                                            adapter_shardings))  # fmt: skip
+    value, grads = grad(adapter, base_params)
+    ref_value, ref_grads = jax.value_and_grad(loss)(*lj.split(params, config))
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+    assert grads["params"]["layers"]["up_proj"]["lora_a"].sharding.spec == P(None, "fsdp", None)

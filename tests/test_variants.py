@@ -62,8 +62,9 @@ def test_dora_starts_at_the_base_and_factored_equals_merged(name):
     params = lj.init(jax.random.key(2), variables, DORA, lj.kernel_layouts(model, x))
     apply = jax.jit(lj.lora_apply(model.apply, DORA))
     base = jax.jit(model.apply)(variables, x)
-    # m = ||W0|| and B = 0: the ratio is exactly 1; (y - bias) + bias rounds once at most.
-    np.testing.assert_allclose(apply(params, x), base, rtol=1e-6, atol=1e-6)
+    # m = ||W0|| and B = 0: the ratio is 1 up to one float32 ulp (init's norm and the jitted
+    # forward's may reduce in a different order), so the output matches to float32 rounding.
+    np.testing.assert_allclose(apply(params, x), base, rtol=1e-5, atol=1e-5 * np.abs(base).max())
     params = randomize_adapters(params, jax.random.key(3), scale=0.2)
     got, merged = apply(params, x), model.apply(lj.merge(params, DORA), x)
     np.testing.assert_allclose(got, merged, rtol=1e-5, atol=1e-5 * np.abs(merged).max())
