@@ -6,6 +6,7 @@ the Flax model zoo and `lora_jax.io` adapter files in peft's format.
 
 from lora_jax.apply import kernel_layouts, lora_apply, merged_apply
 from lora_jax.config import LoraConfig
+from lora_jax.quant import QuantizedKernel, dequantize, nbytes, quantize
 from lora_jax.tree import (
     adapter_layout,
     adapter_specs,
@@ -24,10 +25,12 @@ from lora_jax.tree import (
 
 __all__ = [
     "LoraConfig",
+    "QuantizedKernel",
     "adapter_layout",
     "adapter_specs",
     "attach",
     "combine",
+    "dequantize",
     "extract",
     "init",
     "kernel_layouts",
@@ -35,8 +38,10 @@ __all__ = [
     "lora_apply",
     "merge",
     "merged_apply",
+    "nbytes",
     "optimizer",
     "partition",
+    "quantize",
     "save_adapter",
     "split",
     "summary",

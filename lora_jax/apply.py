@@ -164,6 +164,7 @@ def _factored_call(config: LoraConfig, next_fun, args, kwargs, context):
     # DoRA: y = m/||W0 + s·A·B|| · (x·W0 + s·x·A·B) + bias, the norm detached as in the paper.
     if not plan.trailing:
         raise ValueError(f"{path}: DoRA needs the einsum's output axes last in its result.")
+    kernel = nn.meta.unbox(kernel)  # QLoRA: the dequantized kernel, as the layer itself used
     norm = jax.lax.stop_gradient(direction_norm(kernel, a, b, scale, 0, plan.n_in))
     ratio = (module.get_variable("params", LORA_M) / norm).astype(y.dtype)
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else 0

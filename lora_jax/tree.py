@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
+from flax.core import meta
 from jax.sharding import PartitionSpec
 
 from lora_jax.config import BASE_MODIFYING_INITS, LoraConfig
@@ -257,6 +258,12 @@ def init(
     new = dict(flat)
     for keys, path, shape, lead, n_in, fan_in, rank in plans:
         w, scale = modules[keys][KERNEL], config.scale_for(path, rank)
+        if config.init in BASE_MODIFYING_INITS and isinstance(w, meta.AxisMetadata):
+            raise ValueError(
+                f"{path}: init={config.init!r} rewrites the base kernel, which is quantized; "
+                "run lj.init on the float base, then lj.quantize (the residual is quantized)."
+            )
+        w = meta.unbox(w)  # a quantized kernel: DoRA's norm needs its values
         if config.init in BASE_MODIFYING_INITS:
             a, b = _principal(w, rank, scale, lead, n_in, config.init)
             w = _apply_delta(w, a, b, None, -scale, lead, n_in)  # the residual stays frozen
@@ -452,7 +459,7 @@ def _fold(
                 f"unmerge: {path} is a DoRA adapter; its merge rescaled each output unit by "
                 "m/||W0 + s·A·B||, which cannot be inverted without W0. Keep the base instead."
             )
-        w, a, b = flat[(*keys, KERNEL)], leaves[LORA_A], leaves[LORA_B]
+        w, a, b = meta.unbox(flat[(*keys, KERNEL)]), leaves[LORA_A], leaves[LORA_B]
         lead, n_in, _, rank = adapter_layout(path, w.shape, a.shape, b.shape)
         scale = sign * config.scale_for(path, rank)
         out[(*keys, KERNEL)] = _apply_delta(w, a, b, leaves.get(LORA_M), scale, lead, n_in)
@@ -463,6 +470,9 @@ def merge(params: Params, config: LoraConfig) -> dict[str, Any]:
     """kernel = W0 + (α/r)·A·B, adapter leaves removed: the base tree's exact structure and dtypes.
 
     DoRA adapters fold their magnitude in: kernel = m·(W0 + s·A·B)/||W0 + s·A·B|| per output.
+    A quantized kernel (QLoRA) is dequantized, so merged kernels come back dense in the
+    base's dtype; `lj.quantize` the result to re-quantize, or `lj.dequantize` it for a fully
+    dense tree (kernels without an adapter stay as they were stored).
 
     The sum is formed in float32 and rounded once to the kernel's dtype, so a bfloat16 base is
     within one bfloat16 rounding of the float32 merge. Pure and jitted per kernel.
