@@ -1,4 +1,5 @@
-"""`lora-jax`: command-line entry points. `merge` folds a peft-format adapter into its base and
+"""`lora-jax`: command-line entry points. `train` runs a config (the offline quickstart by
+default), `eval` scores a run's adapter, `merge` folds a peft-format adapter into its base and
 writes a Hugging Face model directory that transformers, vLLM or TGI serve as is."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from lora_jax.io import load_adapter
@@ -25,14 +27,60 @@ def merge_command(args: argparse.Namespace) -> None:
     adapter, config = load_adapter(args.adapter, params)
     merged = merge(attach(params, adapter), config)
     out = save_pretrained(merged, hf_config, args.out, copy_from=args.base)
-    print(f"merged {Path(args.adapter)} ({_size(Path(args.adapter), '*.safetensors'):,} bytes) "
-          f"into {type(model).__name__} from {args.base}: wrote {out} "
-          f"({_size(out, '*.safetensors'):,} bytes, {args.dtype})")  # fmt: skip
+    print(
+        f"merged {Path(args.adapter)} ({_size(Path(args.adapter), '*.safetensors'):,} bytes) "
+        f"into {type(model).__name__} from {args.base}: wrote {out} "
+        f"({_size(out, '*.safetensors'):,} bytes, {args.dtype})"
+    )
+
+
+def train_command(args: argparse.Namespace) -> None:
+    from lora_jax.train import load_config, train
+
+    train(load_config(args.config, args.set), resume=args.resume)
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    from lora_jax.train import Run, evaluate, load_config
+
+    config = load_config(args.config, args.set)
+    run = Run(config)
+    adapter_dir = Path(args.adapter or Path(config["output_dir"]) / "adapter")
+    adapter, _ = load_adapter(adapter_dir, jax.device_get(run.base))
+    adapter = jax.device_put(adapter, run.adapter_shardings)
+    metrics = evaluate(run, adapter)
+    print(
+        f"{adapter_dir} on {config['data']['eval']}: "
+        + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    )
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="Python file with get_config() (default: the quickstart)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config entry, e.g. train.steps=100 (repeatable)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="lora-jax", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
+    train_p = commands.add_parser("train", help="LoRA-fine-tune a model from a config")
+    _config_args(train_p)
+    train_p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest readable checkpoint of output_dir",
+    )
+    train_p.set_defaults(run=train_command)
+    eval_p = commands.add_parser("eval", help="loss and accuracy of a run's adapter")
+    _config_args(eval_p)
+    eval_p.add_argument("--adapter", help="peft-format adapter (default: output_dir/adapter)")
+    eval_p.set_defaults(run=eval_command)
     merge_p = commands.add_parser("merge", help="fold an adapter into its base model")
     merge_p.add_argument("--base", required=True, help="Hugging Face checkpoint directory")
     merge_p.add_argument("--adapter", required=True, help="peft-format adapter directory")

@@ -86,11 +86,19 @@ def attend(
 ) -> jax.Array:
     """Scaled dot-product attention, (B, T, N, H) x (B, S, K, H) with K | N (GQA).
 
-    `padding` (B, S): 1 for real tokens, 0 for pads (any layout). Causality and a sliding
-    `window` (query i sees keys i - window < j <= i, as Mistral) are passed structurally, so
-    cuDNN skips the masked blocks instead of reading a dense mask.
+    `padding` (B, S): 0 for pads, else a segment id: 1 for every real token of an ordinary
+    row; 1, 2, 3, ... for the examples of a packed row, which then attend within their own
+    segment only. Causality and a sliding `window` (query i sees keys i - window < j <= i,
+    as Mistral) are passed structurally, so cuDNN skips the masked blocks.
     """
-    mask = None if padding is None else padding.astype(bool)[:, None, None, :]
+    mask = None
+    if padding is not None:
+        keys = padding[:, None, None, :]
+        if q.shape[1] == k.shape[1]:  # self-attention: pads (id 0) still see every real key
+            queries = padding[:, None, :, None]
+            mask = (keys > 0) & ((queries == keys) | (queries == 0))
+        else:
+            mask = keys > 0
     return jax.nn.dot_product_attention(
         q,
         k,

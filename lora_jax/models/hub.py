@@ -8,6 +8,7 @@ GPT-2's Conv1D which is already (in, out)) / scale / embedding, `bias` <-> bias.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import shutil
@@ -137,17 +138,27 @@ class _Checkpoint:
             return np.asarray(f.get_tensor(name))
 
 
-def load_params(model: nn.Module, directory: Path, hf_config: dict, dtype: Any) -> dict[str, Any]:
-    """The model's params tree filled from the checkpoint, every name and shape checked."""
+def load_params(
+    model: nn.Module, directory: Path, hf_config: dict, dtype: Any, new_head: bool = False
+) -> dict[str, Any]:
+    """The model's params tree filled from the checkpoint, every name and shape checked.
+
+    new_head: the checkpoint is the bare encoder of a classification model; its tensors lack
+    the encoder's prefix ("bert.") and the classifier starts from a seeded random init.
+    """
     family, _ = family_of(hf_config)
     dummy = jnp.zeros((1, 2), jnp.int32)
-    expected = traverse_util.flatten_dict(
-        jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
-    )
+    init = jax.jit(model.init) if new_head else functools.partial(jax.eval_shape, model.init)
+    expected = traverse_util.flatten_dict(init(jax.random.key(0), dummy)["params"])
     checkpoint = _Checkpoint(directory)
     used, missing, params = set(), [], {}
     for keys, spec in expected.items():
+        if new_head and keys[0] == "classifier":
+            params[keys] = jnp.asarray(spec, dtype)
+            continue
         names = hf_names(keys, family, spec.shape[0])
+        if new_head and names[0] not in checkpoint.files:  # a bare encoder: no "bert." prefix
+            names = hf_names(keys[1:], family, spec.shape[0])
         stacked = family.stacked in keys
         used.update(n for n in names if n in checkpoint.files)
         if absent := [n for n in names if n not in checkpoint.files]:
@@ -165,9 +176,8 @@ def load_params(model: nn.Module, directory: Path, hf_config: dict, dtype: Any) 
                 )
             arrays.append(array.astype(dtype))
         params[keys] = jnp.asarray(np.stack(arrays) if stacked else arrays[0])
-    unexpected = sorted(
-        n for n in checkpoint.files if n not in used and not re.search(family.buffers, n)
-    )
+    ignored = family.buffers + (r"|^(lm_head|cls)\." if new_head else "")  # a dropped MLM head
+    unexpected = sorted(n for n in checkpoint.files if n not in used and not re.search(ignored, n))
     if missing or unexpected:
         raise ValueError(
             f"{directory} does not match {type(model).__name__}: missing tensors "
@@ -207,15 +217,36 @@ def from_pretrained(
     compute_dtype: Any = None,
     remat: str = "none",
     attention_impl: str | None = None,
+    num_labels: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """(model, {"params": ...}, config.json dict) from a Hugging Face checkpoint directory or id.
 
     Params are stored in `dtype`; the model computes in `compute_dtype` (default: the params').
+    `num_labels` turns a bare BERT/RoBERTa encoder checkpoint into a sequence classifier with
+    a new, randomly initialised head (as transformers' AutoModelForSequenceClassification).
     """
     directory = _resolve(path_or_repo_id)
     hf_config = json.loads((directory / "config.json").read_text())
+    new_head = num_labels is not None
+    if new_head:
+        hf_config = _with_classifier(hf_config, num_labels)
     model = build(hf_config, dtype=compute_dtype, remat=remat, attention_impl=attention_impl)
-    return model, {"params": load_params(model, directory, hf_config, dtype)}, hf_config
+    params = load_params(model, directory, hf_config, dtype, new_head)
+    return model, {"params": params}, hf_config
+
+
+def _with_classifier(hf_config: dict[str, Any], num_labels: int) -> dict[str, Any]:
+    model_type = hf_config.get("model_type")
+    prefix = {"bert": "Bert", "roberta": "Roberta"}.get(model_type)
+    arch = (hf_config.get("architectures") or ["?"])[0]
+    if prefix is None or arch not in (f"{prefix}Model", f"{prefix}ForMaskedLM") or num_labels < 1:
+        raise ValueError(
+            f"num_labels={num_labels} puts a new classifier (>= 1 label) on a BERT/RoBERTa "
+            f"encoder or masked-LM checkpoint; this one is {model_type} {arch}."
+        )
+    labels = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+    return dict(hf_config, architectures=[f"{prefix}ForSequenceClassification"],
+                id2label=labels, label2id={v: int(k) for k, v in labels.items()})  # fmt: skip
 
 
 def hf_tensors(params: dict[str, Any], family: Family) -> Iterator[tuple[str, jax.Array]]:

@@ -1,0 +1,190 @@
+"""Training data: JSONL or TFDS rows -> token arrays -> a seeded, resumable batch iterator.
+
+Two tasks. "classify": a text field and a label field (int, or a string from `labels`).
+"sft": a prompt (a template over the row's fields) and a response; only response tokens
+count in the loss, and `pack` fills each row with several examples that attend only within
+themselves (segment ids in attention_mask, positions restarting per example). Everything
+is encoded up front into numpy arrays (fine for fine-tuning sets), so the iterator's whole
+state is (epoch, batch index): resuming replays exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+def read_rows(source: str, fields: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (`source` a path) or a TFDS split ("tfds:name[/config][:split]",
+    e.g. "tfds:glue/sst2:validation"), each checked to hold `fields`; errors name the row."""
+    if source.startswith("tfds:"):
+        name, _, split = source[5:].partition(":")
+        rows, where = _tfds_rows(name, split or "train"), source
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist.")
+        rows, where = [], str(path)
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not a JSON object ({err.msg}).") from None
+    for n, row in enumerate(rows, 1):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise ValueError(
+                f"{where}: row {n} has no field {missing[0]!r} (it has {sorted(row)}); set "
+                "data.text_field / label_field / prompt_field / response_field."
+            )
+    if not rows:
+        raise ValueError(f"{where}: no rows.")
+    return rows
+
+
+def _tfds_rows(name: str, split: str) -> list[dict[str, Any]]:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ImportError(
+            f"'tfds:{name}' needs tensorflow-datasets: pip install tensorflow-datasets"
+        ) from None
+    try:
+        dataset = tfds.load(name, split=split)
+    except Exception as err:  # tfds raises many kinds; all mean "not available here"
+        raise OSError(
+            f"tfds:{name} split {split!r} could not be loaded ({type(err).__name__}: {err}). "
+            "Offline? Prepare it once with network (`tfds build`) or use a JSONL file."
+        ) from err
+    decode = lambda v: v.decode() if isinstance(v, bytes) else v.item()  # noqa: E731
+    return [{k: decode(v) for k, v in ex.items()} for ex in tfds.as_numpy(dataset)]
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer.json (the Rust `tokenizers` library; no transformers)."""
+
+    def __init__(self, directory: str | Path, hf_config: Mapping[str, Any]):
+        from tokenizers import Tokenizer as Fast
+
+        path = Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the checkpoint has no tokenizer.json.")
+        self.fast = Fast.from_file(str(path))
+        eos = hf_config.get("eos_token_id")
+        self.eos = eos[0] if isinstance(eos, list) else eos
+        self.pad = hf_config.get("pad_token_id") or 0
+
+    def __call__(self, text: str, special: bool = True) -> list[int]:
+        return self.fast.encode(text, add_special_tokens=special).ids
+
+
+def _pad(seqs: list[list[int]], length: int, value: int) -> np.ndarray:
+    out = np.full((len(seqs), length), value, np.int32)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s[:length]
+    return out
+
+
+def encode(rows: list[dict[str, Any]], tokenizer: Tokenizer, data: Mapping[str, Any]) -> Batch:
+    """Token arrays for `rows`: input_ids, attention_mask, and labels (classify) or
+    loss_mask (sft: 1 on response tokens), every row padded or cut to data["max_length"]."""
+    length = data["max_length"]
+    if data["task"] == "classify":
+        ids = [tokenizer(str(r[data["text_field"]]))[:length] for r in rows]
+        names = list(data.get("labels") or [])
+        labels = []
+        for n, r in enumerate(rows, 1):
+            label = r[data["label_field"]]
+            if isinstance(label, str):
+                if label not in names:
+                    raise ValueError(f"row {n}: label {label!r} is not one of {names}.")
+                label = names.index(label)
+            labels.append(int(label))
+        mask = _pad([[1] * len(s) for s in ids], length, 0)
+        return {
+            "input_ids": _pad(ids, length, tokenizer.pad),
+            "attention_mask": mask,
+            "labels": np.asarray(labels, np.int32),
+        }
+    if data["task"] != "sft":
+        raise ValueError(f"data.task is {data['task']!r}; choose 'classify' or 'sft'.")
+    examples = []
+    for r in rows:
+        prompt = tokenizer(data["template"].format(**r))
+        answer = tokenizer(str(r[data["response_field"]]), special=False)
+        answer += [tokenizer.eos] if tokenizer.eos is not None else []
+        examples.append(
+            ((prompt + answer)[:length], ([0] * len(prompt) + [1] * len(answer))[:length])
+        )
+    rows_of = _packed(examples, length) if data["pack"] else [[e] for e in examples]
+    ids = [[t for e in row for t in e[0]] for row in rows_of]
+    # Segment ids (1, 2, ... per packed example) and positions that restart with each one.
+    segments = [[i + 1 for i, e in enumerate(row) for _ in e[0]] for row in rows_of]
+    positions = [[p for e in row for p in range(len(e[0]))] for row in rows_of]
+    return {
+        "input_ids": _pad(ids, length, tokenizer.pad),
+        "attention_mask": _pad(segments, length, 0),
+        "positions": _pad(positions, length, 0),
+        "loss_mask": _pad([[m for e in row for m in e[1]] for row in rows_of], length, 0),
+    }
+
+
+def _packed(examples: list, length: int) -> list[list]:
+    """Examples grouped greedily, in order, into rows of at most `length` tokens."""
+    rows, used = [], length
+    for example in examples:
+        if used + len(example[0]) > length:
+            rows.append([])
+            used = 0
+        rows[-1].append(example)
+        used += len(example[0])
+    return rows
+
+
+class Batches(Iterator[Batch]):
+    """Endless batches of `batch_size` rows, reshuffled each epoch from (seed, epoch).
+
+    `rows` selects this process's part of each global batch (multi-host). `state()` is
+    what a checkpoint stores; `restore(state)` continues exactly where it was taken.
+    """
+
+    def __init__(self, data: Batch, batch_size: int, seed: int, rows: slice = slice(None)):
+        self.data, self.batch_size, self.seed, self.rows = data, batch_size, seed, rows
+        self.size = len(next(iter(data.values())))
+        if self.size < batch_size:
+            raise ValueError(f"{self.size} examples, fewer than one batch of {batch_size}.")
+        self.epoch, self.index = 0, 0
+
+    def __next__(self) -> Batch:
+        if self.index >= self.size // self.batch_size:  # the incomplete last batch is dropped
+            self.epoch, self.index = self.epoch + 1, 0
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        start = self.index * self.batch_size
+        chosen = order[start : start + self.batch_size][self.rows]
+        self.index += 1
+        return {k: v[chosen] for k, v in self.data.items()}
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def in_batches(data: Batch, batch_size: int) -> Iterator[tuple[Batch, int]]:
+    """Every example once, in order, as (full-size batch, number of real rows): the last
+    batch is padded by repeating row 0 so one compiled eval step serves all."""
+    size = len(next(iter(data.values())))
+    for start in range(0, size, batch_size):
+        idx = np.arange(start, start + batch_size)
+        real = int(min(batch_size, size - start))
+        idx[real:] = 0
+        yield {k: v[idx] for k, v in data.items()}, real

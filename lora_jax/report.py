@@ -1,0 +1,100 @@
+"""What a training run leaves behind: progress bar, metrics (JSONL + TensorBoard), the
+adapter in peft format, a merged-model check, sizes on disk and a PNG loss curve."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+
+class Writer:
+    """Metrics of process 0: one JSON line per step and TensorBoard scalars. On resume the
+    lines after the restored step are dropped, so the file holds one curve."""
+
+    def __init__(self, out: Path, start: int, enabled: bool):
+        self.enabled, self.path = enabled, out / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in _rows(self.path) if r["step"] <= start]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
+
+    def progress(self, start: int, total: int) -> tqdm:
+        return tqdm(
+            total=total, initial=start, disable=not self.enabled, desc="train", dynamic_ncols=True
+        )
+
+    def log(self, step: int, metrics: Mapping[str, float], bar: tqdm) -> None:
+        bar.update(1)
+        if not self.enabled:
+            return
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for name, value in metrics.items():
+            self.tb.add_scalar(f"train/{name}", value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _bytes(directory: Path, pattern: str) -> int:
+    return sum(f.stat().st_size for f in directory.glob(pattern))
+
+
+def loss_curve(metrics_file: Path, png: Path) -> None:
+    """Training loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows(metrics_file)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set(xlabel="step", ylabel="training loss", title=png.parent.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def finish(run: Any, adapter: Any, out: Path, log: Callable[[str], None]) -> None:
+    """Saves the adapter (peft format), checks the merged model, compares sizes, plots."""
+    from lora_jax.io import save_adapter
+    from lora_jax.train import merged_predictions
+
+    host_adapter = multihost_utils.process_allgather(adapter, tiled=True)  # whole, every host
+    if jax.process_index() != 0:
+        return
+    adapter_dir = out / "adapter"
+    save_adapter(
+        adapter_dir, host_adapter, run.lora, hf_config=run.hf_config, base_model_id=run.model_dir
+    )
+    if run.classify and jax.process_count() == 1:
+        factored, merged = merged_predictions(run, adapter)
+        same = int(np.sum(factored == merged))
+        log(f"merged model: same predictions on {same}/{len(factored)} eval examples")
+    small, big = _bytes(adapter_dir, "*.safetensors"), _bytes(Path(run.model_dir), "*.safetensors")
+    log(
+        f"adapter {adapter_dir}: {small / 2**20:.2f} MiB on disk; base {big / 2**20:.1f} MiB "
+        f"({100 * small / max(big, 1):.1f}%)"
+    )
+    loss_curve(out / "metrics.jsonl", out / "loss.png")
+    log(f"loss curve: {out / 'loss.png'}; metrics: {out / 'metrics.jsonl'}")

@@ -1,0 +1,117 @@
+"""Device meshes and shardings: base params by path rules, adapters derived from their kernels.
+
+The mesh has three axes: `data` (pure data parallelism), `fsdp` (batch and params both split,
+ZeRO-3 style) and `tensor` (Megatron: column-parallel projections split on their output axis,
+row-parallel ones on their input axis). The batch is split over (data, fsdp).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from lora_jax.tree import adapter_specs, path_str
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = PartitionSpec(("data", "fsdp"))
+
+# (regex over a leaf's path, mesh axes of its trailing axes): first match wins, the rest is
+# replicated. Leading axes (the nn.scan layer axis) are never split. Names are Hugging Face's,
+# so the rules cover every zoo family.
+COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|c_attn|c_fc|intermediate/dense)"
+ROW = r"(o_proj|down_proj|c_proj|output/dense)"
+RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (COLUMN + r"/kernel$", ("fsdp", "tensor")),
+    (COLUMN + r"/bias$", ("tensor",)),
+    (ROW + r"/kernel$", ("tensor", "fsdp")),
+    # Tables split on the hidden axis only: a row gather from a vocabulary-split table is
+    # replicated by XLA's SPMD partitioner ("involuntary full rematerialization").
+    (r"(embed_tokens|word_embeddings|wte)/embedding$", (None, "fsdp")),
+    (r"lm_head/kernel$", ("fsdp", "tensor")),
+)
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all, every process); -1 takes
+    what is left. Auto axes: XLA propagates shardings through the model."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes {dict(zip(AXES, sizes, strict=True))}: one -1 at most.")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(AXES, sizes, strict=True))} needs {math.prod(sizes)} devices; "
+            f"there are {len(devices)}."
+        )
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules) -> PartitionSpec:
+    for pattern, axes in rules:
+        if re.search(pattern, path) and len(axes) <= len(shape):
+            trailing = shape[len(shape) - len(axes) :]
+            # An axis that does not divide evenly stays whole (tiny models, odd vocabularies).
+            fit = [
+                a if a is None or n % mesh.shape[a] == 0 else None
+                for a, n in zip(axes, trailing, strict=True)
+            ]
+            return PartitionSpec(*(None,) * (len(shape) - len(axes)), *fit)
+    return PartitionSpec()
+
+
+def base_specs(params: Any, mesh: Mesh, rules=RULES) -> dict[str, Any]:
+    """A PartitionSpec per leaf of a base params tree, from `rules` (path regex -> axes)."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {k: _spec(path_str(k), np.shape(v), mesh, rules) for k, v in flat.items()}
+    )
+
+
+def param_shardings(params: Any, mesh: Mesh, rules=RULES) -> Any:
+    """NamedShardings for a tree with or without adapters: the base's by `rules`, each
+    adapter leaf's derived from its kernel's (rank axis replicated)."""
+    flat = traverse_util.flatten_dict(params)
+    base = {k: v for k, v in flat.items() if k[-1] not in ("lora_a", "lora_b", "lora_magnitude")}
+    specs = adapter_specs(params, base_specs(traverse_util.unflatten_dict(base), mesh, rules))
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The same whole value on every device (scalars, the step number)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Examples split over the data and fsdp axes."""
+    return NamedSharding(mesh, BATCH)
+
+
+def local_rows(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of each global batch that this process's devices hold: what it must load."""
+    index = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    starts = sorted({(s[0].start or 0, s[0].stop or global_batch) for s in index.values()})
+    lo, hi = starts[0][0], starts[-1][1]
+    if sum(b - a for a, b in starts) != hi - lo:
+        raise ValueError("this process's batch rows are not contiguous; check the mesh order.")
+    return slice(lo, hi)
+
+
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray], size: int) -> dict[str, jax.Array]:
+    """One global jax.Array per field from this process's rows (`local_rows`)."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (size, *v.shape[1:]))
+        for k, v in local.items()
+    }

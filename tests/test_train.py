@@ -1,0 +1,248 @@
+"""`lora-jax train`: sharded steps, multi-process runs, checkpoints and resume, bad input,
+and the offline quickstart, on real checkpoints (transformers-written) and real orbax files."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+from small_models import randomize_adapters
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import lora_jax as lj
+from lora_jax import data as data_lib
+from lora_jax.cli import main as cli_main
+from lora_jax.train import Run, load_config, loss_terms, train
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_SFT = str(ROOT / "configs" / "llama3_1b_sft.py")
+
+
+@pytest.fixture(scope="module")
+def sft(checkpoints, tmp_path_factory):
+    """The tiny Llama checkpoint with a word-level tokenizer.json, and a learnable SFT set:
+    the response is the prompt's words reversed and shifted, so only the model can tell."""
+    root = tmp_path_factory.mktemp("sft")
+    model = root / "llama"
+    shutil.copytree(checkpoints / "llama", model)
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(model / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("eval", 16)):
+        with (root / f"{split}.jsonl").open("w") as f:
+            for _ in range(n):
+                words = rng.integers(3, 50, 5)
+                row = {"prompt": " ".join(f"w{w}" for w in words),
+                       "response": " ".join(f"w{w + 40}" for w in words[::-1])}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
+    return root
+
+
+def overrides(sft, out, **changes):
+    """--set entries that point the shipped Llama SFT config at the tiny checkpoint."""
+    base = {
+        "model.path": sft / "llama", "model.dtype": "float32", "model.compute_dtype": None,
+        "model.remat": "none", "data.train": sft / "train.jsonl", "data.eval": sft / "eval.jsonl",
+        "data.template": "{prompt}", "data.max_length": 16, "train.steps": 5,
+        "train.batch_size": 8, "train.grad_accum": 2, "train.learning_rate": 3e-2,
+        "train.warmup_steps": 1, "lora.dropout": 0.0, "checkpoint.every": 0,
+        "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.devices": 1, "output_dir": out,
+    }  # fmt: skip
+    base.update(changes)
+    return [f"{k}={v}" if isinstance(v, str | Path) else f"{k}={v!r}" for k, v in base.items()]
+
+
+def as_args(sets):
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def losses(out):
+    return np.array([json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").open()])
+
+
+def quiet(*_):
+    pass
+
+
+def test_sharded_run_matches_one_device_and_splits_the_base(sft, tmp_path, capsys):
+    mesh = {"mesh.fsdp": 4, "mesh.tensor": 2, "mesh.devices": 8}
+    config = load_config(LLAMA_SFT, overrides(sft, tmp_path / "sharded", **mesh))
+    run = Run(config)
+    q = run.base["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (2, 32 // 4, 32 // 2)  # really split
+    embed = run.base["params"]["model"]["embed_tokens"]["embedding"]
+    assert embed.addressable_shards[0].data.shape == (96, 32 // 4)
+    a = run.adapter["params"]["model"]["layers"]["self_attn"]["q_proj"]["lora_a"]
+    assert a.sharding.spec == PartitionSpec(None, "fsdp", None)  # A follows its kernel
+    sharded = train(config, log=quiet)
+    single = train(load_config(LLAMA_SFT, overrides(sft, tmp_path / "one")), log=quiet)
+    got, want = losses(tmp_path / "sharded"), losses(tmp_path / "one")
+    assert len(got) == 5 and want[-1] < want[0] - 0.1  # five steps that learn
+    # float32; the sharded step sums in another order: 1e-5 relative.
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    # `lora-jax eval` reads the saved peft-format adapter back and scores the same.
+    sets = overrides(sft, tmp_path / "one")
+    assert cli_main(["eval", "--config", LLAMA_SFT, *as_args(sets)]) == 0
+    printed = capsys.readouterr().out
+    assert float(printed.split("loss ")[1].split()[0]) == pytest.approx(single["loss"], rel=1e-4)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args, env=None, **popen):
+    command = [sys.executable, "-m", "lora_jax.cli", *map(str, args)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)  # fmt: skip
+
+
+def test_two_processes_agree_with_one(sft, tmp_path):
+    port, mesh = _free_port(), {"mesh.fsdp": 4, "mesh.tensor": 2, "mesh.devices": -1}
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = []
+    for pid in range(2):
+        join = {"distributed.coordinator": f"localhost:{port}", "distributed.num_processes": 2,
+                "distributed.process_id": pid}  # fmt: skip
+        sets = overrides(sft, tmp_path / "multi", **{"train.steps": 3, **mesh, **join})
+        procs.append(cli("train", "--config", LLAMA_SFT, *as_args(sets), env=env))
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    single = overrides(sft, tmp_path / "single", **{"train.steps": 3, **mesh, "mesh.devices": 8})
+    train(load_config(LLAMA_SFT, single), log=quiet)
+    np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), rtol=1e-5)
+    assert (tmp_path / "multi" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_sigterm_then_resume_replays_the_uninterrupted_curve(sft, tmp_path):
+    # Dropout on: the resumed run must also draw the same random masks.
+    common = {"train.steps": 60, "checkpoint.every": 5, "checkpoint.keep": 2, "lora.dropout": 0.1}
+    train(load_config(LLAMA_SFT, overrides(sft, tmp_path / "whole", **common)), log=quiet)
+    out = tmp_path / "cut"
+    sets = as_args(overrides(sft, out, **common))
+    proc = cli("train", "--config", LLAMA_SFT, *sets)
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().split()) < 8):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped by signal" in stdout
+    stopped = len(losses(out))
+    assert stopped < 60
+    # A corrupted newest step and a half-written one: the first is skipped with a warning,
+    # the second is never listed.
+    steps = out / "checkpoints"
+    latest = max(int(p.name) for p in steps.iterdir() if p.name.isdigit())
+    assert latest == stopped  # the signal's own checkpoint
+    shutil.copytree(steps / str(latest), steps / "70")
+    for f in (steps / "70").rglob("*"):
+        if f.is_file() and "state" in f.parts:
+            f.write_bytes(b"garbage")
+    shutil.copytree(steps / str(latest), steps / "80.orbax-checkpoint-tmp-1")
+    proc = cli("train", "--config", LLAMA_SFT, *sets, "--resume")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "checkpoint at step 70" in stderr and "cannot be read" in stderr
+    assert f"resumed from step {latest}" in stdout
+    np.testing.assert_allclose(losses(out), losses(tmp_path / "whole"), rtol=1e-6)
+
+
+def test_packed_rows_give_the_loss_of_one_example_per_row(sft, tmp_path):
+    plain, packed = (
+        Run(load_config(LLAMA_SFT, overrides(sft, tmp_path, **{"data.max_length": 32,
+                                                               "data.pack": pack})))
+        for pack in (False, True)
+    )  # fmt: skip
+    rows = [len(run.data["train"]["input_ids"]) for run in (plain, packed)]
+    assert rows == [64, 32]  # 11 tokens an example: two per row of 32
+    params = lj.combine(randomize_adapters(plain.adapter, jax.random.key(0)), plain.base)
+    totals = [
+        np.asarray(loss_terms(run, params, jax.tree.map(jnp.asarray, run.data["train"])))
+        for run in (plain, packed)
+    ]
+    # (summed loss, response tokens, correct): segments see only themselves, positions restart.
+    np.testing.assert_allclose(totals[1], totals[0], rtol=1e-5)
+    assert totals[0][1] == 64 * 6  # five response words and EOS per example
+
+
+@pytest.fixture
+def compilations():
+    events = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: events.append(event) if "compile" in event else None
+    )
+    return events
+
+
+def test_bad_input_fails_before_compiling(sft, tmp_path, compilations):
+    def run(**changes):
+        Run(load_config(LLAMA_SFT, overrides(sft, tmp_path, **changes)))
+
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl does not exist"):
+        run(**{"data.train": tmp_path / "nope.jsonl"})
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "w3", "response": "w4"}\n{"prompt": "w5"}\n')
+    with pytest.raises(ValueError, match="row 2 has no field 'response'"):
+        run(**{"data.train": broken})
+    with pytest.raises(ValueError, match="max_length 4096 exceeds the model's 2048 positions"):
+        run(**{"data.max_length": 4096})
+    with pytest.raises(ValueError, match=r"config key 'train.stpes' does not exist"):
+        load_config(LLAMA_SFT, ["train.stpes=3"])
+    with pytest.raises(ValueError, match=r"train.steps='many': expected int"):
+        load_config(LLAMA_SFT, ["train.steps=many"])
+    with pytest.raises((ImportError, OSError), match=r"tensorflow-datasets|Offline"):
+        run(**{"data.train": "tfds:glue/sst2:train"})
+    assert compilations == []
+
+
+def test_batches_shuffle_by_seed_and_resume_exactly():
+    data = {"x": np.arange(10)}
+    a = data_lib.Batches(data, 4, seed=3)
+    first = [next(a)["x"] for _ in range(3)]  # two per epoch: the third starts epoch 1
+    assert len(set(np.concatenate(first[:2]))) == 8  # no repeats within an epoch
+    state = a.state()
+    after = [next(a)["x"] for _ in range(3)]
+    b = data_lib.Batches(data, 4, seed=3)
+    b.restore(state)
+    np.testing.assert_array_equal(np.stack([next(b)["x"] for _ in range(3)]), np.stack(after))
+    c = data_lib.Batches(data, 4, seed=4)
+    assert not np.array_equal(next(c)["x"], first[0])
+    half = data_lib.Batches(data, 4, seed=3, rows=slice(2, 4))  # process 1 of 2
+    np.testing.assert_array_equal(next(half)["x"], first[0][2:])
+
+
+def test_quickstart_runs_offline_as_the_readme_says(tmp_path):
+    # As the README runs it: one CPU device (no simulated ones), and no hub access.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"HF_HUB_OFFLINE": "1"}
+    proc = cli("train", "--set", f"output_dir={tmp_path}", env=env)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    accuracy = {}
+    for line in stdout.splitlines():
+        if line.startswith("eval "):
+            accuracy[line.split(":")[0]] = float(line.split("accuracy")[1])
+    head, lora = accuracy["eval after training the head alone"], accuracy["eval after LoRA"]
+    assert lora >= 0.9 and lora >= head + 0.2, stdout
+    assert "same predictions on 320/320 eval examples" in stdout
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(losses(tmp_path)) == 150
+    adapter = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert adapter < 0.05 * 86e6
