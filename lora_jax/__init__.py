@@ -4,8 +4,9 @@ The core (config, tree, apply) holds no model, training or I/O code; `lora_jax.m
 the Flax model zoo and `lora_jax.io` adapter files in peft's format.
 """
 
-from lora_jax.apply import kernel_layouts, lora_apply, merged_apply
+from lora_jax.apply import kernel_layouts, lora_apply, merged_apply, routed_apply
 from lora_jax.config import LoraConfig
+from lora_jax.generate import generate
 from lora_jax.quant import QuantizedKernel, dequantize, nbytes, quantize
 from lora_jax.tree import (
     adapter_layout,
@@ -32,6 +33,7 @@ __all__ = [
     "combine",
     "dequantize",
     "extract",
+    "generate",
     "init",
     "kernel_layouts",
     "load_adapter",
@@ -42,6 +44,7 @@ __all__ = [
     "optimizer",
     "partition",
     "quantize",
+    "routed_apply",
     "save_adapter",
     "split",
     "summary",

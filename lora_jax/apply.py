@@ -89,7 +89,9 @@ def _plan(module: nn.Module, args: tuple, kwargs: dict) -> Plan:
     if isinstance(module, nn.DenseGeneral):
         if module.batch_dims:
             raise ValueError("nn.DenseGeneral with batch_dims is not supported by LoRA.")
-        axis = _as_tuple(module.axis)
+        ndim = jnp.ndim(args[0] if args else kwargs["inputs"])
+        # Counted from the end, so the plan also holds per example (under vmap, routing).
+        axis = tuple(ax % ndim - ndim for ax in _as_tuple(module.axis))
         n_out = len(_as_tuple(module.features))
         return Plan(len(axis), n_out, functools.partial(_contract, axis=axis), True)
     if isinstance(module, nn.Dense):
@@ -134,7 +136,20 @@ def _adapter_dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _factored_call(config: LoraConfig, next_fun, args, kwargs, context):
+def _routed(plan: Plan, x, a, b, precision, ids: jax.Array, block: int, path: str):
+    """Per example e, (x_e·A_k)·B_k of its adapter k = ids[e] (none where -1): A and B hold
+    the adapters' blocks of `block` ranks side by side; each example gathers its own."""
+    if x.shape[0] != ids.shape[0]:
+        raise ValueError(f"{path}: {ids.shape[0]} adapter ids for a batch of {x.shape[0]}.")
+    n = a.shape[-1] // block
+    pick = jnp.clip(ids, 0, n - 1)
+    a_e = jnp.moveaxis(jnp.take(a.reshape(*a.shape[:-1], n, block), pick, axis=-2), -2, 0)
+    b_e = jnp.take(b.reshape(n, block, *b.shape[1:]), pick, axis=0)
+    delta = jax.vmap(plan.low_rank, in_axes=(0, 0, 0, None))(x, a_e, b_e, precision)
+    return jnp.where((ids >= 0).reshape(-1, *(1,) * (delta.ndim - 1)), delta, 0)
+
+
+def _factored_call(config: LoraConfig, next_fun, args, kwargs, context, adapter_ids=None):
     module = context.module
     if module.scope is None or not module.has_variable("params", LORA_A):
         return next_fun(*args, **kwargs)
@@ -153,12 +168,22 @@ def _factored_call(config: LoraConfig, next_fun, args, kwargs, context):
             f"{path}: adapter made for {a_in} input axes (+{lead} stacked), but "
             f"this {type(module).__name__} call contracts {plan.n_in}; was `layouts` right?"
         )
-    scale = config.scale_for(path, rank)
+    block = rank if adapter_ids is None else config.rank_for(path)
+    if rank % block or (adapter_ids is not None and isinstance(module, nn.Einsum)):
+        raise ValueError(
+            f"{path}: routing needs nn.Dense/DenseGeneral and adapters of rank {block} side "
+            f"by side (lj.compose.stack); this one is {type(module).__name__}, rank {rank}."
+        )
+    scale = config.scale_for(path, block)
     y = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     x = _adapter_dropout(module, x, config.dropout)
     x, a_c, b_c = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
-    delta = (plan.low_rank(x, a_c, b_c, module.precision) * scale).astype(y.dtype)
+    if adapter_ids is None:
+        delta = plan.low_rank(x, a_c, b_c, module.precision)
+    else:
+        delta = _routed(plan, x, a_c, b_c, module.precision, adapter_ids, block, path)
+    delta = (delta * scale).astype(y.dtype)
     if not module.has_variable("params", LORA_M):
         return y + delta
     # DoRA: y = m/||W0 + s·A·B|| · (x·W0 + s·x·A·B) + bias, the norm detached as in the paper.
@@ -183,6 +208,25 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[...
     @functools.wraps(apply_fn)
     def apply(variables: Params, *args: Any, **kwargs: Any) -> Any:
         with nn.intercept_methods(functools.partial(_factored_call, config)):
+            return apply_fn(variables, *args, **kwargs)
+
+    return apply
+
+
+def routed_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
+    """`apply_fn` with one adapter per example: `apply(variables, *args, adapter_ids=ids)`.
+
+    `variables` hold a stack from `lj.compose.stack` (with its `config`); `adapter_ids` (one
+    int per example, -1 for the base alone) picks each example's adapter against the one
+    shared base, by a gather of its A and B blocks (as Punica / S-LoRA serve many adapters).
+    The ids are traced values: changing them, or swapping in another stack of the same
+    shapes, never recompiles.
+    """
+
+    @functools.wraps(apply_fn)
+    def apply(variables: Params, *args: Any, adapter_ids: jax.Array, **kwargs: Any) -> Any:
+        call = functools.partial(_factored_call, config, adapter_ids=jnp.asarray(adapter_ids))
+        with nn.intercept_methods(call):
             return apply_fn(variables, *args, **kwargs)
 
     return apply

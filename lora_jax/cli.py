@@ -1,6 +1,7 @@
 """`lora-jax`: command-line entry points. `train` runs a config (the offline quickstart by
-default), `eval` scores a run's adapter, `merge` folds a peft-format adapter into its base and
-writes a Hugging Face model directory that transformers, vLLM or TGI serve as is."""
+default), `eval` scores a run's adapter, `generate` continues prompts, `merge` folds a
+peft-format adapter into its base and writes a Hugging Face model directory that
+transformers, vLLM or TGI serve as is."""
 
 from __future__ import annotations
 
@@ -55,6 +56,32 @@ def eval_command(args: argparse.Namespace) -> None:
     )
 
 
+def generate_command(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from lora_jax.apply import lora_apply
+    from lora_jax.data import Tokenizer
+    from lora_jax.generate import generate
+
+    model, params, hf_config = from_pretrained(args.model, DTYPES[args.dtype])
+    apply_fn = None
+    if args.adapter:
+        adapter, config = load_adapter(args.adapter, params)
+        params, apply_fn = attach(params, adapter), lora_apply(model.apply, config)
+    tokenizer = Tokenizer(args.model, hf_config)
+    prompts = [tokenizer(p) for p in args.prompt]
+    width = max(map(len, prompts))
+    pad = tokenizer.eos if tokenizer.eos is not None else tokenizer.pad
+    # Left padding: every prompt ends where generation starts.
+    ids = np.array([[pad] * (width - len(p)) + p for p in prompts], np.int32)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int32)
+    out = generate(model, params, ids, mask, max_new_tokens=args.max_new_tokens,
+                   eos_token_id=tokenizer.eos, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, key=jax.random.key(args.seed), apply_fn=apply_fn)  # fmt: skip
+    for prompt, row in zip(prompts, out[:, width:], strict=True):
+        print(tokenizer.decode([*prompt, *row]))  # whole text: tokenizers encode the spaces
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="Python file with get_config() (default: the quickstart)")
     p.add_argument(
@@ -81,6 +108,17 @@ def parser() -> argparse.ArgumentParser:
     _config_args(eval_p)
     eval_p.add_argument("--adapter", help="peft-format adapter (default: output_dir/adapter)")
     eval_p.set_defaults(run=eval_command)
+    gen_p = commands.add_parser("generate", help="continue prompts with a model (and adapter)")
+    gen_p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    gen_p.add_argument("--adapter", help="peft-format adapter directory (factored, unmerged)")
+    gen_p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    gen_p.add_argument("--max-new-tokens", type=int, default=64)
+    gen_p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen_p.add_argument("--top-k", type=int, default=0)
+    gen_p.add_argument("--top-p", type=float, default=1.0)
+    gen_p.add_argument("--seed", type=int, default=0)
+    gen_p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen_p.set_defaults(run=generate_command)
     merge_p = commands.add_parser("merge", help="fold an adapter into its base model")
     merge_p.add_argument("--base", required=True, help="Hugging Face checkpoint directory")
     merge_p.add_argument("--adapter", required=True, help="peft-format adapter directory")

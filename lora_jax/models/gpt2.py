@@ -56,7 +56,8 @@ class GPT2Attention(nn.Module):
         c = self.config
         qkv = nn.Dense(3 * c.n_embd, dtype=self.dtype, name="c_attn")(x)
         q, k, v = (split_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
-        out = merge_heads(attend(q, k, v, padding, causal=True, implementation=self.attention_impl))
+        out = attend(q, k, v, padding, causal=True, implementation=self.attention_impl, cache=self)
+        out = merge_heads(out)
         return nn.Dense(c.n_embd, dtype=self.dtype, name="c_proj")(out)
 
 

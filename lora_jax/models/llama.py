@@ -133,7 +133,7 @@ class LlamaAttention(nn.Module):
         inv_freq = inverse_frequencies(c)
         q, k = rotate(q, positions, inv_freq), rotate(k, positions, inv_freq)
         out = attend(q, k, v, padding, causal=True, window=c.sliding_window,
-                     implementation=self.attention_impl)  # fmt: skip
+                     implementation=self.attention_impl, cache=self)  # fmt: skip
         out = merge_heads(out)
         return proj("o_proj", c.hidden_size, c.attention_bias)(out)
 
