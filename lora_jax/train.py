@@ -13,8 +13,8 @@ import copy
 import importlib.resources
 import importlib.util
 import json
-import math
 import signal
+import string
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -90,6 +90,25 @@ def default_config() -> dict[str, Any]:
     }
 
 
+def sft_config(path: str, template: str, output_dir: str) -> dict[str, Any]:
+    """Supervised fine-tuning of the decoder checkpoint at `path`: LoRA r=16 on every
+    projection, bfloat16 base and compute, JSONL prompt/response rows rendered through
+    `template`, loss on the response only, params split over all devices (fsdp)."""
+    config = default_config()
+    config["model"].update(path=path, dtype="bfloat16", compute_dtype="bfloat16", remat="dots",
+                           num_labels=None)  # fmt: skip
+    config["lora"].update(rank=16, alpha=32.0, targets=["all-linear"], exclude=[],
+                          modules_to_save=[], dropout=0.05)  # fmt: skip
+    config["data"].update(task="sft", train="data/sft/train.jsonl", eval="data/sft/eval.jsonl",
+                          template=template, max_length=1024)  # fmt: skip
+    config["train"].update(steps=1000, head_only_steps=0, batch_size=32, grad_accum=4,
+                           learning_rate=2e-4, warmup_steps=50)  # fmt: skip
+    config["mesh"].update(data=1, fsdp=-1, tensor=1)
+    config["checkpoint"].update(every=200, keep=3)
+    config["output_dir"] = output_dir
+    return config
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -161,7 +180,7 @@ class Run:
     """Everything a config builds before the first step: model, data, sharded params."""
 
     def __init__(self, config: Mapping[str, Any]):
-        from lora_jax.models.hub import from_pretrained  # the zoo loads only when training
+        from lora_jax.models.hub import checkpoint_dir, from_pretrained  # only when training
 
         self.config = config
         model_cfg, data_cfg, train_cfg = config["model"], config["data"], config["train"]
@@ -173,13 +192,14 @@ class Run:
         self.lora = LoraConfig(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in config["lora"].items()}
         )
-        self.model_dir = resolve(model_cfg["path"])
+        self.model_dir = str(checkpoint_dir(resolve(model_cfg["path"])))
         self.classify = data_cfg["task"] == "classify"
         # Everything that can be wrong with the data is found before anything compiles.
+        template = [f for _, f, _, _ in string.Formatter().parse(data_cfg["template"]) if f]
         fields = (
             [data_cfg["text_field"], data_cfg["label_field"]]
             if self.classify
-            else [data_cfg["response_field"]]
+            else [*template, data_cfg["response_field"]]
         )
         rows = {s: data_lib.read_rows(resolve(data_cfg[s]), fields) for s in ("train", "eval")}
         hf_config = json.loads((Path(self.model_dir) / "config.json").read_text())
@@ -271,6 +291,17 @@ def _head_only(tree: Any) -> Any:
         return jnp.zeros_like(leaf) if name in (LORA_A, LORA_B, LORA_M) else leaf
 
     return jax.tree_util.tree_map_with_path(keep, tree)
+
+
+def optimizer_shardings(run: Run, tx: optax.GradientTransformation) -> Any:
+    """The optimizer state laid out like the adapter (Adam's moments), scalars replicated."""
+    return optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        jax.eval_shape(tx.init, run.adapter),
+        run.adapter_shardings,
+        transform_non_params=lambda _: sharding.replicated(run.mesh),
+    )
 
 
 def make_train_step(
@@ -370,14 +401,7 @@ def train(config: Mapping[str, Any], resume: bool = False, log: Callable = tqdm.
     out = Path(config["output_dir"])
     main = jax.process_index() == 0
     tx = optimizer(train_cfg)
-    # The optimizer state is laid out like the adapter (Adam's moments), scalars replicated.
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        jax.eval_shape(tx.init, run.adapter),
-        run.adapter_shardings,
-        transform_non_params=lambda _: sharding.replicated(run.mesh),
-    )
+    opt_shardings = optimizer_shardings(run, tx)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(run.adapter)
     ckpt_cfg = config["checkpoint"]
     checkpoints = Checkpoints(out / "checkpoints", ckpt_cfg["every"], ckpt_cfg["keep"])
@@ -439,7 +463,3 @@ def merged_predictions(run: Run, adapter: Any) -> tuple[np.ndarray, np.ndarray]:
         np.asarray(jnp.argmax(factored(params, x, m), -1)),
         np.asarray(jnp.argmax(plain(merged, x, m), -1)),
     )
-
-
-def param_count(tree: Any) -> int:
-    return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))

@@ -3,6 +3,7 @@ and the offline quickstart, on real checkpoints (transformers-written) and real 
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -180,6 +181,27 @@ def test_packed_rows_give_the_loss_of_one_example_per_row(sft, tmp_path):
     assert totals[0][1] == 64 * 6  # five response words and EOS per example
 
 
+def test_compiled_step_has_no_weight_gradient_for_frozen_kernels(sft, tmp_path):
+    from lora_jax.train import make_train_step, optimizer, optimizer_shardings
+
+    config = load_config(LLAMA_SFT, overrides(sft, tmp_path, **{"lora.rank": 4}))
+    run = Run(config)
+    tx = optimizer(config["train"])
+    state = jax.eval_shape(tx.init, run.adapter)
+    step = make_train_step(run, tx, optimizer_shardings(run, tx), head_only=False)
+    batch = run.batch(next(data_lib.Batches(run.data["train"], 8, 0)), 8)
+    hlo = step.lower(run.adapter, state, run.base, batch, jnp.int32(0)).compile().as_text()
+    # A frozen kernel's gradient would be a dot whose result has the kernel's (in, out) shape.
+    kernels = {"32,32", "32,16", "32,48", "48,32", "96,32", "32,96"}
+    dots = re.findall(r"f32\[([\d,]+)\][^=\n]* (?:dot|convolution)\(", hlo)
+    assert dots and not kernels & set(dots), sorted(set(dots))
+    # Control: differentiating the base too does produce those dots, so the check can fail.
+    full = jax.jit(jax.grad(lambda base: loss_terms(run, lj.combine(run.adapter, base), batch)[0]))
+    full_dots = re.findall(r"f32\[([\d,]+)\][^=\n]* (?:dot|convolution)\(",
+                           full.lower(run.base).compile().as_text())  # fmt: skip
+    assert kernels & set(full_dots)
+
+
 @pytest.fixture
 def compilations():
     events = []
@@ -199,6 +221,8 @@ def test_bad_input_fails_before_compiling(sft, tmp_path, compilations):
     broken.write_text('{"prompt": "w3", "response": "w4"}\n{"prompt": "w5"}\n')
     with pytest.raises(ValueError, match="row 2 has no field 'response'"):
         run(**{"data.train": broken})
+    with pytest.raises(ValueError, match="row 1 has no field 'question'"):
+        run(**{"data.template": "Q: {question}"})
     with pytest.raises(ValueError, match="max_length 4096 exceeds the model's 2048 positions"):
         run(**{"data.max_length": 4096})
     with pytest.raises(ValueError, match=r"config key 'train.stpes' does not exist"):

@@ -98,9 +98,11 @@ def attend(
     """
     if cache is not None and cache.is_mutable_collection("cache") and not cache.is_initializing():
         k, v, mask = _kv_cache(cache, k, v, padding, window)
+        # A one-token query against a dense cache mask: XLA's kernel, unless one was chosen
+        # (cuDNN's flash path wants structural masks and long queries).
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
-            implementation=implementation_for(implementation, q.dtype),
+            implementation=implementation or "xla",
         )  # fmt: skip
     mask = None
     if padding is not None:

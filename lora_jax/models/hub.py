@@ -186,7 +186,9 @@ def load_params(
     return traverse_util.unflatten_dict(params)
 
 
-def _resolve(path_or_repo_id: str | Path) -> Path:
+def checkpoint_dir(path_or_repo_id: str | Path) -> Path:
+    """A local checkpoint directory, or a hub id fetched into the local cache (clear error
+    offline)."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
@@ -225,7 +227,7 @@ def from_pretrained(
     `num_labels` turns a bare BERT/RoBERTa encoder checkpoint into a sequence classifier with
     a new, randomly initialised head (as transformers' AutoModelForSequenceClassification).
     """
-    directory = _resolve(path_or_repo_id)
+    directory = checkpoint_dir(path_or_repo_id)
     hf_config = json.loads((directory / "config.json").read_text())
     new_head = num_labels is not None
     if new_head:
