@@ -78,8 +78,9 @@ def _scale(keys: Keys, leaves: dict[str, Any], config: LoraConfig) -> float:
 def _lead(leaves: dict[str, Any]) -> int:
     """Stacked-layer axes of A = lead+in+(r,), B = lead+(r,)+out, read from the two shapes.
 
-    Without the kernel this is ambiguous only when a stacked axis equals the rank and every
-    other size too; the most stacked reading is taken, which is what scanned models hold.
+    Without the kernel a few shapes read two ways (e.g. an unstacked kernel with two input
+    axes whose first size and output size both equal the rank); the most stacked reading is
+    taken, which is what scanned models hold.
     """
     a, b = leaves[LORA_A].shape, leaves[LORA_B].shape
     fits = [

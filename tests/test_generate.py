@@ -121,6 +121,8 @@ def test_sampling_is_seeded_and_respects_top_k(lively):
     np.testing.assert_array_equal(sample(key=jax.random.key(3), top_p=1e-6), greedy)
     with pytest.raises(ValueError, match="needs a PRNG key"):
         sample()
+    with pytest.raises(ValueError, match="6 prompt \\+ 60 new tokens exceed the model's 64"):
+        lj.generate(model, params, PROMPTS, max_new_tokens=60)
 
 
 def test_cli_generate_prints_what_generate_writes(lively, capsys):
