@@ -17,6 +17,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from lora_jax.quant import QuantizedKernel
 from lora_jax.tree import adapter_specs, path_str
 
 AXES = ("data", "fsdp", "tensor")
@@ -71,11 +72,22 @@ def _spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules) -> PartitionSpec
     return PartitionSpec()
 
 
+def _leaf_spec(path: str, leaf: Any, mesh: Mesh, rules) -> Any:
+    if not isinstance(leaf, QuantizedKernel):
+        return _spec(path, np.shape(leaf), mesh, rules)
+    # QLoRA: codes and block scales keep the kernel's leading axes and are split like it
+    # there; their last axes (packed codes, blocks) stay whole.
+    kernel = tuple(_spec(path, leaf.shape, mesh, rules))
+    kernel += (None,) * (len(leaf.shape) - len(kernel))
+    return jax.tree.map(lambda _: PartitionSpec(*kernel[:-1], None), leaf)
+
+
 def base_specs(params: Any, mesh: Mesh, rules=RULES) -> dict[str, Any]:
-    """A PartitionSpec per leaf of a base params tree, from `rules` (path regex -> axes)."""
+    """A PartitionSpec per leaf of a base params tree, from `rules` (path regex -> axes); a
+    quantized kernel gets a box holding one spec per array."""
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict(
-        {k: _spec(path_str(k), np.shape(v), mesh, rules) for k, v in flat.items()}
+        {k: _leaf_spec(path_str(k), v, mesh, rules) for k, v in flat.items()}
     )
 
 

@@ -31,6 +31,7 @@ from lora_jax import sharding
 from lora_jax.apply import kernel_layouts, lora_apply
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.config import LoraConfig
+from lora_jax.quant import quantize
 from lora_jax.tree import LORA_A, LORA_B, LORA_M, combine, init, merge, split
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -47,6 +48,8 @@ def default_config() -> dict[str, Any]:
             "compute_dtype": None,
             "remat": "none",
             "num_labels": 2,
+            "quantize": None,
+            "quantize_block": 64,
         },
         "lora": {
             "rank": 8,
@@ -229,6 +232,8 @@ class Run:
             remat=model_cfg["remat"],
             num_labels=model_cfg["num_labels"] if self.classify else None,
         )
+        if model_cfg["quantize"]:  # QLoRA: the frozen base as nf4 / int8 codes
+            params = quantize(params, self.lora, model_cfg["quantize"], model_cfg["quantize_block"])
         tokenizer = data_lib.Tokenizer(self.model_dir, self.hf_config)
         self.data = {s: data_lib.encode(r, tokenizer, data_cfg) for s, r in rows.items()}
         example = jnp.asarray(self.data["train"]["input_ids"][:1])

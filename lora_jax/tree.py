@@ -404,7 +404,10 @@ def adapter_specs(params: Params, base_specs: Params) -> dict[str, Any]:
         module = keys[:-1]
         w, a, b = (flat[(*module, n)] for n in (KERNEL, LORA_A, LORA_B))
         lead, n_in, _, _ = adapter_layout(path_str(module), w.shape, a.shape, b.shape)
-        kernel = tuple(specs.get((*module, KERNEL)) or ())
+        kernel = specs.get((*module, KERNEL)) or ()
+        if isinstance(kernel, meta.AxisMetadata):  # a quantized kernel's specs: take its codes'
+            kernel = jax.tree.leaves(kernel)[0]
+        kernel = tuple(kernel)
         kernel += (None,) * (w.ndim - len(kernel))  # a spec may leave trailing axes out
         layer, ins, outs = kernel[:lead], kernel[lead : lead + n_in], kernel[lead + n_in :]
         axes = {

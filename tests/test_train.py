@@ -99,6 +99,22 @@ def test_sharded_run_matches_one_device_and_splits_the_base(sft, tmp_path, capsy
     assert float(printed.split("loss ")[1].split()[0]) == pytest.approx(single["loss"], rel=1e-4)
 
 
+def test_qlora_run_is_sharded_and_matches_one_device(sft, tmp_path):
+    qlora = {"model.quantize": "nf4", "model.quantize_block": 16}
+    mesh = {"mesh.fsdp": 4, "mesh.tensor": 2, "mesh.devices": 8}
+    config = load_config(LLAMA_SFT, overrides(sft, tmp_path / "sharded", **qlora, **mesh))
+    run = Run(config)
+    q = run.base["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(q, lj.QuantizedKernel) and q.codes.dtype == jnp.uint8
+    assert q.codes.sharding.spec == PartitionSpec(None, "fsdp", None)
+    assert q.codes.addressable_shards[0].data.shape == (2, 32 // 4, 32 // 2)  # two codes a byte
+    train(config, log=quiet)
+    train(load_config(LLAMA_SFT, overrides(sft, tmp_path / "one", **qlora)), log=quiet)
+    got, want = losses(tmp_path / "sharded"), losses(tmp_path / "one")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert want[-1] < want[0] - 0.1  # QLoRA learns through the dequantized base
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
