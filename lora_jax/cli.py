@@ -14,13 +14,10 @@ import jax.numpy as jnp
 
 from lora_jax.io import load_adapter
 from lora_jax.models import from_pretrained, save_pretrained
+from lora_jax.report import weights_bytes
 from lora_jax.tree import attach, merge
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _size(directory: Path, pattern: str) -> int:
-    return sum(f.stat().st_size for f in directory.glob(pattern))
 
 
 def merge_command(args: argparse.Namespace) -> None:
@@ -29,9 +26,9 @@ def merge_command(args: argparse.Namespace) -> None:
     merged = merge(attach(params, adapter), config)
     out = save_pretrained(merged, hf_config, args.out, copy_from=args.base)
     print(
-        f"merged {Path(args.adapter)} ({_size(Path(args.adapter), '*.safetensors'):,} bytes) "
+        f"merged {Path(args.adapter)} ({weights_bytes(args.adapter):,} bytes) "
         f"into {type(model).__name__} from {args.base}: wrote {out} "
-        f"({_size(out, '*.safetensors'):,} bytes, {args.dtype})"
+        f"({weights_bytes(out):,} bytes, {args.dtype})"
     )
 
 

@@ -54,8 +54,9 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _bytes(directory: Path, pattern: str) -> int:
-    return sum(f.stat().st_size for f in directory.glob(pattern))
+def weights_bytes(directory: str | Path) -> int:
+    """Bytes of a model or adapter directory's safetensors files, as stored on disk."""
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
 
 
 def loss_curve(metrics_file: Path, png: Path) -> None:
@@ -91,7 +92,7 @@ def finish(run: Any, adapter: Any, out: Path, log: Callable[[str], None]) -> Non
         factored, merged = merged_predictions(run, adapter)
         same = int(np.sum(factored == merged))
         log(f"merged model: same predictions on {same}/{len(factored)} eval examples")
-    small, big = _bytes(adapter_dir, "*.safetensors"), _bytes(Path(run.model_dir), "*.safetensors")
+    small, big = weights_bytes(adapter_dir), weights_bytes(run.model_dir)
     log(
         f"adapter {adapter_dir}: {small / 2**20:.2f} MiB on disk; base {big / 2**20:.1f} MiB "
         f"({100 * small / max(big, 1):.1f}%)"
