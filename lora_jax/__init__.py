@@ -6,7 +6,7 @@ the Flax model zoo and `lora_jax.io` adapter files in peft's format.
 
 from lora_jax.apply import kernel_layouts, lora_apply, merged_apply, routed_apply
 from lora_jax.config import LoraConfig
-from lora_jax.generate import generate
+from lora_jax.generate import generate, generate_text
 from lora_jax.quant import QuantizedKernel, dequantize, nbytes, quantize
 from lora_jax.tree import (
     adapter_layout,
@@ -34,6 +34,7 @@ __all__ = [
     "dequantize",
     "extract",
     "generate",
+    "generate_text",
     "init",
     "kernel_layouts",
     "load_adapter",

@@ -54,29 +54,21 @@ def eval_command(args: argparse.Namespace) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> None:
-    import numpy as np
-
     from lora_jax.apply import lora_apply
     from lora_jax.data import Tokenizer
-    from lora_jax.generate import generate
+    from lora_jax.generate import generate_text
 
     model, params, hf_config = from_pretrained(args.model, DTYPES[args.dtype])
     apply_fn = None
     if args.adapter:
         adapter, config = load_adapter(args.adapter, params)
         params, apply_fn = attach(params, adapter), lora_apply(model.apply, config)
-    tokenizer = Tokenizer(args.model, hf_config)
-    prompts = [tokenizer(p) for p in args.prompt]
-    width = max(map(len, prompts))
-    pad = tokenizer.eos if tokenizer.eos is not None else tokenizer.pad
-    # Left padding: every prompt ends where generation starts.
-    ids = np.array([[pad] * (width - len(p)) + p for p in prompts], np.int32)
-    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int32)
-    out = generate(model, params, ids, mask, max_new_tokens=args.max_new_tokens,
-                   eos_token_id=tokenizer.eos, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, key=jax.random.key(args.seed), apply_fn=apply_fn)  # fmt: skip
-    for prompt, row in zip(prompts, out[:, width:], strict=True):
-        print(tokenizer.decode([*prompt, *row]))  # whole text: tokenizers encode the spaces
+    texts = generate_text(model, params, Tokenizer(args.model, hf_config), args.prompt,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, key=jax.random.key(args.seed),
+                          apply_fn=apply_fn)  # fmt: skip
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(prompt + text)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

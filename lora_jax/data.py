@@ -43,7 +43,7 @@ def read_rows(source: str, fields: Sequence[str]) -> list[dict[str, Any]]:
         if missing:
             raise ValueError(
                 f"{where}: row {n} has no field {missing[0]!r} (it has {sorted(row)}); set "
-                "data.text_field / label_field / prompt_field / response_field."
+                "data.text_field / label_field / response_field, or the template's fields."
             )
     if not rows:
         raise ValueError(f"{where}: no rows.")
@@ -78,6 +78,10 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: the checkpoint has no tokenizer.json.")
         self.fast = Fast.from_file(str(path))
+        # Some tokenizer.json files pad or cut every encoding (all-MiniLM's: to 128 tokens);
+        # `encode` pads, cuts and masks itself, so the file's settings must not.
+        self.fast.no_padding()
+        self.fast.no_truncation()
         eos = hf_config.get("eos_token_id")
         self.eos = eos[0] if isinstance(eos, list) else eos
         self.pad = hf_config.get("pad_token_id") or 0

@@ -7,7 +7,7 @@ example). The prompt runs once (prefill), then one jitted step per token reuses 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -100,3 +100,26 @@ def generate(
                             jnp.ones((batch, 1), jnp.int32), position[:, None],
                             jax.random.fold_in(key, t + 1))  # fmt: skip
     return np.concatenate(out, axis=1)
+
+
+def generate_text(
+    model: Any, params: Any, tokenizer: Any, prompts: Sequence[str], **options: Any
+) -> list[str]:
+    """Each prompt's continuation as text. The prompts are tokenized and left-padded into one
+    batch, so generation starts where every prompt ends. `tokenizer`: a
+    `lora_jax.data.Tokenizer`; `options` go to `generate` (max_new_tokens, apply_fn, ...)."""
+    encoded = [tokenizer(p) for p in prompts]
+    width = max(map(len, encoded))
+    pad = tokenizer.eos if tokenizer.eos is not None else tokenizer.pad
+    ids = np.array([[pad] * (width - len(p)) + p for p in encoded], np.int32)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in encoded], np.int32)
+    options.setdefault("eos_token_id", tokenizer.eos)
+    out = generate(model, params, ids, mask, **options)[:, width:]
+    texts = []
+    for prompt, new in zip(encoded, out.tolist(), strict=True):
+        if tokenizer.eos in new:
+            new = new[: new.index(tokenizer.eos)]
+        # Decoded with the prompt, as tokenizers place spaces by context, then cut after it.
+        head, whole = tokenizer.decode(prompt), tokenizer.decode(prompt + new)
+        texts.append(whole[len(head) :] if whole.startswith(head) else tokenizer.decode(new))
+    return texts

@@ -60,20 +60,17 @@ def weights_bytes(directory: str | Path) -> int:
 
 
 def loss_curve(metrics_file: Path, png: Path) -> None:
-    """Training loss against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Training loss against step, as a PNG. Drawn on a bare Figure: no pyplot backend is
+    chosen or changed, so a notebook's inline plots keep working after a run."""
+    from matplotlib.figure import Figure
 
     rows = _rows(metrics_file)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100, layout="tight")
+    ax = fig.subplots()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set(xlabel="step", ylabel="training loss", title=png.parent.name)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(png)
-    plt.close(fig)
 
 
 def finish(run: Any, adapter: Any, out: Path, log: Callable[[str], None]) -> None:

@@ -36,6 +36,7 @@ from lora_jax.tree import LORA_A, LORA_B, LORA_M, combine, init, merge, split
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 QUICKSTART_DATA = "package:lora_jax/datasets/negation"
+SFT_DATA = "package:lora_jax/datasets/arithmetic"
 
 
 def default_config() -> dict[str, Any]:
@@ -69,7 +70,6 @@ def default_config() -> dict[str, Any]:
             "text_field": "text",
             "label_field": "label",
             "labels": ["negative", "positive"],
-            "prompt_field": "prompt",
             "response_field": "response",
             "template": "{prompt}",
             "max_length": 24,
@@ -96,14 +96,16 @@ def default_config() -> dict[str, Any]:
 def sft_config(path: str, template: str, output_dir: str) -> dict[str, Any]:
     """Supervised fine-tuning of the decoder checkpoint at `path`: LoRA r=16 on every
     projection, bfloat16 base and compute, JSONL prompt/response rows rendered through
-    `template`, loss on the response only, params split over all devices (fsdp)."""
+    `template` (the shipped arithmetic set until data.train / data.eval name yours), loss on
+    the response only, params split over all devices (fsdp)."""
     config = default_config()
     config["model"].update(path=path, dtype="bfloat16", compute_dtype="bfloat16", remat="dots",
                            num_labels=None)  # fmt: skip
     config["lora"].update(rank=16, alpha=32.0, targets=["all-linear"], exclude=[],
                           modules_to_save=[], dropout=0.05)  # fmt: skip
-    config["data"].update(task="sft", train="data/sft/train.jsonl", eval="data/sft/eval.jsonl",
-                          template=template, max_length=1024)  # fmt: skip
+    config["data"].update(task="sft", train=f"{SFT_DATA}/train.jsonl",
+                          eval=f"{SFT_DATA}/test.jsonl", template=template,
+                          max_length=1024)  # fmt: skip
     config["train"].update(steps=1000, head_only_steps=0, batch_size=32, grad_accum=4,
                            learning_rate=2e-4, warmup_steps=50)  # fmt: skip
     config["mesh"].update(data=1, fsdp=-1, tensor=1)
@@ -374,7 +376,7 @@ def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, floa
         local["weight"] = (np.arange(size) < real).astype(np.float32)
         rows = {k: v[run.rows] for k, v in local.items()}
         sums += np.asarray([float(t) for t in terms(adapter, run.base, run.batch(rows, size))])
-    return {"loss": sums[0] / sums[1], "accuracy": sums[2] / sums[1]}
+    return {"loss": float(sums[0] / sums[1]), "accuracy": float(sums[2] / sums[1])}
 
 
 # ----------------------------------------------------------------------------- loop
@@ -424,8 +426,8 @@ def train(config: Mapping[str, Any], resume: bool = False, log: Callable = tqdm.
     if start == 0 and run.classify:
         log(f"eval before training: {_fmt(evaluate(run, adapter))}")
     stop = _Stop()
+    bar = writer.progress(start, train_cfg["steps"])
     try:
-        bar = writer.progress(start, train_cfg["steps"])
         for step in range(start, train_cfg["steps"]):
             t0 = time.perf_counter()
             batch = run.batch(next(batches), train_cfg["batch_size"])
@@ -443,6 +445,7 @@ def train(config: Mapping[str, Any], resume: bool = False, log: Callable = tqdm.
                 log(f"stopped by signal at step {step + 1}; checkpoint written")
                 return {}
     finally:
+        bar.close()
         stop.restore()
         checkpoints.close()
         writer.close()

@@ -146,6 +146,20 @@ def test_remat_policies_and_bfloat16_compute(checkpoints):
     np.testing.assert_allclose(np.float32(out), base, atol=0.05 * np.abs(base).max())
 
 
+def test_random_checkpoint_is_seeded_and_loads_in_transformers(tmp_path):
+    hf_config = PEERS["llama"][0].to_dict()
+    out = models.random_checkpoint(tmp_path / "a", hf_config, seed=3)
+    model, params, _ = models.from_pretrained(out)
+    ids, mask = batch()
+    compare(reference_output("llama", out, ids, mask), ours(model, params, ids, mask), mask, "x")
+    again = models.from_pretrained(models.random_checkpoint(tmp_path / "b", hf_config, seed=3))
+    other = models.from_pretrained(models.random_checkpoint(tmp_path / "c", hf_config, seed=4))
+    for leaf, same, different in zip(*map(jax.tree.leaves, (params, again[1], other[1])),
+                                     strict=True):  # fmt: skip
+        np.testing.assert_array_equal(leaf, same)
+        assert leaf.size == 1 or not np.array_equal(leaf, different) or np.all(leaf == 1)
+
+
 def test_unknown_model_type_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "t5"}')
     with pytest.raises(ValueError, match=r"'t5' is not supported; supported: \['bert', 'gpt2'"):

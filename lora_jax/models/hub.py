@@ -289,3 +289,18 @@ def save_pretrained(
         if (Path(copy_from) / name).exists():
             shutil.copy(Path(copy_from) / name, out / name)
     return out
+
+
+def random_checkpoint(
+    out_dir: str | Path,
+    hf_config: dict[str, Any],
+    *,
+    copy_from: str | Path | None = None,
+    seed: int = 0,
+) -> Path:
+    """A randomly initialised checkpoint of `hf_config`, written as `save_pretrained` writes
+    one: a stand-in with the real file layout for smoke runs (the notebooks' SMALL mode).
+    `copy_from`: a directory whose tokenizer files are copied alongside."""
+    model = build(hf_config)
+    params = model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))
+    return save_pretrained(params, hf_config, out_dir, copy_from=copy_from)
