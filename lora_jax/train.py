@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import importlib.resources
 import importlib.util
 import json
@@ -251,6 +252,11 @@ class Run:
     def batch(self, local: data_lib.Batch, size: int) -> dict[str, jax.Array]:
         return sharding.global_batch(self.mesh, local, size)
 
+    @functools.cached_property
+    def eval_terms(self) -> Callable:
+        """(adapter, base, batch) -> loss_terms, compiled once for every evaluation."""
+        return jax.jit(lambda adapter, base, batch: loss_terms(self, combine(adapter, base), batch))
+
 
 # ----------------------------------------------------------------------------- steps
 
@@ -366,16 +372,12 @@ def make_train_step(
 def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, float]:
     """Mean loss and accuracy (per example, or per response token) over a whole split."""
     size = run.config["train"]["batch_size"]
-
-    @jax.jit
-    def terms(adapter, base, batch):
-        return loss_terms(run, combine(adapter, base), batch)
-
     sums = np.zeros(3)
     for local, real in data_lib.in_batches(run.data[split_name], size):
         local["weight"] = (np.arange(size) < real).astype(np.float32)
         rows = {k: v[run.rows] for k, v in local.items()}
-        sums += np.asarray([float(t) for t in terms(adapter, run.base, run.batch(rows, size))])
+        terms = run.eval_terms(adapter, run.base, run.batch(rows, size))
+        sums += np.asarray([float(t) for t in terms])
     return {"loss": float(sums[0] / sums[1]), "accuracy": float(sums[2] / sums[1])}
 
 
