@@ -10,14 +10,12 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from lora_jax.io import load_adapter
 from lora_jax.models import from_pretrained, save_pretrained
+from lora_jax.models.hub import DTYPES
 from lora_jax.report import weights_bytes
 from lora_jax.tree import attach, merge
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def merge_command(args: argparse.Namespace) -> None:

@@ -20,10 +20,10 @@ import numpy as np
 Batch = dict[str, np.ndarray]
 
 
-def read_rows(source: str, fields: Sequence[str]) -> list[dict[str, Any]]:
+def read_rows(source: str | Path, fields: Sequence[str]) -> list[dict[str, Any]]:
     """Rows of a JSONL file (`source` a path) or a TFDS split ("tfds:name[/config][:split]",
     e.g. "tfds:glue/sst2:validation"), each checked to hold `fields`; errors name the row."""
-    if source.startswith("tfds:"):
+    if isinstance(source, str) and source.startswith("tfds:"):
         name, _, split = source[5:].partition(":")
         rows, where = _tfds_rows(name, split or "train"), source
     else:

@@ -35,7 +35,6 @@ from lora_jax.config import LoraConfig
 from lora_jax.quant import quantize
 from lora_jax.tree import LORA_A, LORA_B, LORA_M, combine, init, merge, split
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 QUICKSTART_DATA = "package:lora_jax/datasets/negation"
 SFT_DATA = "package:lora_jax/datasets/arithmetic"
 
@@ -186,7 +185,7 @@ class Run:
     """Everything a config builds before the first step: model, data, sharded params."""
 
     def __init__(self, config: Mapping[str, Any]):
-        from lora_jax.models.hub import checkpoint_dir, from_pretrained  # only when training
+        from lora_jax.models.hub import DTYPES, checkpoint_dir, from_pretrained  # when training
 
         self.config = config
         model_cfg, data_cfg, train_cfg = config["model"], config["data"], config["train"]
