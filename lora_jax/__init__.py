@@ -9,6 +9,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.generate import generate, generate_text
 from lora_jax.quant import QuantizedKernel, dequantize, nbytes, quantize
 from lora_jax.tree import (
+    Site,
     adapter_layout,
     adapter_specs,
     attach,
@@ -18,6 +19,7 @@ from lora_jax.tree import (
     merge,
     optimizer,
     partition,
+    sites,
     split,
     summary,
     targets,
@@ -27,6 +29,7 @@ from lora_jax.tree import (
 __all__ = [
     "LoraConfig",
     "QuantizedKernel",
+    "Site",
     "adapter_layout",
     "adapter_specs",
     "attach",
@@ -47,6 +50,7 @@ __all__ = [
     "quantize",
     "routed_apply",
     "save_adapter",
+    "sites",
     "split",
     "summary",
     "targets",

@@ -1,21 +1,23 @@
 """`lora-jax`: command-line entry points. `train` runs a config (the offline quickstart by
 default), `eval` scores a run's adapter, `generate` continues prompts, `merge` folds a
 peft-format adapter into its base and writes a Hugging Face model directory that
-transformers, vLLM or TGI serve as is."""
+transformers, vLLM or TGI serve as is, `inspect` shows what an adapter learned."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import jax
+from flax import traverse_util
 
-from lora_jax.io import load_adapter
+from lora_jax.io import load_adapter, read_adapter
 from lora_jax.models import from_pretrained, save_pretrained
 from lora_jax.models.hub import DTYPES
 from lora_jax.report import weights_bytes
-from lora_jax.tree import attach, merge
+from lora_jax.tree import KERNEL, Params, attach, merge, sites
 
 
 def merge_command(args: argparse.Namespace) -> None:
@@ -69,6 +71,49 @@ def generate_command(args: argparse.Namespace) -> None:
         print(prompt + text)
 
 
+def _on_base(adapter: Params, base: Params, adapter_dir: str, base_dir: str) -> dict:
+    """The adapter read from files with its kernels taken from the base. A bare encoder's
+    checkpoint lacks the task model's prefix ("bert/"), as transformers allows."""
+    flat, params = traverse_util.flatten_dict(adapter), traverse_util.flatten_dict(base["params"])
+    for site in sites(adapter):
+        keys = tuple(site.path.split("/"))
+        found = next((k for k in (keys, keys[1:]) if (*k, KERNEL) in params), None)
+        kernel = params.get((*found, KERNEL)) if found else None
+        if kernel is None or kernel.shape != site.kernel.shape:
+            has = f"a kernel {kernel.shape}" if kernel is not None else "no kernel"
+            raise ValueError(f"{adapter_dir} does not fit the base {base_dir}: {site.path} needs a "
+                             f"kernel {site.kernel.shape}; the base has {has} there.")  # fmt: skip
+        flat[(*keys, KERNEL)] = kernel
+    return traverse_util.unflatten_dict(flat)
+
+
+def inspect_command(args: argparse.Namespace) -> None:
+    from lora_jax import analysis, inspection
+
+    params, config = read_adapter(args.adapter)
+    amp = phi = None
+    if args.base:
+        _, base, _ = from_pretrained(args.base)
+        params = _on_base(params, base, args.adapter, args.base)
+        amp = analysis.amplification(params, config)
+    if args.against:
+        other, _ = read_adapter(args.against)
+        try:
+            phi = analysis.subspace_similarity(params, other)
+        except ValueError as err:
+            raise ValueError(f"{args.adapter} against {args.against}: {err}") from err
+    rows = inspection.rows(params, config, amp, phi)
+    pngs = inspection.write_figures(inspection.figures(rows, phi), Path(args.out or args.adapter))
+    if args.json:
+        clean = lambda v: None if isinstance(v, float) and v != v else v  # noqa: E731 (NaN)
+        rows = [{k: clean(v) for k, v in r.items()} for r in rows]
+        print(json.dumps({"adapter": args.adapter, "base": args.base, "against": args.against,
+                          "rows": rows, "pngs": [str(p) for p in pngs]}, indent=1))  # fmt: skip
+        return
+    print(inspection.table(rows))
+    print("figures: " + ", ".join(str(p) for p in pngs))
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="Python file with get_config() (default: the quickstart)")
     p.add_argument(
@@ -117,6 +162,23 @@ def parser() -> argparse.ArgumentParser:
         help="dtype of the written weights; the sum is formed in float32",
     )
     merge_p.set_defaults(run=merge_command)
+    inspect_p = commands.add_parser(
+        "inspect", help="what an adapter learned: spectrum, amplification, subspace similarity"
+    )
+    inspect_p.add_argument("adapter", help="peft-format adapter directory")
+    inspect_p.add_argument(
+        "--base",
+        help="its base model directory: adds the amplification "
+        "of W's directions (the LoRA paper's Table 7)",
+    )
+    inspect_p.add_argument(
+        "--against",
+        help="another adapter directory: the similarity φ of "
+        "their subspaces per shared module (the paper's Figures 3-4)",
+    )
+    inspect_p.add_argument("--out", help="directory for the PNGs (default: the adapter's)")
+    inspect_p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect_p.set_defaults(run=inspect_command)
     return root
 
 

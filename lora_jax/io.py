@@ -239,6 +239,70 @@ def _our_keys(dotted: list[str]) -> tuple[tuple[str, ...], int | None]:
     return tuple(p for p in dotted if not p.isdigit()), layer
 
 
+def _parse(name: str) -> tuple[str, tuple[str, ...], int | None, str]:
+    """(kind, our module keys, layer, transformers module) of a peft tensor name. kind is
+    lora_A, lora_B, LORA_M (DoRA's magnitude), or "weight"/"bias" of a fully trained module."""
+    if not name.startswith(PREFIX):
+        raise ValueError(f"{name}: not a peft tensor name (expected {PREFIX}...).")
+    parts = name[len(PREFIX) :].split(".")
+    if parts[-1] == MAGNITUDE:
+        kind, module = LORA_M, parts[:-1]
+    elif len(parts) > 2 and parts[-2] in ("lora_A", "lora_B"):
+        kind, module = parts[-2], parts[:-2]
+    else:
+        kind, module = parts[-1], parts[:-1]
+    return (kind, *_our_keys(module), ".".join(module))
+
+
+def _peft_files(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The tensors and adapter_config.json of a peft LoRA directory."""
+    tensors = _read_tensors(directory)
+    peft_config = json.loads((directory / "adapter_config.json").read_text())
+    if peft_config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r}, not LORA.")
+    if flags := [f for f in UNSUPPORTED if peft_config.get(f)]:
+        raise ValueError(f"{directory}: adapters with {flags} are not supported yet.")
+    return tensors, peft_config
+
+
+def _assemble(
+    lora: dict[tuple, dict[str, dict]],
+    dotted: dict[str, set[str]],
+    full: dict[tuple, dict],
+    peft_config: dict[str, Any],
+) -> tuple[dict[tuple, np.ndarray], LoraConfig]:
+    """Per-layer tensors stacked into our leaves (flat), and the LoraConfig that explains them.
+    lora: module -> lora_A/lora_B/LORA_M -> layer -> array (A as (in, r), B as (r, out));
+    dotted: module path -> its transformers names; full: fully trained leaf -> layer -> array."""
+    flat, ranks, alphas = {}, {}, {}
+    for keys, parts in lora.items():
+        path = "/".join(keys)
+        if not all(n in parts for n in ("lora_A", "lora_B")):
+            raise ValueError(f"{path}: the file holds {sorted(parts)}; lora_A and lora_B needed.")
+        flat[(*keys, LORA_A)] = _stack(parts["lora_A"], f"{path}/lora_a")
+        flat[(*keys, LORA_B)] = _stack(parts["lora_B"], f"{path}/lora_b")
+        if LORA_M in parts:
+            flat[(*keys, LORA_M)] = _stack(parts[LORA_M], f"{path}/{LORA_M}")
+        ranks[path] = flat[(*keys, LORA_A)].shape[-1]
+        alphas[path] = _peft_value(peft_config.get("alpha_pattern") or {}, min(dotted[path]),
+                                   peft_config["lora_alpha"])  # fmt: skip
+    for keys, per_layer in full.items():
+        flat[keys] = _stack(per_layer, "/".join(keys))
+    rank, alpha = peft_config["r"], peft_config["lora_alpha"]
+    config = LoraConfig(
+        rank=rank,
+        alpha=alpha,
+        targets=("^(" + "|".join(re.escape(p) for p in ranks) + ")$",),
+        rank_pattern={f"^{re.escape(p)}$": r for p, r in ranks.items() if r != rank},
+        alpha_pattern={f"^{re.escape(p)}$": a for p, a in alphas.items() if a != alpha},
+        modules_to_save=tuple(f"^{re.escape('/'.join(k))}$" for k in full),
+        dropout=peft_config.get("lora_dropout") or 0.0,
+        use_rslora=bool(peft_config.get("use_rslora")),
+        use_dora=bool(peft_config.get("use_dora")),
+    )
+    return flat, config
+
+
 def _check_factor(name: str, keys: tuple, kind: str, factor: np.ndarray, base: dict) -> None:
     """A (in, r) or B (r, out) against the base kernel, before anything is stacked or attached."""
     path = "/".join((*keys, LORA_A if kind == "lora_A" else LORA_B))
@@ -272,61 +336,63 @@ def load_adapter(directory: str | Path, base_params: Params) -> tuple[dict[str, 
     never modified. Attach the result with `lj.attach(base_params, adapter)`.
     """
     directory = Path(directory)
-    tensors = _read_tensors(directory)
-    peft_config = json.loads((directory / "adapter_config.json").read_text())
-    if peft_config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r}, not LORA.")
-    if flags := [f for f in UNSUPPORTED if peft_config.get(f)]:
-        raise ValueError(f"{directory}: adapters with {flags} are not supported yet.")
+    tensors, peft_config = _peft_files(directory)
     base = traverse_util.flatten_dict(_params(base_params))
     lora: dict[tuple, dict[str, dict]] = {}  # module -> lora_A/lora_B -> layer -> array
     dotted: dict[str, set[str]] = {}  # our module path -> transformers module names
     full: dict[tuple, dict] = {}  # leaf -> layer -> array
     for name, tensor in tensors.items():
-        if not name.startswith(PREFIX):
-            raise ValueError(f"{name}: not a peft tensor name (expected {PREFIX}...).")
-        parts = name[len(PREFIX) :].split(".")
-        if parts[-1] == MAGNITUDE:
-            keys, layer = _our_keys(parts[:-1])
+        kind, keys, layer, module_name = _parse(name)
+        if kind == LORA_M:
             lora.setdefault(keys, {}).setdefault(LORA_M, {})[layer] = tensor
-        elif parts[-2] in ("lora_A", "lora_B"):
-            keys, layer = _our_keys(parts[:-2])
-            _check_factor(name, keys, parts[-2], tensor.T, base)
-            lora.setdefault(keys, {}).setdefault(parts[-2], {})[layer] = tensor.T
-            dotted.setdefault("/".join(keys), set()).add(".".join(parts[:-2]))
+        elif kind in ("lora_A", "lora_B"):
+            _check_factor(name, keys, kind, tensor.T, base)
+            lora.setdefault(keys, {}).setdefault(kind, {})[layer] = tensor.T
+            dotted.setdefault("/".join(keys), set()).add(module_name)
         else:
-            keys, layer = _our_keys(parts[:-1])
             module = {k[-1] for k in base if k[:-1] == keys}
-            leaf = "bias" if parts[-1] == "bias" else next(
+            leaf = "bias" if kind == "bias" else next(
                 (n for n in module if LEAF_TO_HF.get(n) == "weight"), KERNEL)  # fmt: skip
             # torch Linear weights are (out, in); GPT-2's Conv1D (fan_in_fan_out) already (in, out)
             flip = leaf == KERNEL and not peft_config.get("fan_in_fan_out")
             full.setdefault((*keys, leaf), {})[layer] = tensor.T if flip else tensor
-    flat, ranks, alphas = {}, {}, {}
-    for keys, parts in lora.items():
-        path = "/".join(keys)
-        flat[(*keys, LORA_A)] = _stack(parts["lora_A"], f"{path}/lora_a")
-        flat[(*keys, LORA_B)] = _stack(parts["lora_B"], f"{path}/lora_b")
-        if LORA_M in parts:
-            flat[(*keys, LORA_M)] = _stack(parts[LORA_M], f"{path}/{LORA_M}")
-        ranks[path] = flat[(*keys, LORA_A)].shape[-1]
-        alphas[path] = _peft_value(peft_config.get("alpha_pattern") or {}, min(dotted[path]),
-                                   peft_config["lora_alpha"])  # fmt: skip
-    for keys, per_layer in full.items():
-        flat[keys] = _stack(per_layer, "/".join(keys))
-    rank, alpha = peft_config["r"], peft_config["lora_alpha"]
-    config = LoraConfig(
-        rank=rank,
-        alpha=alpha,
-        targets=("^(" + "|".join(re.escape(p) for p in ranks) + ")$",),
-        rank_pattern={f"^{re.escape(p)}$": r for p, r in ranks.items() if r != rank},
-        alpha_pattern={f"^{re.escape(p)}$": a for p, a in alphas.items() if a != alpha},
-        modules_to_save=tuple(f"^{re.escape('/'.join(k))}$" for k in full),
-        dropout=peft_config.get("lora_dropout") or 0.0,
-        use_rslora=bool(peft_config.get("use_rslora")),
-        use_dora=bool(peft_config.get("use_dora")),
-    )
+    flat, config = _assemble(lora, dotted, full, peft_config)
     adapter = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     adapter = {"params": adapter} if "params" in base_params else adapter
     attach(base_params, adapter)  # every path and shape checked against the base
     return adapter, config
+
+
+def read_adapter(directory: str | Path) -> tuple[dict[str, Any], LoraConfig]:
+    """(adapted tree, LoraConfig) of a peft LoRA directory alone, for reading what it holds
+    (`lora_jax.analysis`, `lora-jax inspect`) rather than running it.
+
+    Each adapted module gets lora_a (layers, in, r), lora_b (layers, r, out) (DoRA: its
+    magnitude) and an abstract `kernel` (a jax.ShapeDtypeStruct (layers, in, out)) that gives
+    the layout without any base weights; modules without a layer index have no layer axis.
+    Fully trained modules (modules_to_save) are left out: they are not low-rank updates.
+    """
+    directory = Path(directory)
+    tensors, peft_config = _peft_files(directory)
+    lora: dict[tuple, dict[str, dict]] = {}
+    dotted: dict[str, set[str]] = {}
+    for name, tensor in tensors.items():
+        kind, keys, layer, module_name = _parse(name)
+        if kind in ("lora_A", "lora_B", LORA_M):
+            factor = tensor if kind == LORA_M else tensor.T
+            lora.setdefault(keys, {}).setdefault(kind, {})[layer] = factor
+            dotted.setdefault("/".join(keys), set()).add(module_name)
+    if not lora:
+        raise ValueError(f"{directory}: the file holds no lora_A/lora_B tensors.")
+    flat, config = _assemble(lora, dotted, {}, peft_config)
+    for keys in lora:
+        a, b = flat[(*keys, LORA_A)], flat[(*keys, LORA_B)]
+        if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+            raise ValueError(
+                f"{directory}: {'/'.join(keys)}: lora_A {a.shape} and lora_B "
+                f"{b.shape} do not fit (expected (.., in, r) and (.., r, out))."
+            )
+        kernel_shape = (*a.shape[:-1], b.shape[-1])
+        flat[(*keys, KERNEL)] = jax.ShapeDtypeStruct(kernel_shape, np.result_type(a, b))
+    tree = {k: v if k[-1] == KERNEL else jnp.asarray(v) for k, v in flat.items()}
+    return traverse_util.unflatten_dict(tree), config

@@ -4,6 +4,7 @@ adapter in peft format, a merged-model check, sizes on disk and a PNG loss curve
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,16 @@ def loss_curve(metrics_file: Path, png: Path) -> None:
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set(xlabel="step", ylabel="training loss", title=png.parent.name)
     ax.grid(alpha=0.3)
-    fig.savefig(png)
+    save_figure(fig, png)
+
+
+def save_figure(fig: Any, png: Path) -> Path:
+    """Writes a matplotlib Figure as a PNG atomically (a temporary name, then a rename), so
+    an interrupted run never leaves a truncated image."""
+    tmp = png.with_name(f".{png.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, png)
+    return png
 
 
 def finish(run: Any, adapter: Any, out: Path, log: Callable[[str], None]) -> None:

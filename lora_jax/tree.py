@@ -13,6 +13,7 @@ Every function returns a new tree and shares, never copies or mutates, the array
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Mapping
@@ -102,6 +103,37 @@ def adapter_layout(
             f"{tuple(kernel_shape)} (expected lead+in+(r,) and lead+(r,)+out)."
         )
     return lead, n_in, n_out, a_shape[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One adapted module: its leaves and layout. The kernel is lead + in + out, lora_a
+    lead + in + (rank,), lora_b lead + (rank,) + out; magnitude is DoRA's (lead + out)."""
+
+    path: str
+    kernel: Any
+    lora_a: Any
+    lora_b: Any
+    magnitude: Any | None
+    lead: int
+    n_in: int
+    n_out: int
+    rank: int
+
+
+def sites(params: Params) -> list[Site]:
+    """Every adapted module of a tree in path order, laid out by `adapter_layout`. Kernels may
+    be abstract (jax.ShapeDtypeStruct) or quantized: only their shapes are read here."""
+    found = []
+    for keys, leaves in sorted(_adapted(_flatten(params)).items(), key=lambda kv: path_str(kv[0])):
+        path = path_str(keys)
+        if not all(n in leaves for n in (KERNEL, LORA_A, LORA_B)):
+            raise ValueError(f"{path}: an adapted module needs kernel, lora_a and lora_b; it "
+                             f"holds {sorted(leaves)}.")  # fmt: skip
+        w, a, b = leaves[KERNEL], leaves[LORA_A], leaves[LORA_B]
+        layout = adapter_layout(path, tuple(w.shape), tuple(a.shape), tuple(b.shape))
+        found.append(Site(path, w, a, b, leaves.get(LORA_M), *layout))
+    return found
 
 
 def _kernel_layout(path: str, shape: tuple[int, ...], layouts: Layouts | None) -> tuple[int, int]:
