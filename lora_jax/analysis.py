@@ -90,7 +90,7 @@ def grassmann(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
     holds the other; for independent random subspaces of R^d its mean is max(i, j)/d."""
     cumulative = np.cumsum(np.cumsum(np.square(u1.T @ u2), axis=0), axis=1)
     i, j = np.arange(1, u1.shape[1] + 1), np.arange(1, u2.shape[1] + 1)
-    return cumulative / np.minimum.outer(i, j)
+    return np.minimum(cumulative / np.minimum.outer(i, j), 1.0)  # rounding can pass 1
 
 
 def subspace_similarity(params1: Params, params2: Params, of: str = "a") -> dict[str, np.ndarray]:

@@ -162,5 +162,7 @@ def figures(rows: list[Mapping[str, Any]], phi: Mapping[str, np.ndarray] | None 
 
 def write_figures(figs: Mapping[str, Any], out: Path) -> list[Path]:
     """Each Figure as a PNG in `out` (created if needed), written atomically."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: the PNGs go into a directory, and this is a file.")
     out.mkdir(parents=True, exist_ok=True)
     return [save_figure(fig, out / name) for name, fig in figs.items()]

@@ -257,9 +257,14 @@ def _parse(name: str) -> tuple[str, tuple[str, ...], int | None, str]:
 def _peft_files(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The tensors and adapter_config.json of a peft LoRA directory."""
     tensors = _read_tensors(directory)
-    peft_config = json.loads((directory / "adapter_config.json").read_text())
-    if peft_config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r}, not LORA.")
+    path = directory / "adapter_config.json"
+    try:
+        peft_config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}).") from err
+    kind = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
+    if kind != "LORA":
+        raise ValueError(f"{path}: peft_type {kind!r}, not LORA.")
     if flags := [f for f in UNSUPPORTED if peft_config.get(f)]:
         raise ValueError(f"{directory}: adapters with {flags} are not supported yet.")
     return tensors, peft_config

@@ -253,3 +253,8 @@ def test_inspect_bad_input_is_one_line(checkpoints, adapters, capsys, tmp_path):
     assert f"{peft_dir} against {tmp_path / 'gate'}" in err and "share no adapted module" in err
     code, _, err = run_cli(capsys, tmp_path / "missing")
     assert code == 2 and "no adapter_model.safetensors" in err
+    code, _, err = run_cli(capsys, ours_dir, "--out", ours_dir / "adapter_config.json")
+    assert code == 2 and "adapter_config.json: the PNGs go into a directory" in err
+    (tmp_path / "gate" / "adapter_config.json").write_text("{")
+    code, _, err = run_cli(capsys, tmp_path / "gate")
+    assert code == 2 and f"{tmp_path / 'gate' / 'adapter_config.json'}: not valid JSON" in err
