@@ -46,18 +46,18 @@ def main() -> None:
     def adapter(i):
         params_i = lj.init(jax.random.key(i), params, config, layouts)
         b = lambda x: x + 0.01 * jax.random.normal(jax.random.key(1000 + i), x.shape)  # noqa: E731
-        return lj.extract(jax.tree_util.tree_map_with_path(
+        return lj.split(jax.tree_util.tree_map_with_path(
             lambda path, x: b(x) if "lora_b" in jax.tree_util.keystr(path) else x, params_i
-        ), config)  # fmt: skip
+        ), config)[0]  # fmt: skip
 
     adapters = [adapter(i) for i in range(32)]
-    rows = {"merged model": (lj.merge(lj.attach(params, adapters[0]), config), None)}
+    rows = {"merged model": (lj.merge(lj.combine(adapters[0], params), config), None)}
     for n in (1, 8, 32):
-        stacked, stack_config = compose.stack(adapters[:n], [config] * n)
+        stacked, stack_config = compose.stack(adapters[:n], [config] * n, base=params)
         ids = jnp.arange(args.batch) % n
         routed = functools.partial(lj.routed_apply(model.apply, stack_config), adapter_ids=ids)
         rows[f"{n} adapter{'s' if n > 1 else ''} in the batch"] = (
-            lj.attach(params, stacked),
+            lj.combine(stacked, params),
             routed,
         )
 

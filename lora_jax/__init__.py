@@ -9,12 +9,11 @@ from lora_jax.config import LoraConfig
 from lora_jax.generate import generate, generate_text
 from lora_jax.quant import QuantizedKernel, dequantize, nbytes, quantize
 from lora_jax.tree import (
+    Bank,
     Site,
     adapter_layout,
     adapter_specs,
-    attach,
     combine,
-    extract,
     init,
     merge,
     optimizer,
@@ -27,15 +26,14 @@ from lora_jax.tree import (
 )
 
 __all__ = [
+    "Bank",
     "LoraConfig",
     "QuantizedKernel",
     "Site",
     "adapter_layout",
     "adapter_specs",
-    "attach",
     "combine",
     "dequantize",
-    "extract",
     "generate",
     "generate_text",
     "init",

@@ -146,7 +146,7 @@ def amplification(
         if isinstance(site.kernel, jax.ShapeDtypeStruct):
             raise ValueError(
                 f"{site.path}: amplification needs the base kernel's values, and "
-                "this tree holds only its shape; attach the adapter to the base."
+                "this tree holds only its shape; combine the adapter with the base."
             )
         a, b = _factors(site)
         w = _layers(site.kernel, site.lead, site.n_in)

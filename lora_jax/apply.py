@@ -19,17 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax import variants
 from lora_jax.config import LoraConfig
-from lora_jax.tree import (
-    KERNEL,
-    LORA_A,
-    LORA_B,
-    LORA_M,
-    Params,
-    adapter_layout,
-    direction_norm,
-    merge,
-)
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_M, Bank, Params, adapter_layout, merge
 
 FACTORED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 LowRank = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
@@ -168,33 +160,30 @@ def _factored_call(config: LoraConfig, next_fun, args, kwargs, context, adapter_
             f"{path}: adapter made for {a_in} input axes (+{lead} stacked), but "
             f"this {type(module).__name__} call contracts {plan.n_in}; was `layouts` right?"
         )
-    block = rank if adapter_ids is None else config.rank_for(path)
-    if rank % block or (adapter_ids is not None and isinstance(module, nn.Einsum)):
+    if isinstance(a, Bank) != (adapter_ids is not None):
         raise ValueError(
-            f"{path}: routing needs nn.Dense/DenseGeneral and adapters of rank {block} side "
-            f"by side (lj.compose.stack); this one is {type(module).__name__}, rank {rank}."
+            f"{path}: lj.routed_apply runs a bank of adapters (lj.compose.stack) and "
+            "lj.lora_apply one adapter; this call gave "
+            + ("lj.lora_apply a bank." if isinstance(a, Bank) else "lj.routed_apply one adapter.")
         )
-    scale = config.scale_for(path, block)
+    if adapter_ids is not None and isinstance(module, nn.Einsum):
+        raise ValueError(f"{path}: routing needs nn.Dense/DenseGeneral; this one is nn.Einsum.")
+    # A bank's scales are folded into its A blocks.
+    scale = 1.0 if isinstance(a, Bank) else config.scale_for(path, rank)
     y = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     x = _adapter_dropout(module, x, config.dropout)
-    x, a_c, b_c = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
+    x, a_c, b_c = nn.dtypes.promote_dtype(x, nn.meta.unbox(a), nn.meta.unbox(b), dtype=module.dtype)
     if adapter_ids is None:
         delta = plan.low_rank(x, a_c, b_c, module.precision)
     else:
-        delta = _routed(plan, x, a_c, b_c, module.precision, adapter_ids, block, path)
+        delta = _routed(plan, x, a_c, b_c, module.precision, adapter_ids, a.block, path)
     delta = (delta * scale).astype(y.dtype)
-    if not module.has_variable("params", LORA_M):
-        return y + delta
-    # DoRA: y = m/||W0 + s·A·B|| · (x·W0 + s·x·A·B) + bias, the norm detached as in the paper.
-    if not plan.trailing:
-        raise ValueError(f"{path}: DoRA needs the einsum's output axes last in its result.")
-    kernel = nn.meta.unbox(kernel)  # QLoRA: the dequantized kernel, as the layer itself used
-    norm = jax.lax.stop_gradient(direction_norm(kernel, a, b, scale, 0, plan.n_in))
-    ratio = (module.get_variable("params", LORA_M) / norm).astype(y.dtype)
-    bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else 0
-    bias = jnp.asarray(bias, y.dtype)
-    return ratio * (y - bias + delta) + bias
+    m = module.get_variable("params", LORA_M) if module.has_variable("params", LORA_M) else None
+    bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
+    # QLoRA: the dequantized kernel, as the layer itself used
+    return variants.output(y, delta, m, nn.meta.unbox(kernel), a, b, bias, scale, plan.n_in,
+                           plan.trailing, path)  # fmt: skip
 
 
 def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
@@ -216,7 +205,7 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[...
 def routed_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
     """`apply_fn` with one adapter per example: `apply(variables, *args, adapter_ids=ids)`.
 
-    `variables` hold a stack from `lj.compose.stack` (with its `config`); `adapter_ids` (one
+    `variables` hold a bank from `lj.compose.stack` (with its `config`); `adapter_ids` (one
     int per example, -1 for the base alone) picks each example's adapter against the one
     shared base, by a gather of its A and B blocks (as Punica / S-LoRA serve many adapters).
     The ids are traced values: changing them, or swapping in another stack of the same

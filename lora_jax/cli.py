@@ -17,13 +17,13 @@ from lora_jax.io import load_adapter, read_adapter
 from lora_jax.models import from_pretrained, save_pretrained
 from lora_jax.models.hub import DTYPES
 from lora_jax.report import weights_bytes
-from lora_jax.tree import KERNEL, Params, attach, merge, sites
+from lora_jax.tree import KERNEL, Params, combine, merge, sites
 
 
 def merge_command(args: argparse.Namespace) -> None:
     model, params, hf_config = from_pretrained(args.base, DTYPES[args.dtype])
     adapter, config = load_adapter(args.adapter, params)
-    merged = merge(attach(params, adapter), config)
+    merged = merge(combine(adapter, params), config)
     out = save_pretrained(merged, hf_config, args.out, copy_from=args.base)
     print(
         f"merged {Path(args.adapter)} ({weights_bytes(args.adapter):,} bytes) "
@@ -62,7 +62,7 @@ def generate_command(args: argparse.Namespace) -> None:
     apply_fn = None
     if args.adapter:
         adapter, config = load_adapter(args.adapter, params)
-        params, apply_fn = attach(params, adapter), lora_apply(model.apply, config)
+        params, apply_fn = combine(adapter, params), lora_apply(model.apply, config)
     texts = generate_text(model, params, Tokenizer(args.model, hf_config), args.prompt,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, key=jax.random.key(args.seed),

@@ -1,6 +1,6 @@
 """Functions from adapter trees to adapter trees: sums, averages, SVD, TIES/DARE, task arithmetic.
 
-Inputs are adapters as `lj.extract` gives them, each with its LoraConfig; every function
+Inputs are adapters as `lj.split` gives them, each with its LoraConfig; every function
 returns `(adapter, config)` with the scales folded in, as peft's `add_weighted_adapter` does:
 the result's alpha equals its rank, so its scale is 1 and its update is exactly A·B. Modules
 present in only some adapters combine those adapters only. Layers stacked by `nn.scan` are
@@ -12,54 +12,62 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from lora_jax.config import LoraConfig
-from lora_jax.tree import (
-    ADAPTER_LEAVES,
-    LORA_A,
-    LORA_B,
-    LORA_M,
-    Keys,
-    Params,
-    _flatten,
-    _modules,
-    _unflatten,
-    path_str,
-)
+from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, Bank, Params, Site, combine, sites
 
 Adapters = Sequence[Params]
+Keys = tuple[Any, ...]
 
 
-def _checked(adapters: Adapters, configs: Sequence[LoraConfig], weights: Sequence[float]):
+class Part(NamedTuple):
+    """One adapter's share of a module: its site (with the scale), its weight, its index."""
+
+    site: Site
+    weight: float
+    index: int
+
+
+Parts = dict[Keys, list[Part]]
+
+
+def _checked(
+    adapters: Adapters, configs: Sequence[LoraConfig], weights: Sequence[float], base: Params
+) -> tuple[Parts, dict[Keys, Any], list[int]]:
+    """Each adapted module's parts (sites laid out against `base`), the fully trained leaves
+    (modules_to_save, which must come from one adapter only), and each adapter's top rank."""
     if not adapters or not (len(adapters) == len(configs) == len(weights)):
         raise ValueError(
             f"{len(adapters)} adapters, {len(configs)} configs, {len(weights)} weights: give "
             "at least one adapter and one config and one weight per adapter."
         )
-    modules: dict[Keys, list[tuple[dict[str, Any], LoraConfig, float]]] = {}
+    modules: Parts = {}
     saved: dict[Keys, Any] = {}
-    for adapter, config, weight in zip(adapters, configs, weights, strict=True):
-        for keys, leaves in _modules(_flatten(adapter)).items():
-            if LORA_M in leaves:
-                raise ValueError(f"{path_str(keys)}: DoRA adapters cannot be composed.")
-            if LORA_A in leaves:
-                modules.setdefault(keys, []).append((leaves, config, float(weight)))
-            for name, leaf in leaves.items():
-                if name in ADAPTER_LEAVES:
-                    continue
-                if (*keys, name) in saved:
-                    raise ValueError(
-                        f"{path_str((*keys, name))}: fully trained in several adapters "
-                        "(modules_to_save), which cannot be combined."
-                    )
-                saved[(*keys, name)] = leaf
+    ranks = []
+    for i, (adapter, config, weight) in enumerate(zip(adapters, configs, weights, strict=True)):
+        found = sites(combine(adapter, base), config, "compose")
+        for site in found:
+            if site.magnitude is not None:
+                raise ValueError(f"{site.path}: DoRA adapters cannot be composed.")
+            modules.setdefault(site.keys, []).append(Part(site, float(weight), i))
+        ranks.append(max((site.rank for site in found), default=0))
+        for keys, leaf in traverse_util.flatten_dict(adapter).items():
+            if keys[-1] in ADAPTER_LEAVES:
+                continue
+            if keys in saved:
+                raise ValueError(
+                    f"{'/'.join(map(str, keys))}: fully trained in several adapters "
+                    "(modules_to_save), which cannot be combined."
+                )
+            saved[keys] = leaf
     if not modules:
         raise ValueError("the adapters hold no lora_a/lora_b leaves.")
-    return modules, saved
+    return modules, saved, ranks
 
 
 def _result_config(configs: Sequence[LoraConfig], rank: int) -> LoraConfig:
@@ -69,28 +77,6 @@ def _result_config(configs: Sequence[LoraConfig], rank: int) -> LoraConfig:
     return LoraConfig(
         rank=rank, alpha=float(rank), targets=targets, modules_to_save=saved, dtype=configs[0].dtype
     )
-
-
-def _scale(keys: Keys, leaves: dict[str, Any], config: LoraConfig) -> float:
-    return config.scale_for(path_str(keys), leaves[LORA_A].shape[-1])
-
-
-def _lead(leaves: dict[str, Any]) -> int:
-    """Stacked-layer axes of A = lead+in+(r,), B = lead+(r,)+out, read from the two shapes.
-
-    Without the kernel a few shapes read two ways (e.g. an unstacked kernel with two input
-    axes whose first size and output size both equal the rank); the most stacked reading is
-    taken, which is what scanned models hold.
-    """
-    a, b = leaves[LORA_A].shape, leaves[LORA_B].shape
-    fits = [
-        lead
-        for lead in range(min(len(a), len(b)) - 1)
-        if a[:lead] == b[:lead] and b[lead] == a[-1] and len(a) - lead >= 2
-    ]
-    if not fits:
-        raise ValueError(f"lora_a {a} and lora_b {b} are not lead+in+(r,) and lead+(r,)+out.")
-    return fits[-1]
 
 
 def _pad_rank(x: jax.Array, axis: int, rank: int) -> jax.Array:
@@ -104,70 +90,80 @@ def _assemble(configs, out_modules, saved, rank):
         (*keys, name): leaf for keys, leaves in out_modules.items() for name, leaf in leaves.items()
     }
     flat.update(saved)
-    return _unflatten(flat), _result_config(configs, rank)
+    return traverse_util.unflatten_dict(flat), _result_config(configs, rank)
 
 
 # ----------------------------------------------------------------------------- exact sums
 
 
 def cat(
-    adapters: Adapters, configs: Sequence[LoraConfig], weights: Sequence[float] | None = None
+    adapters: Adapters,
+    configs: Sequence[LoraConfig],
+    weights: Sequence[float] | None = None,
+    *,
+    rank: int | None = None,
+    base: Params,
 ) -> tuple[dict[str, Any], LoraConfig]:
-    """Σ wᵢ·sᵢ·Aᵢ·Bᵢ exactly: A and B concatenated along the rank axis (rank = Σ rᵢ), the
-    weights and scales folded into A, zero-padded where a module lacks some adapters."""
+    """Σ wᵢ·sᵢ·Aᵢ·Bᵢ exactly: A and B concatenated along the rank axis (rank Σ rᵢ, or `rank`
+    if larger), the weights and scales folded into A, zero-padded where a module lacks some
+    adapters. `cat([adapter], [config], rank=R)` pads one adapter to rank R, so adapters of
+    different ranks swap into one jitted function without recompiling."""
     weights = [1.0] * len(adapters) if weights is None else list(weights)
-    modules, saved = _checked(adapters, configs, weights)
-    rank = sum(max(_ranks(a)) for a in adapters)
+    modules, saved, ranks = _checked(adapters, configs, weights, base)
+    if rank is not None and rank < sum(ranks):
+        raise ValueError(f"rank {rank} is below the adapters' total rank, {sum(ranks)}.")
+    rank = rank or sum(ranks)
     out = {}
     for keys, parts in modules.items():
-        lead = _lead(parts[0][0])
-        a = jnp.concatenate([p[LORA_A] * (w * _scale(keys, p, c)) for p, c, w in parts], axis=-1)
-        b = jnp.concatenate([p[LORA_B] for p, _, _ in parts], axis=lead)
+        lead = parts[0].site.lead
+        a = jnp.concatenate([p.site.lora_a * (p.weight * p.site.scale) for p in parts], axis=-1)
+        b = jnp.concatenate([p.site.lora_b for p in parts], axis=lead)
         out[keys] = {LORA_A: _pad_rank(a, a.ndim - 1, rank), LORA_B: _pad_rank(b, lead, rank)}
     return _assemble(configs, out, saved, rank)
 
 
 def stack(
-    adapters: Adapters, configs: Sequence[LoraConfig], rank: int | None = None
+    adapters: Adapters, configs: Sequence[LoraConfig], rank: int | None = None, *, base: Params
 ) -> tuple[dict[str, Any], LoraConfig]:
-    """Several adapters side by side for `lj.routed_apply`: block k of every A and B is
-    adapter k, its scale folded in and zero-padded to `rank` (default: the largest), zeros
-    where it does not adapt a module. With one adapter, this pads it to `rank`, so adapters
-    of different ranks swap in a jitted function without recompiling."""
-    modules, saved = _checked(adapters, configs, [1.0] * len(adapters))
-    biggest = max(r for a in adapters for r in _ranks(a))
+    """A bank: several adapters side by side for `lj.routed_apply` (and nothing else: its
+    A and B leaves are `lj.Bank` boxes, which every other function refuses). Block k of every
+    A and B is adapter k, its scale folded in and zero-padded to `rank` (default: the
+    largest), zeros where it does not adapt a module; banks of the same count and rank swap
+    into one jitted function without recompiling."""
+    modules, saved, ranks = _checked(adapters, configs, [1.0] * len(adapters), base)
+    biggest = max(ranks)
     rank = rank or biggest
     if rank < biggest:
         raise ValueError(f"rank {rank} is below the largest adapter rank, {biggest}.")
-    flats = [_modules(_flatten(a)) for a in adapters]
     out = {}
     for keys, parts in modules.items():
-        lead = _lead(parts[0][0])
-        a0, b0 = parts[0][0][LORA_A], parts[0][0][LORA_B]
+        first = parts[0].site
+        lead, a0, b0 = first.lead, first.lora_a, first.lora_b
+        by_index = {p.index: p.site for p in parts}
         blocks_a, blocks_b = [], []
-        for flat, config in zip(flats, configs, strict=True):
-            leaves = flat.get(keys, {})
-            if LORA_A in leaves:
-                a = leaves[LORA_A] * _scale(keys, leaves, config)
-                b = leaves[LORA_B]
+        for i in range(len(adapters)):
+            if (site := by_index.get(i)) is not None:
+                a, b = site.lora_a * site.scale, site.lora_b
             else:
                 a = jnp.zeros((*a0.shape[:-1], 1), a0.dtype)
                 b = jnp.zeros((*b0.shape[:lead], 1, *b0.shape[lead + 1 :]), b0.dtype)
             blocks_a.append(_pad_rank(a, a.ndim - 1, rank))
             blocks_b.append(_pad_rank(b, lead, rank))
-        out[keys] = {LORA_A: jnp.concatenate(blocks_a, axis=-1),
-                     LORA_B: jnp.concatenate(blocks_b, axis=lead)}  # fmt: skip
+        out[keys] = {LORA_A: Bank(jnp.concatenate(blocks_a, axis=-1), rank),
+                     LORA_B: Bank(jnp.concatenate(blocks_b, axis=lead), rank)}  # fmt: skip
     return _assemble(configs, out, saved, rank)
-
-
-def _ranks(adapter: Params) -> list[int]:
-    return [m[LORA_A].shape[-1] for m in _modules(_flatten(adapter)).values() if LORA_A in m]
 
 
 def scale(adapter: Params, factor: float) -> dict[str, Any]:
     """The adapter whose update is `factor` times this one's (B scaled; task arithmetic)."""
-    flat = _flatten(adapter)
-    return _unflatten({k: v * factor if k[-1] == LORA_B else v for k, v in flat.items()})
+    flat = traverse_util.flatten_dict(adapter)
+    refused = [k for k, v in flat.items() if isinstance(v, Bank)]
+    if refused:
+        raise ValueError(f"compose.scale: {'/'.join(map(str, refused[0]))} is a bank "
+                         "(compose.stack), which only lj.routed_apply runs.")  # fmt: skip
+    return traverse_util.unflatten_dict(
+        {k: v * factor if k[-1] == LORA_B else v for k, v in flat.items()}
+    )
 
 
 def negate(adapter: Params) -> dict[str, Any]:
@@ -237,6 +233,8 @@ def _factorwise(
     density: float = 1.0,
     sign_method: str = "total",
     key: jax.Array | None = None,
+    *,
+    base: Params,
 ) -> tuple[dict[str, Any], LoraConfig]:
     """peft's task-arithmetic family: A and B combined separately with weights √|wᵢsᵢ|
     (the sign on A), after pruning each factor (TIES/magnitude: largest; DARE: random)."""
@@ -246,20 +244,20 @@ def _factorwise(
         raise ValueError(f"majority_sign_method {sign_method!r}; use 'total' or 'frequency'.")
     if method.startswith("dare") and key is None:
         raise ValueError(f"{method} prunes at random: pass a PRNG key.")
-    modules, saved = _checked(adapters, configs, weights)
-    ranks = {r for a in adapters for r in _ranks(a)}
+    modules, saved, _ = _checked(adapters, configs, weights, base)
+    ranks = {p.site.rank for parts in modules.values() for p in parts}
     if len(ranks) != 1:
         raise ValueError(
             f"{method} needs every adapter at the same rank; got ranks {sorted(ranks)}."
         )
     out = {}
     for i, (keys, parts) in enumerate(sorted(modules.items())):
-        lead = _lead(parts[0][0])
-        scaled = jnp.asarray([w * _scale(keys, p, c) for p, c, w in parts])
+        lead = parts[0].site.lead
+        scaled = jnp.asarray([p.weight * p.site.scale for p in parts])
         root = jnp.sqrt(jnp.abs(scaled))
         sub = None if key is None else jax.random.split(jax.random.fold_in(key, i))
         a = _combine_factor(
-            [p[LORA_A] for p, _, _ in parts],
+            [p.site.lora_a for p in parts],
             root * jnp.sign(scaled),
             lead,
             method,
@@ -268,7 +266,7 @@ def _factorwise(
             None if sub is None else sub[0],
         )
         b = _combine_factor(
-            [p[LORA_B] for p, _, _ in parts],
+            [p.site.lora_b for p in parts],
             root,
             lead,
             method,
@@ -280,10 +278,12 @@ def _factorwise(
     return _assemble(configs, out, saved, ranks.pop())
 
 
-def linear(adapters: Adapters, configs: Sequence[LoraConfig], weights: Sequence[float]):
+def linear(
+    adapters: Adapters, configs: Sequence[LoraConfig], weights: Sequence[float], *, base: Params
+):
     """Weighted sum of the A's and of the B's (same ranks): cheap, only approximately the sum
     of the updates (peft: "a very rough approximation")."""
-    return _factorwise("linear", adapters, configs, weights)
+    return _factorwise("linear", adapters, configs, weights, base=base)
 
 
 def ties(
@@ -292,17 +292,25 @@ def ties(
     weights: Sequence[float],
     density: float,
     majority_sign_method: str = "total",
+    *,
+    base: Params,
 ):
     """TIES-merging of each factor: keep the top `density` magnitudes, elect a sign per entry,
     average the entries that agree with it."""
-    return _factorwise("ties", adapters, configs, weights, density, majority_sign_method)
+    return _factorwise("ties", adapters, configs, weights, density, majority_sign_method,
+                       base=base)  # fmt: skip
 
 
 def magnitude_prune(
-    adapters: Adapters, configs: Sequence[LoraConfig], weights: Sequence[float], density: float
+    adapters: Adapters,
+    configs: Sequence[LoraConfig],
+    weights: Sequence[float],
+    density: float,
+    *,
+    base: Params,
 ):
     """Weighted sum of each factor after keeping its top `density` magnitudes."""
-    return _factorwise("magnitude_prune", adapters, configs, weights, density)
+    return _factorwise("magnitude_prune", adapters, configs, weights, density, base=base)
 
 
 def dare_linear(
@@ -311,9 +319,11 @@ def dare_linear(
     configs: Sequence[LoraConfig],
     weights: Sequence[float],
     density: float,
+    *,
+    base: Params,
 ):
     """DARE: drop entries at random (keep probability `density`), rescale by 1/density, sum."""
-    return _factorwise("dare_linear", adapters, configs, weights, density, key=key)
+    return _factorwise("dare_linear", adapters, configs, weights, density, key=key, base=base)
 
 
 def dare_ties(
@@ -323,9 +333,12 @@ def dare_ties(
     weights: Sequence[float],
     density: float,
     majority_sign_method: str = "total",
+    *,
+    base: Params,
 ):
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean."""
-    return _factorwise("dare_ties", adapters, configs, weights, density, majority_sign_method, key)
+    return _factorwise("dare_ties", adapters, configs, weights, density, majority_sign_method, key,
+                       base=base)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- svd
@@ -336,34 +349,36 @@ def svd(
     configs: Sequence[LoraConfig],
     weights: Sequence[float],
     rank: int | None = None,
+    *,
+    base: Params,
 ) -> tuple[dict[str, Any], LoraConfig, dict[str, jax.Array]]:
     """Σ wᵢ·sᵢ·Aᵢ·Bᵢ refactored to `rank` (default: the largest input rank) by truncated SVD,
     per layer. Also returns, per module path, the share of the update's energy (squared
     Frobenius norm) that the truncation discarded, one value per stacked layer."""
-    modules, saved = _checked(adapters, configs, weights)
-    rank = rank or max(r for a in adapters for r in _ranks(a))
+    modules, saved, ranks = _checked(adapters, configs, weights, base)
+    rank = rank or max(ranks)
     out, discarded = {}, {}
     for keys, parts in modules.items():
-        lead = _lead(parts[0][0])
-        a0, b0 = parts[0][0][LORA_A], parts[0][0][LORA_B]
+        first = parts[0].site
+        lead, a0, b0 = first.lead, first.lora_a, first.lora_b
         ins, outs = a0.shape[lead:-1], b0.shape[lead + 1 :]
         fan_in, fan_out = math.prod(ins), math.prod(outs)
         if rank > min(fan_in, fan_out):
-            raise ValueError(f"{path_str(keys)}: svd rank {rank} > min({fan_in}, {fan_out}).")
+            raise ValueError(f"{first.path}: svd rank {rank} > min({fan_in}, {fan_out}).")
         layers = a0.shape[:lead]
 
         delta = sum(
-            (w * _scale(keys, p, c))
+            (p.weight * p.site.scale)
             * jnp.matmul(
-                p[LORA_A].reshape(*layers, fan_in, -1).astype(jnp.float32),
-                p[LORA_B].reshape(*layers, -1, fan_out).astype(jnp.float32),
+                p.site.lora_a.reshape(*layers, fan_in, -1).astype(jnp.float32),
+                p.site.lora_b.reshape(*layers, -1, fan_out).astype(jnp.float32),
                 precision="highest",
             )
-            for p, c, w in parts
+            for p in parts
         )
         u, s, vt = jnp.linalg.svd(delta, full_matrices=False)
         energy = jnp.square(s)
-        discarded[path_str(keys)] = energy[..., rank:].sum(-1) / jnp.maximum(energy.sum(-1), 1e-30)
+        discarded[first.path] = energy[..., rank:].sum(-1) / jnp.maximum(energy.sum(-1), 1e-30)
         a = u[..., :rank] * s[..., None, :rank]
         b = vt[..., :rank, :]
         dtype = a0.dtype

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
+from lora_jax import variants
+
 # gaussian/kaiming: random A, B = 0. pissa/olora: A, B from W0's SVD/QR, W0 replaced by the
 # residual so the output is unchanged (they rewrite the base; see lj.init and lj.save_adapter).
-INITS = ("gaussian", "kaiming", "pissa", "olora")
-BASE_MODIFYING_INITS = ("pissa", "olora")
+INITS = tuple(variants.INITS)
 
 # Presets usable in `targets`. "all-linear" is resolved in code (every kernel but the output
 # head); "attention" is a regex over module paths.
@@ -107,7 +107,7 @@ class LoraConfig:
 
     def scale_for(self, path: str, rank: int) -> float:
         """The factor that multiplies A·B at this path: α/r, or α/√r with rsLoRA."""
-        return self.alpha_for(path) / (math.sqrt(rank) if self.use_rslora else rank)
+        return variants.scale(self.alpha_for(path), rank, self.use_rslora)
 
     def is_target(self, path: str, presets: bool = True) -> bool:
         """Whether the kernel at this module path gets an adapter (presets=False: regexes only)."""

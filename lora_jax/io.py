@@ -22,7 +22,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from lora_jax.config import BASE_MODIFYING_INITS, LoraConfig
+from lora_jax.config import LoraConfig
 from lora_jax.models.hub import (
     LEAF_TO_HF,
     Family,
@@ -32,7 +32,8 @@ from lora_jax.models.hub import (
     hf_names,
     hf_tensors,
 )
-from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_B, LORA_M, Params, attach
+from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_B, LORA_M, Params, combine
+from lora_jax.variants import BASE_MODIFYING_INITS
 
 PREFIX = "base_model.model."
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -139,7 +140,7 @@ def save_adapter(
 
     `hf_config` is the base's config.json (from `lj.models.from_pretrained`): it fixes the
     tensor names, the task type and GPT-2's fan_in_fan_out. Warns when vLLM could not serve it.
-    PiSSA/OLoRA inits rewrote the base, so pass `initial_adapter` (`lj.extract` of the tree
+    PiSSA/OLoRA inits rewrote the base, so pass `initial_adapter` (`lj.split(...)[0]` of the tree
     `lj.init` returned) to save the adapter relative to the original model, as peft does.
     """
     family, arch = family_of(hf_config)
@@ -148,7 +149,7 @@ def save_adapter(
     elif config.init in BASE_MODIFYING_INITS:
         warnings.warn(f"init={config.init!r} rewrote the base kernels, so this adapter fits only "
                       "that residual base, not the original model that peft and vLLM load. Pass "
-                      "initial_adapter= (lj.extract right after lj.init) to convert it.",
+                      "initial_adapter= (lj.split's adapter right after lj.init) to convert it.",
                       stacklevel=2)  # fmt: skip
     flat = traverse_util.flatten_dict(_params(adapter))
     tensors: dict[str, jax.Array] = {}
@@ -338,7 +339,7 @@ def load_adapter(directory: str | Path, base_params: Params) -> tuple[dict[str, 
     """(adapter tree, LoraConfig) from a peft LoRA directory, checked against `base_params`.
 
     Every tensor's shape is checked against the base before anything is returned; the base is
-    never modified. Attach the result with `lj.attach(base_params, adapter)`.
+    never modified. Put it on the base with `lj.combine(adapter, base_params)`.
     """
     directory = Path(directory)
     tensors, peft_config = _peft_files(directory)
@@ -364,7 +365,7 @@ def load_adapter(directory: str | Path, base_params: Params) -> tuple[dict[str, 
     flat, config = _assemble(lora, dotted, full, peft_config)
     adapter = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     adapter = {"params": adapter} if "params" in base_params else adapter
-    attach(base_params, adapter)  # every path and shape checked against the base
+    combine(adapter, base_params)  # every path and shape checked against the base
     return adapter, config
 
 

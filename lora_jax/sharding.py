@@ -18,7 +18,7 @@ from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lora_jax.quant import QuantizedKernel
-from lora_jax.tree import adapter_specs, path_str
+from lora_jax.tree import ADAPTER_LEAVES, adapter_specs, path_str
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = PartitionSpec(("data", "fsdp"))
@@ -95,7 +95,7 @@ def param_shardings(params: Any, mesh: Mesh, rules=RULES) -> Any:
     """NamedShardings for a tree with or without adapters: the base's by `rules`, each
     adapter leaf's derived from its kernel's (rank axis replicated)."""
     flat = traverse_util.flatten_dict(params)
-    base = {k: v for k, v in flat.items() if k[-1] not in ("lora_a", "lora_b", "lora_magnitude")}
+    base = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
     specs = adapter_specs(params, base_specs(traverse_util.unflatten_dict(base), mesh, rules))
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 

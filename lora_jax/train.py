@@ -33,7 +33,7 @@ from lora_jax.apply import kernel_layouts, lora_apply
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.config import LoraConfig
 from lora_jax.quant import quantize
-from lora_jax.tree import LORA_A, LORA_B, LORA_M, combine, init, merge, split
+from lora_jax.tree import ADAPTER_LEAVES, combine, init, merge, split
 
 QUICKSTART_DATA = "package:lora_jax/datasets/negation"
 SFT_DATA = "package:lora_jax/datasets/arithmetic"
@@ -268,7 +268,7 @@ def schedule(train: Mapping[str, Any]) -> optax.Schedule:
     )
 
 
-def optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:
+def adamw(train: Mapping[str, Any]) -> optax.GradientTransformation:
     """Clipping by global norm, then AdamW on the warmup + cosine schedule."""
     return optax.chain(
         optax.clip_by_global_norm(train["clip_norm"]),
@@ -300,7 +300,7 @@ def _head_only(tree: Any) -> Any:
     # Zeroes the LoRA factors' entries, keeping the fully trained modules (the head).
     def keep(path, leaf):
         name = getattr(path[-1], "key", None)
-        return jnp.zeros_like(leaf) if name in (LORA_A, LORA_B, LORA_M) else leaf
+        return jnp.zeros_like(leaf) if name in ADAPTER_LEAVES else leaf
 
     return jax.tree_util.tree_map_with_path(keep, tree)
 
@@ -408,7 +408,7 @@ def train(config: Mapping[str, Any], resume: bool = False, log: Callable = tqdm.
     train_cfg = config["train"]
     out = Path(config["output_dir"])
     main = jax.process_index() == 0
-    tx = optimizer(train_cfg)
+    tx = adamw(train_cfg)
     opt_shardings = optimizer_shardings(run, tx)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(run.adapter)
     ckpt_cfg = config["checkpoint"]

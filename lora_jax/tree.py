@@ -21,18 +21,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from flax import traverse_util
+from flax import struct, traverse_util
 from flax.core import meta
 from jax.sharding import PartitionSpec
 
-from lora_jax.config import BASE_MODIFYING_INITS, LoraConfig
+from lora_jax import variants
+from lora_jax.config import LoraConfig
+from lora_jax.variants import BASE_MODIFYING_INITS
 
 KERNEL = "kernel"
 LORA_A = "lora_a"
 LORA_B = "lora_b"
-LORA_M = "lora_magnitude"  # DoRA: lead + out, the learned norm of each output unit's weights
-ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_M)
+LORA_M = variants.MAGNITUDE
+ADAPTER_LEAVES = (LORA_A, LORA_B, *variants.EXTRA_LEAVES)
 LORA, FROZEN = "lora", "frozen"
 
 Params = Mapping[str, Any]
@@ -107,10 +110,13 @@ def adapter_layout(
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """One adapted module: its leaves and layout. The kernel is lead + in + out, lora_a
-    lead + in + (rank,), lora_b lead + (rank,) + out; magnitude is DoRA's (lead + out)."""
+    """One adapted module: its leaves and layout, the one record every other part reads.
 
-    path: str
+    The kernel is lead + in + out, lora_a lead + in + (rank,), lora_b lead + (rank,) + out
+    (lead: stacked-layer axes); magnitude is DoRA's (lead + out); scale multiplies A·B (None
+    when `sites` was given no config)."""
+
+    keys: Keys
     kernel: Any
     lora_a: Any
     lora_b: Any
@@ -119,11 +125,71 @@ class Site:
     n_in: int
     n_out: int
     rank: int
+    scale: float | None = None
+
+    @property
+    def path(self) -> str:
+        """The module path, '/'-joined, without a leading "params"."""
+        return path_str(self.keys)
 
 
-def sites(params: Params) -> list[Site]:
+class Bank(struct.PyTreeNode, meta.AxisMetadata):
+    """Several adapters' A (or B) side by side along the rank axis, `block` ranks each, their
+    scales folded in (`lj.compose.stack`). Only `lj.routed_apply` runs a bank: every other
+    function refuses it, since read as one adapter it would be the adapters' mean."""
+
+    value: jax.Array
+    block: int = struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.value.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.value.ndim
+
+    @property
+    def size(self) -> int:
+        return self.value.size
+
+    def unbox(self) -> jax.Array:
+        return self.value
+
+    def replace_boxed(self, val: jax.Array) -> Bank:
+        return self.replace(value=val)
+
+    # nn.scan slices and stacks the value itself; the box holds no axis names.
+    def add_axis(self, index: int, params: dict[Any, Any]) -> Bank:
+        return self
+
+    def remove_axis(self, index: int, params: dict[Any, Any]) -> Bank:
+        return self
+
+
+def refuse_bank(path: str, leaf: Any, what: str) -> None:
+    """A ValueError naming routed_apply when `leaf` is a Bank given to anything else."""
+    if isinstance(leaf, Bank):
+        raise ValueError(
+            f"{what}: {path} holds a bank of {leaf.shape[-1] // leaf.block} adapters "
+            "(lj.compose.stack), which only lj.routed_apply runs; read as one adapter it "
+            "would be their mean. Use lj.routed_apply, or pass the adapters themselves."
+        )
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    # Arrays, abstract ShapeDtypeStructs and boxes (quantized kernels, banks) all have .shape.
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
+def sites(params: Params, config: LoraConfig | None = None, what: str = "sites") -> list[Site]:
     """Every adapted module of a tree in path order, laid out by `adapter_layout`. Kernels may
-    be abstract (jax.ShapeDtypeStruct) or quantized: only their shapes are read here."""
+    be abstract (jax.ShapeDtypeStruct) or quantized: only their shapes are read here. With a
+    config, each site carries its scale. A bank (compose.stack) is refused, naming `what`."""
     found = []
     for keys, leaves in sorted(_adapted(_flatten(params)).items(), key=lambda kv: path_str(kv[0])):
         path = path_str(keys)
@@ -131,8 +197,10 @@ def sites(params: Params) -> list[Site]:
             raise ValueError(f"{path}: an adapted module needs kernel, lora_a and lora_b; it "
                              f"holds {sorted(leaves)}.")  # fmt: skip
         w, a, b = leaves[KERNEL], leaves[LORA_A], leaves[LORA_B]
-        layout = adapter_layout(path, tuple(w.shape), tuple(a.shape), tuple(b.shape))
-        found.append(Site(path, w, a, b, leaves.get(LORA_M), *layout))
+        refuse_bank(path, a, what)
+        layout = adapter_layout(path, _shape(w), _shape(a), _shape(b))
+        scale = None if config is None else config.scale_for(path, layout[-1])
+        found.append(Site(keys, w, a, b, leaves.get(LORA_M), *layout, scale))
     return found
 
 
@@ -152,73 +220,6 @@ def _kernel_layout(path: str, shape: tuple[int, ...], layouts: Layouts | None) -
         "with several input or output axes?). Pass layouts=lj.kernel_layouts(model, *inputs), "
         "or a dict {path: (n_in, n_out)}."
     )
-
-
-def _axes(w: jax.Array, lead: int, n_in: int) -> tuple[str, str, str]:
-    """einsum letters for a kernel's layer, input and output axes (r, s name the rank axes)."""
-    letters = "abcdefghijklmnopq"[: w.ndim]
-    return letters[:lead], letters[lead : lead + n_in], letters[lead + n_in :]
-
-
-def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
-    # einsum over the kernel's own axes, never a reshape: a reshape that merges sharded axes
-    # is refused under explicit sharding, and this keeps every axis's sharding as it was.
-    f32 = [x.astype(jnp.float32) for x in operands]
-    return jnp.einsum(spec, *f32, precision=jax.lax.Precision.HIGHEST)
-
-
-def _low_rank_update(w: jax.Array, a: jax.Array, b: jax.Array, lead: int, n_in: int) -> jax.Array:
-    """A·B in float32, kernel-shaped: the update that merge adds (not used in the forward)."""
-    layer, ins, outs = _axes(w, lead, n_in)
-    return _einsum(f"{layer}{ins}r,{layer}r{outs}->{layer}{ins}{outs}", a, b)
-
-
-def direction_norm(
-    w: jax.Array, a: jax.Array, b: jax.Array, scale: float, lead: int, n_in: int
-) -> jax.Array:
-    """||W0 + s·A·B|| over the input axes, one per output unit (shape lead + out), in float32.
-
-    DoRA's denominator, from ||W0||² + 2s·<AᵀW0, B> + s²·<(AᵀA)B, B>: thin matmuls only, so
-    the kernel-sized W0 + s·A·B is never formed. init, merge and the forward all use it.
-    """
-    layer, ins, outs = _axes(w, lead, n_in)
-    a_w = _einsum(f"{layer}{ins}r,{layer}{ins}{outs}->{layer}r{outs}", a, w)
-    gram = _einsum(f"{layer}{ins}r,{layer}{ins}s->{layer}rs", a, a)
-    gram_b = _einsum(f"{layer}rs,{layer}s{outs}->{layer}r{outs}", gram, b)
-    b32 = b.astype(jnp.float32)
-    cross, square = jnp.sum(b32 * a_w, axis=lead), jnp.sum(b32 * gram_b, axis=lead)
-    w2 = jnp.sum(jnp.square(w.astype(jnp.float32)), axis=tuple(range(lead, lead + n_in)))
-    return jnp.sqrt(jnp.maximum(w2 + 2 * scale * cross + scale**2 * square, 0.0))
-
-
-# ----------------------------------------------------------------------------- init
-
-
-def _init_a(key: jax.Array, shape: tuple[int, ...], fan_in: int, config: LoraConfig) -> jax.Array:
-    rank = shape[-1]
-    if config.init == "gaussian":  # peft's init_lora_weights="gaussian": N(0, 1/r)
-        return jax.random.normal(key, shape, config.dtype) / rank
-    # peft's default (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, config.dtype, -bound, bound)
-
-
-def _principal(
-    w: jax.Array, rank: int, scale: float, lead: int, n_in: int, kind: str
-) -> tuple[jax.Array, jax.Array]:
-    """PiSSA (top-r SVD) or OLoRA (QR) factors of W0 in float32, as peft computes them, such
-    that scale·A·B is the part of W0 they take over."""
-    layers, fan_in = math.prod(w.shape[:lead]), math.prod(w.shape[lead : lead + n_in])
-    w3 = w.reshape(layers, fan_in, -1).astype(jnp.float32)
-    if kind == "pissa":
-        u, s, vt = jnp.linalg.svd(w3, full_matrices=False)
-        root = jnp.sqrt(s[:, :rank] / scale)
-        a, b = u[:, :, :rank] * root[:, None, :], root[:, :, None] * vt[:, :rank, :]
-    else:  # olora: QR of the (out, in) weight, A = R[:r], B = Q[:, :r]
-        q, r = jnp.linalg.qr(jnp.swapaxes(w3, 1, 2))
-        a, b = jnp.swapaxes(r[:, :rank, :], 1, 2), jnp.swapaxes(q[:, :, :rank], 1, 2)
-    return (a.reshape(*w.shape[: lead + n_in], rank),
-            b.reshape(*w.shape[:lead], rank, *w.shape[lead + n_in :]))  # fmt: skip
 
 
 def _no_adapter(flat: Mapping[Keys, Any], what: str) -> None:
@@ -265,7 +266,7 @@ def init(
     At init A·B = 0, so the model computes exactly what the base does. With init="pissa" or
     "olora", A and B take W0's principal part (SVD / QR) and the kernel becomes the residual
     W0 − s·A·B (float32, then the kernel's dtype): same output, but a new base tree, so keep
-    `lj.extract` of this tree to convert the trained adapter for peft (`lj.save_adapter`).
+    this tree's adapter (`lj.split`) to convert the trained one for peft (`lj.save_adapter`).
     `layouts` says how many input/output axes each kernel has; it is only needed for kernels
     of more than two axes (stacked or DenseGeneral), and `lj.kernel_layouts(model, *inputs)`
     reads it off the model.
@@ -286,9 +287,9 @@ def init(
                 f"{path}: rank {rank} exceeds the kernel's smallest dimension "
                 f"min({fan_in}, {fan_out}) (shape {shape}, {n_in} input axes)."
             )
-        plans.append((keys, path, shape, lead, n_in, fan_in, rank))
+        plans.append((keys, path, lead, n_in, rank))
     new = dict(flat)
-    for keys, path, shape, lead, n_in, fan_in, rank in plans:
+    for keys, path, lead, n_in, rank in plans:
         w, scale = modules[keys][KERNEL], config.scale_for(path, rank)
         if config.init in BASE_MODIFYING_INITS and isinstance(w, meta.AxisMetadata):
             raise ValueError(
@@ -296,19 +297,15 @@ def init(
                 "run lj.init on the float base, then lj.quantize (the residual is quantized)."
             )
         w = meta.unbox(w)  # a quantized kernel: DoRA's norm needs its values
-        if config.init in BASE_MODIFYING_INITS:
-            a, b = _principal(w, rank, scale, lead, n_in, config.init)
-            w = _apply_delta(w, a, b, None, -scale, lead, n_in)  # the residual stays frozen
-            new[(*keys, KERNEL)] = w
-            a, b = a.astype(config.dtype), b.astype(config.dtype)
-        else:
-            sub = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-            a = _init_a(sub, (*shape[: lead + n_in], rank), fan_in, config)
-            b = jnp.zeros((*shape[:lead], rank, *shape[lead + n_in :]), config.dtype)
+        sub = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        init_fn = variants.INITS[config.init]
+        a, b, residual = init_fn(sub, w, rank, scale, lead, n_in, config.dtype)
+        if residual is not None:
+            w = new[(*keys, KERNEL)] = residual
         new[(*keys, LORA_A)], new[(*keys, LORA_B)] = a, b
-        if config.use_dora:  # m = ||W0|| per output unit, so the output is unchanged at init
-            m = direction_norm(w, a, b, scale, lead, n_in)
-            new[(*keys, LORA_M)] = m.astype(config.dtype)
+        if config.use_dora:
+            m = variants.initial_magnitude(w, a, b, scale, lead, n_in, config.dtype)
+            new[(*keys, LORA_M)] = m
     return _unflatten(new)
 
 
@@ -367,15 +364,22 @@ def split(params: Params, config: LoraConfig) -> tuple[dict[str, Any], dict[str,
     return _unflatten(adapter), _unflatten(base)
 
 
-def extract(params: Params, config: LoraConfig) -> dict[str, Any]:
-    """Only the trained leaves (adapters and modules_to_save), at their paths."""
-    return split(params, config)[0]
+def _groups(kernel: tuple, lead: int, n_in: int) -> dict[str, tuple]:
+    """A kernel's shape (or spec) cut into its layer, input and output axes."""
+    return {"lead": kernel[:lead], "in": kernel[lead : lead + n_in], "out": kernel[lead + n_in :]}
 
 
-def attach(base: Params, adapter: Params) -> dict[str, Any]:
-    """`base` with the adapter's leaves added, after checking every path and shape against it."""
+def _extra_axes(name: str, groups: dict[str, tuple]) -> tuple:
+    """A variant leaf's axes (e.g. DoRA's magnitude: lead + out) from the kernel's groups."""
+    return tuple(x for g in variants.EXTRA_LEAVES[name].split("+") for x in groups[g])
+
+
+def combine(adapter: Params, base: Params) -> dict[str, Any]:
+    """`base` with the adapter's leaves added, after checking every path and shape against it:
+    how an adapter (from `split`, `load_adapter` or `compose`) goes onto a base, and the exact
+    inverse of `split`: `combine(*split(params, config)) == params`."""
     flat_base, flat_adapter = _flatten(base), _flatten(adapter)
-    _no_adapter(flat_base, "attach")
+    _no_adapter(flat_base, "combine")
     base_modules = _modules(flat_base)
     for keys, leaves in _modules(flat_adapter).items():
         path = path_str(keys)
@@ -390,20 +394,19 @@ def attach(base: Params, adapter: Params) -> dict[str, Any]:
                     f"{path}: an adapter needs lora_a and lora_b beside a base "
                     f"kernel; adapter has {sorted(leaves)}, base {sorted(module)}."
                 )
-            w = module[KERNEL]
-            lead, n_in, *_ = adapter_layout(path, w.shape, leaves[LORA_A].shape,
-                                            leaves[LORA_B].shape)  # fmt: skip
-            out_shape = w.shape[:lead] + w.shape[lead + n_in :]
-            if LORA_M in leaves and leaves[LORA_M].shape != out_shape:
-                raise ValueError(
-                    f"{path}: lora_magnitude {leaves[LORA_M].shape} != the "
-                    f"kernel's output shape {out_shape}."
-                )
+            w = _shape(module[KERNEL])
+            lead, n_in, *_ = adapter_layout(path, w, _shape(leaves[LORA_A]),
+                                            _shape(leaves[LORA_B]))  # fmt: skip
+            for name in variants.EXTRA_LEAVES:
+                want = _extra_axes(name, _groups(w, lead, n_in))
+                if name in leaves and _shape(leaves[name]) != want:
+                    raise ValueError(f"{path}: {name} {_shape(leaves[name])} != the kernel's "
+                                     f"{variants.EXTRA_LEAVES[name]} axes {want}.")  # fmt: skip
         for name, leaf in leaves.items():
-            if name in module and jnp.shape(module[name]) != jnp.shape(leaf):
+            if name in module and _shape(module[name]) != _shape(leaf):
                 raise ValueError(
-                    f"{path}/{name}: adapter shape {jnp.shape(leaf)} != base shape "
-                    f"{jnp.shape(module[name])}."
+                    f"{path}/{name}: adapter shape {_shape(leaf)} != base shape "
+                    f"{_shape(module[name])}."
                 )
     merged = dict(flat_base)
     for keys, leaf in flat_adapter.items():
@@ -411,11 +414,6 @@ def attach(base: Params, adapter: Params) -> dict[str, Any]:
             merged.pop(keys[:-1], None)  # an emptied module dict is filled again
             merged[keys] = leaf
     return _unflatten(merged)
-
-
-def combine(adapter: Params, base: Params) -> dict[str, Any]:
-    """Inverse of `split`: `combine(*split(params, config)) == params`."""
-    return attach(base, adapter)
 
 
 def adapter_specs(params: Params, base_specs: Params) -> dict[str, Any]:
@@ -432,39 +430,22 @@ def adapter_specs(params: Params, base_specs: Params) -> dict[str, Any]:
             if keys not in specs:
                 raise ValueError(f"{path_str(keys)}: no spec in base_specs for this base leaf.")
             out[keys] = specs[keys]
-            continue
-        module = keys[:-1]
-        w, a, b = (flat[(*module, n)] for n in (KERNEL, LORA_A, LORA_B))
-        lead, n_in, _, _ = adapter_layout(path_str(module), w.shape, a.shape, b.shape)
-        kernel = specs.get((*module, KERNEL)) or ()
+    for site in sites(params, what="adapter_specs"):
+        kernel = specs.get((*site.keys, KERNEL)) or ()
         if isinstance(kernel, meta.AxisMetadata):  # a quantized kernel's specs: take its codes'
             kernel = jax.tree.leaves(kernel)[0]
         kernel = tuple(kernel)
-        kernel += (None,) * (w.ndim - len(kernel))  # a spec may leave trailing axes out
-        layer, ins, outs = kernel[:lead], kernel[lead : lead + n_in], kernel[lead + n_in :]
-        axes = {
-            LORA_A: (*layer, *ins, None),
-            LORA_B: (*layer, None, *outs),
-            LORA_M: (*layer, *outs),
-        }
-        out[keys] = PartitionSpec(*axes[keys[-1]])
+        kernel += (None,) * (len(_shape(site.kernel)) - len(kernel))  # trailing axes left out
+        g = _groups(kernel, site.lead, site.n_in)
+        out[(*site.keys, LORA_A)] = PartitionSpec(*g["lead"], *g["in"], None)
+        out[(*site.keys, LORA_B)] = PartitionSpec(*g["lead"], None, *g["out"])
+        for name in variants.EXTRA_LEAVES:
+            if (*site.keys, name) in flat:
+                out[(*site.keys, name)] = PartitionSpec(*_extra_axes(name, g))
     return _unflatten(out)
 
 
 # ----------------------------------------------------------------------------- merge
-
-
-def _with_delta(
-    w: jax.Array, a: jax.Array, b: jax.Array, m: jax.Array | None, scale: jax.Array, lead: int,
-    n_in: int,
-) -> jax.Array:  # fmt: skip
-    """W0 + s·A·B in float32 (DoRA: rescaled to m per output unit), cast to w's dtype."""
-    delta = _low_rank_update(w, a, b, lead, n_in)
-    v = w.astype(jnp.float32) + scale * delta
-    if m is not None:
-        ratio = m.astype(jnp.float32) / direction_norm(w, a, b, scale, lead, n_in)
-        v = v * jnp.expand_dims(ratio, tuple(range(lead, lead + n_in)))
-    return v.astype(w.dtype)
 
 
 def _apply_delta(w, a, b, m, scale: float, lead: int, n_in: int) -> jax.Array:
@@ -472,32 +453,23 @@ def _apply_delta(w, a, b, m, scale: float, lead: int, n_in: int) -> jax.Array:
     # sharded as it was; inside one, the caller's jit decides.
     concrete = isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer)
     pin = {"out_shardings": w.sharding} if concrete else {}
-    fn = jax.jit(_with_delta, static_argnames=("lead", "n_in"), **pin)
+    fn = jax.jit(variants.merged_kernel, static_argnames=("lead", "n_in"), **pin)
     return fn(w, a, b, m, jnp.float32(scale), lead=lead, n_in=n_in)
 
 
-def _fold(
-    params: Params, adapter_flat: Mapping[Keys, Any], config: LoraConfig, sign: float, what: str
-) -> dict[str, Any]:
-    """Adds sign·(α/r)·A·B from the adapter's modules into the kernels of `params`."""
-    flat = _flatten(params)
-    adapted = _adapted(adapter_flat)
-    if not adapted:
+def _fold(params: Params, config: LoraConfig, sign: float, what: str) -> dict[str, Any]:
+    """Adds sign·s·A·B into the kernel of every adapted module and drops the adapter leaves."""
+    found = sites(params, config, what)
+    if not found:
         raise ValueError(f"{what}: the tree holds no lora_a/lora_b leaves.")
-    out = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
-    for keys, leaves in adapted.items():
-        path = path_str(keys)
-        if (*keys, KERNEL) not in flat or not all(n in leaves for n in (LORA_A, LORA_B)):
-            raise ValueError(f"{what}: {path} needs a kernel, lora_a and lora_b.")
-        if sign < 0 and LORA_M in leaves:
-            raise ValueError(
-                f"unmerge: {path} is a DoRA adapter; its merge rescaled each output unit by "
-                "m/||W0 + s·A·B||, which cannot be inverted without W0. Keep the base instead."
-            )
-        w, a, b = meta.unbox(flat[(*keys, KERNEL)]), leaves[LORA_A], leaves[LORA_B]
-        lead, n_in, _, rank = adapter_layout(path, w.shape, a.shape, b.shape)
-        scale = sign * config.scale_for(path, rank)
-        out[(*keys, KERNEL)] = _apply_delta(w, a, b, leaves.get(LORA_M), scale, lead, n_in)
+    out = {k: v for k, v in _flatten(params).items() if k[-1] not in ADAPTER_LEAVES}
+    for site in found:
+        if sign < 0:
+            variants.refuse_unmerge(site.path, site.magnitude)
+        w, scale = meta.unbox(site.kernel), sign * site.scale
+        out[(*site.keys, KERNEL)] = _apply_delta(
+            w, site.lora_a, site.lora_b, site.magnitude, scale, site.lead, site.n_in
+        )
     return _unflatten(out)
 
 
@@ -512,7 +484,7 @@ def merge(params: Params, config: LoraConfig) -> dict[str, Any]:
     The sum is formed in float32 and rounded once to the kernel's dtype, so a bfloat16 base is
     within one bfloat16 rounding of the float32 merge. Pure and jitted per kernel.
     """
-    return _fold(params, _flatten(params), config, 1.0, "merge")
+    return _fold(params, config, 1.0, "merge")
 
 
 def unmerge(merged: Params, adapter: Params, config: LoraConfig) -> dict[str, Any]:
@@ -523,7 +495,9 @@ def unmerge(merged: Params, adapter: Params, config: LoraConfig) -> dict[str, An
     bfloat16 cannot be undone). modules_to_save leaves keep their trained values.
     """
     _no_adapter(_flatten(merged), "unmerge")
-    return _fold(merged, _flatten(adapter), config, -1.0, "unmerge")
+    # Only the factors are subtracted: modules_to_save keep the merged tree's (trained) values.
+    factors = {k: v for k, v in _flatten(adapter).items() if k[-1] in ADAPTER_LEAVES}
+    return _fold(combine(_unflatten(factors), merged), config, -1.0, "unmerge")
 
 
 # ----------------------------------------------------------------------------- summary

@@ -1,6 +1,7 @@
 """Adapter composition against numpy float64 references on the full update matrices, and
 against peft's add_weighted_adapter (PyTorch peer) for the deterministic methods."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ LAYOUTS = lj.kernel_layouts(MODEL, X)
 
 def adapter(config, seed):
     params = lj.init(jax.random.key(seed), BASE, config, LAYOUTS)
-    return lj.extract(randomize_adapters(params, jax.random.key(seed + 100), 0.3), config)
+    return lj.split(randomize_adapters(params, jax.random.key(seed + 100), 0.3), config)[0]
 
 
 def updates(adapter, config):
@@ -44,16 +45,16 @@ WEIGHTS = [0.7, -1.3]
 
 def test_cat_is_the_exact_weighted_sum_and_runs_under_jit():
     adapters = [adapter(c, i) for i, c in enumerate(TWO)]
-    got, config = compose.cat(adapters, TWO, WEIGHTS)
+    got, config = compose.cat(adapters, TWO, WEIGHTS, base=BASE)
     assert config.rank == config.alpha == 5 and not config.use_rslora
     want = [updates(a, c) for a, c in zip(adapters, TWO, strict=True)]
     for path, delta in updates(got, config).items():
         np.testing.assert_allclose(delta, WEIGHTS[0] * want[0][path] + WEIGHTS[1] * want[1][path],
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
-    jitted = jax.jit(lambda ads: compose.cat(ads, TWO, WEIGHTS)[0])(adapters)
+    jitted = jax.jit(lambda ads: compose.cat(ads, TWO, WEIGHTS, base=BASE)[0])(adapters)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.allclose(x, y)), jitted, got))
     # The composed adapter runs like any other: factored forward equals the merged model.
-    params = lj.attach(BASE, got)
+    params = lj.combine(got, BASE)
     factored = lj.lora_apply(MODEL.apply, config)(params, X)
     np.testing.assert_allclose(factored, MODEL.apply(lj.merge(params, config), X), rtol=1e-4,
                                atol=1e-4)  # fmt: skip
@@ -61,7 +62,7 @@ def test_cat_is_the_exact_weighted_sum_and_runs_under_jit():
 
 def test_svd_is_the_best_rank_r_approximation_and_reports_discarded_energy():
     adapters = [adapter(c, i) for i, c in enumerate(TWO)]
-    got, config, discarded = compose.svd(adapters, TWO, WEIGHTS, rank=2)
+    got, config, discarded = compose.svd(adapters, TWO, WEIGHTS, rank=2, base=BASE)
     want = [updates(a, c) for a, c in zip(adapters, TWO, strict=True)]
     for path, delta in updates(got, config).items():
         total = WEIGHTS[0] * want[0][path] + WEIGHTS[1] * want[1][path]
@@ -72,7 +73,7 @@ def test_svd_is_the_best_rank_r_approximation_and_reports_discarded_energy():
         np.testing.assert_allclose(discarded[path], energy[:, 2:].sum(-1) / energy.sum(-1),
                                    rtol=1e-4, atol=1e-6)  # fmt: skip
     assert max(float(d.max()) for d in discarded.values()) > 0.01  # rank 5 -> 2 loses some
-    _, _, none_lost = compose.svd(adapters, TWO, WEIGHTS, rank=5)
+    _, _, none_lost = compose.svd(adapters, TWO, WEIGHTS, rank=5, base=BASE)
     assert max(float(d.max()) for d in none_lost.values()) < 1e-6
 
 
@@ -105,7 +106,7 @@ def reference_factor(method, factors, weights, density):
 def test_factorwise_methods_match_numpy(method):
     adapters = [adapter(c, i) for i, c in enumerate(SAME)]
     kwargs = {} if method == "linear" else {"density": 0.5}
-    got, _ = getattr(compose, method)(adapters, SAME, WEIGHTS, **kwargs)
+    got, _ = getattr(compose, method)(adapters, SAME, WEIGHTS, **kwargs, base=BASE)
     flat = [_adapted(_flatten(a)) for a in adapters]
     for keys, leaves in _adapted(_flatten(got)).items():
         parts = [(f[keys], c, w) for f, c, w in zip(flat, SAME, WEIGHTS, strict=True) if keys in f]
@@ -123,10 +124,12 @@ def test_factorwise_methods_match_numpy(method):
 def test_dare_drops_at_random_and_rescales():
     adapters = [adapter(SAME[0], 0)]
     key = jax.random.key(7)
-    got, _ = compose.dare_linear(key, adapters, SAME[:1], [1.0], density=0.25)
-    again, _ = compose.dare_linear(key, adapters, SAME[:1], [1.0], density=0.25)
-    other, _ = compose.dare_linear(jax.random.key(8), adapters, SAME[:1], [1.0], density=0.25)
-    full, _ = compose.linear(adapters, SAME[:1], [1.0])
+    got, _ = compose.dare_linear(key, adapters, SAME[:1], [1.0], density=0.25, base=BASE)
+    again, _ = compose.dare_linear(key, adapters, SAME[:1], [1.0], density=0.25, base=BASE)
+    other, _ = compose.dare_linear(
+        jax.random.key(8), adapters, SAME[:1], [1.0], density=0.25, base=BASE
+    )
+    full, _ = compose.linear(adapters, SAME[:1], [1.0], base=BASE)
     kept = fraction = 0.0
     for keys, leaves in _adapted(_flatten(got)).items():
         for name in ("lora_a", "lora_b"):
@@ -138,14 +141,14 @@ def test_dare_drops_at_random_and_rescales():
     assert 0.2 < kept / fraction < 0.3  # ~1,600 entries, keep probability 0.25
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), got, again))
     assert not jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), got, other))
-    dense, _ = compose.dare_ties(key, adapters, SAME[:1], [1.0], density=1.0)
-    ties, _ = compose.ties(adapters, SAME[:1], [1.0], density=1.0)
+    dense, _ = compose.dare_ties(key, adapters, SAME[:1], [1.0], density=1.0, base=BASE)
+    ties, _ = compose.ties(adapters, SAME[:1], [1.0], density=1.0, base=BASE)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.allclose(x, y)), dense, ties))
 
 
 def test_scale_and_negate_are_task_arithmetic():
     a = adapter(TWO[0], 0)
-    cancelled, config = compose.cat([a, compose.negate(a)], [TWO[0]] * 2, [1.0, 1.0])
+    cancelled, config = compose.cat([a, compose.negate(a)], [TWO[0]] * 2, [1.0, 1.0], base=BASE)
     assert all(np.abs(d).max() < 1e-6 for d in updates(cancelled, config).values())
     for path, delta in updates(compose.scale(a, 2.5), TWO[0]).items():
         np.testing.assert_allclose(delta, 2.5 * updates(a, TWO[0])[path], rtol=1e-5, atol=1e-6)
@@ -154,16 +157,16 @@ def test_scale_and_negate_are_task_arithmetic():
 def test_bad_compositions_are_refused():
     a, b = adapter(TWO[0], 0), adapter(TWO[1], 1)
     with pytest.raises(ValueError, match="same rank; got ranks \\[2, 3\\]"):
-        compose.linear([a, b], TWO, WEIGHTS)
+        compose.linear([a, b], TWO, WEIGHTS, base=BASE)
     with pytest.raises(ValueError, match="one weight per adapter"):
-        compose.cat([a, b], TWO, [1.0])
+        compose.cat([a, b], TWO, [1.0], base=BASE)
     with pytest.raises(ValueError, match="pass a PRNG key"):
-        compose.dare_linear(None, [a], TWO[:1], [1.0], 0.5)
+        compose.dare_linear(None, [a], TWO[:1], [1.0], 0.5, base=BASE)
     with pytest.raises(ValueError, match=r"density is 1\.5"):
-        compose.ties([a], TWO[:1], [1.0], density=1.5)
+        compose.ties([a], TWO[:1], [1.0], density=1.5, base=BASE)
     dora = lj.LoraConfig(rank=2, targets=("all-linear",), use_dora=True)
     with pytest.raises(ValueError, match="DoRA adapters cannot be composed"):
-        compose.cat([adapter(dora, 2)], [dora], [1.0])
+        compose.cat([adapter(dora, 2)], [dora], [1.0], base=BASE)
 
 
 PEFT_METHODS = {
@@ -207,10 +210,10 @@ def test_composition_matches_peft_add_weighted_adapter(checkpoints, peft_pair, m
     loaded = [lj.load_adapter(peft_pair / f"a{i}", params) for i in range(2)]
     ours_kwargs, peft_kwargs = PEFT_METHODS[method]
     result = getattr(compose, method)(
-        [a for a, _ in loaded], [c for _, c in loaded], WEIGHTS, **ours_kwargs
+        [a for a, _ in loaded], [c for _, c in loaded], WEIGHTS, **ours_kwargs, base=params
     )
     composed, config = result[0], result[1]
-    ours = np.asarray(lj.lora_apply(model.apply, config)(lj.attach(params, composed), ids))
+    ours = np.asarray(lj.lora_apply(model.apply, config)(lj.combine(composed, params), ids))
     peer = peft.PeftModel.from_pretrained(peft_base(checkpoints), peft_pair / "a0",
                                           adapter_name="a0")  # fmt: skip
     peer.load_adapter(peft_pair / "a1", adapter_name="a1")
@@ -223,3 +226,38 @@ def test_composition_matches_peft_add_weighted_adapter(checkpoints, peft_pair, m
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale)
     base = np.asarray(model.apply(params, ids))
     assert np.abs(ours - base).max() > 10 * 1e-4 * scale  # the composition is not a no-op
+
+
+class TwoInputAxes(nn.Module):
+    """A kernel (2, 5, 2) with two input axes: rank-2 factors A (2, 5, 2), B (2, 2) also read
+    as one stacked layer of a (5 -> 2) kernel, so only the base says which layout is meant."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.DenseGeneral(2, axis=(-2, -1), name="proj")(x)
+
+
+def test_layout_comes_from_the_base_where_factor_shapes_read_two_ways():
+    model, x = TwoInputAxes(), jax.random.normal(jax.random.key(0), (3, 2, 5))
+    base = model.init(jax.random.key(1), x)
+    config = lj.LoraConfig(rank=2, alpha=2.0, targets=("proj",))
+    layouts = lj.kernel_layouts(model, x)
+    adapters = [
+        lj.split(randomize_adapters(lj.init(jax.random.key(i), base, config, layouts),
+                                    jax.random.key(5 + i), 0.5), config)[0]
+        for i in range(2)
+    ]  # fmt: skip
+    got, cat_config = compose.cat(adapters, [config] * 2, [1.0, -0.5], base=base)
+    assert got["params"]["proj"]["lora_b"].shape == (4, 2)  # ranks joined on B's first axis
+    want = sum(
+        w * np.einsum("ijr,ro->ijo", *(np.asarray(a["params"]["proj"][n], np.float64)
+                                       for n in ("lora_a", "lora_b")))
+        for w, a in zip([1.0, -0.5], adapters, strict=True)
+    )  # fmt: skip
+    p = got["params"]["proj"]
+    np.testing.assert_allclose(np.einsum("ijr,ro->ijo", p["lora_a"], p["lora_b"]), want,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    params = lj.combine(got, base)
+    np.testing.assert_allclose(lj.lora_apply(model.apply, cat_config)(params, x),
+                               model.apply(lj.merge(params, cat_config), x), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip

@@ -113,11 +113,11 @@ def test_target_both_adapted_and_saved(stack):
 
 def test_attach_with_wrong_shape(stack):
     variables, _, params = stack
-    adapter = lj.extract(params, CONFIG)
+    adapter = lj.split(params, CONFIG)[0]
     bad = jax.tree.map(lambda v: v, adapter)
     bad["params"]["layers"]["up_proj"]["lora_a"] = jnp.zeros((3, 15, 4))
     raises(
-        lambda: lj.attach(variables, bad),
+        lambda: lj.combine(bad, variables),
         variables,
         r"layers/up_proj: lora_a \(3, 15, 4\) and lora_b \(3, 4, 24\) do not fit kernel "
         r"\(3, 16, 24\)",
@@ -126,22 +126,22 @@ def test_attach_with_wrong_shape(stack):
 
 def test_attach_with_unknown_path(stack):
     variables, _, params = stack
-    adapter = lj.extract(params, CONFIG)
+    adapter = lj.split(params, CONFIG)[0]
     adapter["params"]["layers"]["missing"] = adapter["params"]["layers"]["up_proj"]
-    raises(lambda: lj.attach(variables, adapter), variables, "layers/missing: .*no such module")
+    raises(lambda: lj.combine(adapter, variables), variables, "layers/missing: .*no such module")
 
 
 def test_attach_with_half_an_adapter(stack):
     variables, _, params = stack
-    adapter = lj.extract(params, CONFIG)
+    adapter = lj.split(params, CONFIG)[0]
     del adapter["params"]["layers"]["up_proj"]["lora_b"]
-    raises(lambda: lj.attach(variables, adapter), variables, "layers/up_proj: an adapter needs")
+    raises(lambda: lj.combine(adapter, variables), variables, "layers/up_proj: an adapter needs")
 
 
 def test_combine_onto_a_tree_that_already_has_an_adapter(stack):
     _, _, params = stack
-    adapter = lj.extract(params, CONFIG)
-    raises(lambda: lj.combine(adapter, params), params, "attach: the tree already holds")
+    adapter = lj.split(params, CONFIG)[0]
+    raises(lambda: lj.combine(adapter, params), params, "combine: the tree already holds")
 
 
 def test_combine_with_mismatched_saved_module():
@@ -152,7 +152,7 @@ def test_combine_with_mismatched_saved_module():
     adapter, _ = lj.split(params, config)
     adapter["params"]["lm_head"]["kernel"] = jnp.zeros((16, 12))
     raises(
-        lambda: lj.attach(variables, adapter),
+        lambda: lj.combine(adapter, variables),
         variables,
         r"lm_head/kernel: adapter shape \(16, 12\) != base shape \(16, 11\)",
     )
@@ -165,7 +165,7 @@ def test_merge_without_adapter(stack):
 
 def test_unmerge_of_a_tree_still_holding_the_adapter(stack):
     _, _, params = stack
-    adapter = lj.extract(params, CONFIG)
+    adapter = lj.split(params, CONFIG)[0]
     raises(lambda: lj.unmerge(params, adapter, CONFIG), params, "unmerge: the tree already holds")
 
 

@@ -74,7 +74,7 @@ def test_greedy_with_an_adapter_matches_peft(lively, name, tmp_path):
     want = hf_generate(peer, PROMPTS)
     model, params, _ = models.from_pretrained(lively / name)
     adapter, config = lj.load_adapter(tmp_path, params)
-    params = lj.attach(params, adapter)
+    params = lj.combine(adapter, params)
     apply = lj.lora_apply(model.apply, config)
     factored = lj.generate(model, params, PROMPTS, max_new_tokens=NEW, apply_fn=apply,
                            **special(peer))  # fmt: skip
@@ -93,17 +93,17 @@ def test_routed_generation_gives_each_row_its_own_adapter(lively):
     configs = [lj.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj")),
                lj.LoraConfig(rank=4, alpha=8.0, targets=("all-linear",))]  # fmt: skip
     adapters = [
-        lj.extract(randomize_adapters(lj.init(jax.random.key(i), params, c, layouts),
-                                      jax.random.key(9 + i), 0.5), c)
+        lj.split(randomize_adapters(lj.init(jax.random.key(i), params, c, layouts),
+                                      jax.random.key(9 + i), 0.5), c)[0]
         for i, c in enumerate(configs)
     ]  # fmt: skip
-    stacked, config = compose.stack(adapters, configs)
+    stacked, config = compose.stack(adapters, configs, base=params)
     ids = np.array([1, -1, 0])
     routed = functools.partial(lj.routed_apply(model.apply, config), adapter_ids=ids)
-    got = lj.generate(model, lj.attach(params, stacked), PROMPTS, max_new_tokens=NEW,
+    got = lj.generate(model, lj.combine(stacked, params), PROMPTS, max_new_tokens=NEW,
                       apply_fn=routed)  # fmt: skip
     for row, k in enumerate(ids):
-        alone = params if k < 0 else lj.merge(lj.attach(params, adapters[k]), configs[k])
+        alone = params if k < 0 else lj.merge(lj.combine(adapters[k], params), configs[k])
         want = lj.generate(model, alone, PROMPTS[row : row + 1], max_new_tokens=NEW)
         np.testing.assert_array_equal(got[row : row + 1], want)
     assert (got[0] != got[2]).any()

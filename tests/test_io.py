@@ -142,7 +142,7 @@ def test_peft_adapter_loads_with_equal_logits(checkpoints, peft_adapter, name):
     peer, directory = peft_adapter(name)
     model, params, _ = models.from_pretrained(checkpoints / name)
     adapter, config = lj.load_adapter(directory, params)
-    ours = lj.lora_apply(model.apply, config)(lj.attach(params, adapter), jnp.asarray(IDS))
+    ours = lj.lora_apply(model.apply, config)(lj.combine(adapter, params), jnp.asarray(IDS))
     ours = np.asarray(ours[0] if isinstance(ours, tuple) else ours)  # BertModel: (hidden, pooled)
     theirs = peer_logits(peer)
     scale = np.abs(theirs).max()  # RoBERTa's head outputs ~0.02, LMs' ~1: compare relatively
@@ -211,7 +211,7 @@ def test_vllm_friendly_adapter_saves_without_warnings(checkpoints, tmp_path, rec
     model, params, hf_config = models.from_pretrained(checkpoints / "llama")
     config = lj.LoraConfig(rank=8, targets=("q_proj", "v_proj"))
     adapted = lj.init(jax.random.key(0), params, config, lj.kernel_layouts(model, jnp.asarray(IDS)))
-    lj.save_adapter(tmp_path, lj.extract(adapted, config), config, hf_config=hf_config)
+    lj.save_adapter(tmp_path, lj.split(adapted, config)[0], config, hf_config=hf_config)
     assert not [w for w in recwarn if "vLLM" in str(w.message)]
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert written["target_modules"] == ["q_proj", "v_proj"] and written["rank_pattern"] == {}

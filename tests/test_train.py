@@ -199,11 +199,11 @@ def test_packed_rows_give_the_loss_of_one_example_per_row(sft, tmp_path):
 
 
 def test_compiled_step_has_no_weight_gradient_for_frozen_kernels(sft, tmp_path):
-    from lora_jax.train import make_train_step, optimizer, optimizer_shardings
+    from lora_jax.train import adamw, make_train_step, optimizer_shardings
 
     config = load_config(LLAMA_SFT, overrides(sft, tmp_path, **{"lora.rank": 4}))
     run = Run(config)
-    tx = optimizer(config["train"])
+    tx = adamw(config["train"])
     state = jax.eval_shape(tx.init, run.adapter)
     step = make_train_step(run, tx, optimizer_shardings(run, tx), head_only=False)
     batch = run.batch(next(data_lib.Batches(run.data["train"], 8, 0)), 8)

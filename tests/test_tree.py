@@ -1,5 +1,6 @@
 """init / partition / split / merge / unmerge / summary / optimizer on parameter trees."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,7 +111,7 @@ def test_partition_labels_and_optimizer_state_is_adapter_only():
     labels = flat(lj.partition(params, config))
     trained = {k for k, v in labels.items() if v == "lora"}
     assert trained == {k for k in labels if "lora_" in k or "lm_head" in k}
-    adapter = lj.extract(params, config)
+    adapter = lj.split(params, config)[0]
     adapter_size = sum(v.size for v in jax.tree.leaves(adapter))
     tx = lj.optimizer(optax.adam(1e-2), params, config)
     state = tx.init(params)
@@ -144,14 +145,14 @@ def test_optimizer_steps_move_adapter_and_leave_base_bit_identical():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_split_combine_and_extract_attach_are_exact_inverses(name):
+def test_split_and_combine_are_exact_inverses(name):
     model, make_input = CASES[name]
     x = make_input(jax.random.key(0))
     config = lj.LoraConfig(rank=2, targets=("all-linear",), modules_to_save=("lm_head",))
     variables = model.init(jax.random.key(1), x)
     params = lj.init(jax.random.key(2), variables, config, lj.kernel_layouts(model, x))
     adapter, base = lj.split(params, config)
-    assert jax.tree.structure(lj.combine(adapter, base)) == jax.tree.structure(params)
+    chex.assert_trees_all_equal_structs(lj.combine(adapter, base), params)
     assert all(
         a is b
         for a, b in zip(
@@ -160,8 +161,8 @@ def test_split_combine_and_extract_attach_are_exact_inverses(name):
     )
     assert all("lora_" in k or "lm_head" in k for k in flat(adapter))
     assert not any("lora_" in k or "lm_head" in k for k in flat(base))
-    # An extracted adapter attaches to a freshly loaded base, replacing the saved modules.
-    attached = lj.attach(variables, lj.extract(params, config))
+    # The adapter alone goes onto a freshly loaded base, replacing the saved modules.
+    attached = lj.combine(adapter, variables)
     assert flat(attached).keys() == flat(params).keys()
     assert all(flat(attached)[k] is v for k, v in flat(params).items())
 
@@ -189,7 +190,7 @@ def test_merge_gives_the_base_structure_and_matches_float64():
 def test_unmerge_restores_float32_base_within_documented_bound():
     _, _, variables, params = stack_params()
     params = randomize_adapters(params, jax.random.key(3), scale=0.5)
-    adapter = lj.extract(params, CONFIG)
+    adapter = lj.split(params, CONFIG)[0]
     restored = lj.unmerge(lj.merge(params, CONFIG), adapter, CONFIG)
     assert jax.tree.structure(restored) == jax.tree.structure(variables)
     eps = 2.0**-24
@@ -199,7 +200,7 @@ def test_unmerge_restores_float32_base_within_documented_bound():
         bound = 2 * eps * (np.abs(w0) + 2 * delta) + 1e-30
         assert np.all(np.abs(np.asarray(flat(restored)[key], np.float64) - w0) <= bound), key
     # Round trip: attach the adapter again and the model is back to the trained one.
-    assert flat(lj.attach(restored, adapter)).keys() == flat(params).keys()
+    assert flat(lj.combine(adapter, restored)).keys() == flat(params).keys()
 
 
 def test_bfloat16_merge_is_within_one_rounding_of_float32_merge():
@@ -214,7 +215,7 @@ def test_bfloat16_merge_is_within_one_rounding_of_float32_merge():
         # One round-to-nearest to bfloat16: |err| <= 2^-8 |ref| (8 significand bits).
         err = np.abs(np.asarray(got, np.float32) - ref)
         assert np.all(err <= 2.0**-8 * np.abs(ref) + 1e-38), key
-    restored = flat(lj.unmerge(lj.merge(params, CONFIG), lj.extract(params, CONFIG), CONFIG))
+    restored = flat(lj.unmerge(lj.merge(params, CONFIG), lj.split(params, CONFIG)[0], CONFIG))
     for key, w0 in flat(variables).items():
         bound = 2 * 2.0**-8 * np.abs(reference[key]) + 1e-38
         assert np.all(
@@ -302,7 +303,7 @@ def test_adapter_specs_follow_each_kernel_and_train_sharded():
     placed = jax.device_put(params, shardings)
     a = placed["params"]["layers"]["up_proj"]["lora_a"]
     assert {s.data.shape for s in a.addressable_shards} == {(3, 4, 4)}  # 16 inputs over 4
-    adapter_shardings = lj.extract(shardings, config)
+    adapter_shardings = lj.split(shardings, config)[0]
     apply = lj.lora_apply(model.apply, config)
     loss = lambda adapter, base: jnp.mean(apply(lj.combine(adapter, base), x) ** 2)  # noqa: E731
     adapter, base_params = lj.split(placed, config)
@@ -311,6 +312,5 @@ def test_adapter_specs_follow_each_kernel_and_train_sharded():
     value, grads = grad(adapter, base_params)
     ref_value, ref_grads = jax.value_and_grad(loss)(*lj.split(params, config))
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
     assert grads["params"]["layers"]["up_proj"]["lora_a"].sharding.spec == P(None, "fsdp", None)

@@ -116,7 +116,7 @@ def test_dora_unmerge_is_refused():
     config = lj.LoraConfig(rank=2, targets=(".*",), use_dora=True)
     _, _, params = dense_layer(config)
     with pytest.raises(ValueError, match="DoRA adapter; its merge rescaled"):
-        lj.unmerge(lj.merge(params, config), lj.extract(params, config), config)
+        lj.unmerge(lj.merge(params, config), lj.split(params, config)[0], config)
 
 
 def test_lora_plus_scales_b_updates_by_the_ratio():
@@ -156,7 +156,9 @@ def test_rslora_dora_adapter_round_trips_with_peft(checkpoints, tmp_path):
     adapted = randomize_adapters(adapted, jax.random.key(1), scale=0.3)
     ours = np.asarray(lj.lora_apply(model.apply, config)(adapted, jnp.asarray(IDS)))
     with pytest.warns(UserWarning, match="vLLM does not serve DoRA"):
-        lj.save_adapter(tmp_path / "ours", lj.extract(adapted, config), config, hf_config=hf_config)
+        lj.save_adapter(
+            tmp_path / "ours", lj.split(adapted, config)[0], config, hf_config=hf_config
+        )
     peer = PEERS["llama"][1].from_pretrained(directory).eval()
     theirs = peer_logits(peft.PeftModel.from_pretrained(peer, tmp_path / "ours").eval())
     scale = np.abs(theirs).max()
@@ -171,7 +173,7 @@ def test_rslora_dora_adapter_round_trips_with_peft(checkpoints, tmp_path):
     peer.save_pretrained(tmp_path / "theirs")
     adapter, loaded = lj.load_adapter(tmp_path / "theirs", params)
     assert loaded.use_dora and loaded.use_rslora
-    ours = lj.lora_apply(model.apply, loaded)(lj.attach(params, adapter), jnp.asarray(IDS))
+    ours = lj.lora_apply(model.apply, loaded)(lj.combine(adapter, params), jnp.asarray(IDS))
     theirs = peer_logits(peer)
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max())
 
@@ -227,9 +229,9 @@ def test_principal_init_adapters_convert_for_peft(checkpoints, tmp_path, kind):
     trained = randomize_adapters(start, jax.random.key(1), scale=0.1)  # stands in for training
     ours = np.asarray(lj.lora_apply(model.apply, config)(trained, jnp.asarray(IDS)))
     with pytest.warns(UserWarning, match="fits only that residual base"):
-        lj.save_adapter(tmp_path / "raw", lj.extract(trained, config), config, hf_config=hf_config)
-    lj.save_adapter(tmp_path / "converted", lj.extract(trained, config), config,
-                    hf_config=hf_config, initial_adapter=lj.extract(start, config))  # fmt: skip
+        lj.save_adapter(tmp_path / "raw", lj.split(trained, config)[0], config, hf_config=hf_config)
+    lj.save_adapter(tmp_path / "converted", lj.split(trained, config)[0], config,
+                    hf_config=hf_config, initial_adapter=lj.split(start, config)[0])  # fmt: skip
     # peft loads the converted (rank 2r) adapter onto the ORIGINAL checkpoint.
     peer = PEERS["llama"][1].from_pretrained(directory).eval()
     theirs = peer_logits(peft.PeftModel.from_pretrained(peer, tmp_path / "converted").eval())
