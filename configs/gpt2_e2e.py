@@ -5,7 +5,7 @@ r=4, alpha=32 on the fused attention projection (c_attn), dropout 0.1, AdamW lr 
 Data: JSONL rows {"meaning_representation": ..., "human_reference": ...} from the E2E set.
 """
 
-from lora_jax.train import sft_config
+from lora_jax.settings import sft_config
 
 
 def get_config():

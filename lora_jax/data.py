@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # the settings import the model zoo; encode only reads their fields
+    from lora_jax.settings import DataSettings
 
 Batch = dict[str, np.ndarray]
 
@@ -100,16 +103,16 @@ def _pad(seqs: list[list[int]], length: int, value: int) -> np.ndarray:
     return out
 
 
-def encode(rows: list[dict[str, Any]], tokenizer: Tokenizer, data: Mapping[str, Any]) -> Batch:
+def encode(rows: list[dict[str, Any]], tokenizer: Tokenizer, data: DataSettings) -> Batch:
     """Token arrays for `rows`: input_ids, attention_mask, and labels (classify) or
-    loss_mask (sft: 1 on response tokens), every row padded or cut to data["max_length"]."""
-    length = data["max_length"]
-    if data["task"] == "classify":
-        ids = [tokenizer(str(r[data["text_field"]]))[:length] for r in rows]
-        names = list(data.get("labels") or [])
+    loss_mask (sft: 1 on response tokens), every row padded or cut to data.max_length."""
+    length = data.max_length
+    if data.task == "classify":
+        ids = [tokenizer(str(r[data.text_field]))[:length] for r in rows]
+        names = list(data.labels)
         labels = []
         for n, r in enumerate(rows, 1):
-            label = r[data["label_field"]]
+            label = r[data.label_field]
             if isinstance(label, str):
                 if label not in names:
                     raise ValueError(f"row {n}: label {label!r} is not one of {names}.")
@@ -121,17 +124,15 @@ def encode(rows: list[dict[str, Any]], tokenizer: Tokenizer, data: Mapping[str, 
             "attention_mask": mask,
             "labels": np.asarray(labels, np.int32),
         }
-    if data["task"] != "sft":
-        raise ValueError(f"data.task is {data['task']!r}; choose 'classify' or 'sft'.")
     examples = []
     for r in rows:
-        prompt = tokenizer(data["template"].format(**r))
-        answer = tokenizer(str(r[data["response_field"]]), special=False)
+        prompt = tokenizer(data.template.format(**r))
+        answer = tokenizer(str(r[data.response_field]), special=False)
         answer += [tokenizer.eos] if tokenizer.eos is not None else []
         examples.append(
             ((prompt + answer)[:length], ([0] * len(prompt) + [1] * len(answer))[:length])
         )
-    rows_of = _packed(examples, length) if data["pack"] else [[e] for e in examples]
+    rows_of = _packed(examples, length) if data.pack else [[e] for e in examples]
     ids = [[t for e in row for t in e[0]] for row in rows_of]
     # Segment ids (1, 2, ... per packed example) and positions that restart with each one.
     segments = [[i + 1 for i, e in enumerate(row) for _ in e[0]] for row in rows_of]

@@ -64,10 +64,10 @@ def generate(
     batch, length = ids.shape
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     total = length + max_new_tokens
-    table = getattr(getattr(model, "config", None), "n_positions", None)  # GPT-2's learned table
+    table = getattr(getattr(model, "config", None), "max_positions", None)
     if table is not None and total > table:
         raise ValueError(f"{length} prompt + {max_new_tokens} new tokens exceed the model's "
-                         f"{table} learned positions.")  # fmt: skip
+                         f"{table} positions.")  # fmt: skip
     params = {k: v for k, v in params.items() if k != "cache"}  # a stale cache is not reused
     # Cache sized to the whole run, read off an abstract call; all zeros means empty.
     abstract = jax.eval_shape(

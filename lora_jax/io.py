@@ -23,27 +23,12 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from lora_jax.config import LoraConfig
-from lora_jax.models.hub import (
-    LEAF_TO_HF,
-    Family,
-    build,
-    family_of,
-    hf_modules,
-    hf_names,
-    hf_tensors,
-)
-from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_B, LORA_M, Params, combine
+from lora_jax.models.hub import LEAF_TO_HF, Naming, build, naming_of
+from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_B, LORA_M, Params, combine, sites
 from lora_jax.variants import BASE_MODIFYING_INITS
 
 PREFIX = "base_model.model."
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# peft task_type by the ending of the transformers architecture name.
-TASK_TYPES = (
-    ("ForCausalLM", "CAUSAL_LM"),
-    ("LMHeadModel", "CAUSAL_LM"),
-    ("ForSequenceClassification", "SEQ_CLS"),
-    ("Model", "FEATURE_EXTRACTION"),
-)
 UNSUPPORTED = ("lora_bias", "layers_to_transform")
 MAGNITUDE = "lora_magnitude_vector"  # peft's DoRA magnitude, one per output feature
 
@@ -95,7 +80,7 @@ def _vllm_warnings(ranks: set[int], saved: list[str], dora: bool) -> None:
 
 
 def _relative_to_original(
-    adapter: Params, initial: Params, config: LoraConfig, family: Family
+    adapter: Params, initial: Params, config: LoraConfig, leads: dict[tuple, int]
 ) -> tuple[dict[str, Any], LoraConfig]:
     """A PiSSA/OLoRA adapter as a plain one on the original W0, as peft converts it: the update
     s·(A·B − A0·B0) is the rank-2r adapter [A, A0], [B; −B0] with alpha doubled (×√2 with
@@ -112,7 +97,7 @@ def _relative_to_original(
             continue
         if keys not in first or first[keys].shape != value.shape:
             raise ValueError(f"{'/'.join(keys)}: initial_adapter does not match the adapter.")
-        rank_axis = -1 if keys[-1] == LORA_A else int(family.stacked in keys)
+        rank_axis = -1 if keys[-1] == LORA_A else leads[keys[:-1]]
         start = first[keys] if keys[-1] == LORA_A else -first[keys]
         out[keys] = jnp.concatenate([value, start.astype(value.dtype)], axis=rank_axis)
     factor = math.sqrt(2) if config.use_rslora else 2.0
@@ -132,35 +117,56 @@ def save_adapter(
     adapter: Params,
     config: LoraConfig,
     *,
-    hf_config: dict[str, Any],
+    hf_config: dict[str, Any] | None = None,
+    naming: Naming | None = None,
+    base: Params | None = None,
     base_model_id: str | None = None,
     initial_adapter: Params | None = None,
 ) -> Path:
-    """Writes the adapter as peft does for the matching transformers model.
+    """Writes the adapter as peft does for the matching torch model.
 
-    `hf_config` is the base's config.json (from `lj.models.from_pretrained`): it fixes the
-    tensor names, the task type and GPT-2's fan_in_fan_out. Warns when vLLM could not serve it.
-    PiSSA/OLoRA inits rewrote the base, so pass `initial_adapter` (`lj.split(...)[0]` of the tree
-    `lj.init` returned) to save the adapter relative to the original model, as peft does.
+    For a zoo model, `hf_config` is the base's config.json (from `lj.models.from_pretrained`):
+    it fixes the tensor names, the task type and GPT-2's fan_in_fan_out. For your own Linen
+    model, pass its `naming` (`lora_jax.models.Naming`) and its `base` params (or their
+    abstract shapes), which give every module's layout and name. Warns when vLLM could not
+    serve it. PiSSA/OLoRA inits rewrote the base, so pass `initial_adapter` (the adapter of
+    the tree `lj.init` returned) to save the adapter relative to the original model, as peft
+    does.
     """
-    family, arch = family_of(hf_config)
+    if hf_config is not None:
+        naming = naming_of(hf_config)
+        if base is None:
+            model = build(hf_config)
+            base = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    if naming is None or base is None:
+        raise ValueError("save_adapter: pass hf_config= (a zoo model), or naming= and base= "
+                         "(your own Linen model).")  # fmt: skip
+    base = _params(base)
+    flat = traverse_util.flatten_dict(_params(adapter))
+    factors = {k: v for k, v in flat.items() if k[-1] in ADAPTER_LEAVES}
+    found = sites(combine(traverse_util.unflatten_dict(factors), base), config, "save_adapter")
+    if not found:
+        raise ValueError("save_adapter: the tree holds no lora_a/lora_b leaves.")
+    for site in found:
+        if site.lead != int(naming.stacked(site.keys)):
+            raise ValueError(f"save_adapter: {site.path} has {site.lead} layer axes, but the "
+                             f"naming numbers layers under {naming.layers!r}.")  # fmt: skip
     if config.init in BASE_MODIFYING_INITS and initial_adapter is not None:
-        adapter, config = _relative_to_original(adapter, initial_adapter, config, family)
+        leads = {site.keys: site.lead for site in found}
+        adapter, config = _relative_to_original(adapter, initial_adapter, config, leads)
+        flat = traverse_util.flatten_dict(_params(adapter))
     elif config.init in BASE_MODIFYING_INITS:
         warnings.warn(f"init={config.init!r} rewrote the base kernels, so this adapter fits only "
                       "that residual base, not the original model that peft and vLLM load. Pass "
                       "initial_adapter= (lj.split's adapter right after lj.init) to convert it.",
                       stacklevel=2)  # fmt: skip
-    flat = traverse_util.flatten_dict(_params(adapter))
     tensors: dict[str, jax.Array] = {}
     adapted, ranks, alphas = [], {}, {}
-    for keys, a in flat.items():
-        if keys[-1] != LORA_A:
-            continue
-        module = keys[:-1]
-        path, rank = "/".join(module), a.shape[-1]
-        stacked = family.stacked in module
-        names = hf_modules(module, family, a.shape[0] if stacked else 1)
+    for site in found:
+        module, stacked = site.keys, bool(site.lead)
+        a = flat[(*module, LORA_A)]
+        rank = a.shape[-1]
+        names = naming.modules(module, a.shape[0] if stacked else 1)
         # One entry per layer: unstacked leaves get a leading axis of one.
         present = [n for n in ADAPTER_LEAVES if (*module, n) in flat]
         layered = {n: flat[(*module, n)] if stacked else flat[(*module, n)][None] for n in present}
@@ -171,26 +177,22 @@ def save_adapter(
             if LORA_M in layered:
                 tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = jnp.asarray(layered[LORA_M][i].reshape(-1))
         adapted += names
-        ranks[_exact(names)], alphas[_exact(names)] = rank, config.alpha_for(path)
-    if not adapted:
-        raise ValueError("save_adapter: the tree holds no lora_a/lora_b leaves.")
+        ranks[_exact(names)], alphas[_exact(names)] = rank, config.alpha_for(site.path)
     full = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
     saved = []
-    for name, tensor in hf_tensors(traverse_util.unflatten_dict(full), family):
+    for name, tensor in naming.tensors(traverse_util.unflatten_dict(full)):
         tensors[PREFIX + name] = jnp.array(tensor, copy=True)
         saved.append(name)
     _vllm_warnings(set(ranks.values()), saved, config.use_dora)
 
-    model = build(hf_config)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-    base_flat = traverse_util.flatten_dict(shapes["params"])
-    layers = lambda k, s: s.shape[0] if family.stacked in k else 1  # noqa: E731
+    base_flat = traverse_util.flatten_dict(base)
+    layers = lambda k, s: s.shape[0] if naming.stacked(k) else 1  # noqa: E731
     kernel_modules = [n for k, s in base_flat.items() if k[-1] == KERNEL
-                      for n in hf_modules(k[:-1], family, layers(k, s))]  # fmt: skip
-    base_names = [n for k, s in base_flat.items() for n in hf_names(k, family, layers(k, s))]
+                      for n in naming.modules(k[:-1], layers(k, s))]  # fmt: skip
+    base_names = [n for k, s in base_flat.items() for n in naming.names(k, layers(k, s))]
     peft_config = {
         "peft_type": "LORA",
-        "task_type": next(t for suffix, t in TASK_TYPES if arch.endswith(suffix)),
+        "task_type": naming.task_type,
         "base_model_name_or_path": base_model_id,
         "r": config.rank,
         "lora_alpha": config.alpha,
@@ -199,7 +201,7 @@ def save_adapter(
         "alpha_pattern": {k: a for k, a in alphas.items() if a != config.alpha},
         "modules_to_save": _saved_modules(saved, base_names),
         "lora_dropout": config.dropout,
-        "fan_in_fan_out": family.conv1d,
+        "fan_in_fan_out": naming.fan_in_fan_out,
         "bias": "none",
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,

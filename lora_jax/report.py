@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
+
+from lora_jax.tree import combine, merge
 
 
 class Writer:
@@ -86,7 +89,6 @@ def save_figure(fig: Any, png: Path) -> Path:
 def finish(run: Any, adapter: Any, out: Path, log: Callable[[str], None]) -> None:
     """Saves the adapter (peft format), checks the merged model, compares sizes, plots."""
     from lora_jax.io import save_adapter
-    from lora_jax.train import merged_predictions
 
     host_adapter = multihost_utils.process_allgather(adapter, tiled=True)  # whole, every host
     if jax.process_index() != 0:
@@ -106,3 +108,17 @@ def finish(run: Any, adapter: Any, out: Path, log: Callable[[str], None]) -> Non
     )
     loss_curve(out / "metrics.jsonl", out / "loss.png")
     log(f"loss curve: {out / 'loss.png'}; metrics: {out / 'metrics.jsonl'}")
+
+
+def merged_predictions(run: Any, adapter: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-split predictions from the factored forward and from the merged model."""
+    factored = jax.jit(lambda p, x, m: run.apply(p, x, m))
+    plain = jax.jit(lambda p, x, m: run.model.apply(p, x, m))
+    params = combine(adapter, run.base)
+    merged = merge(params, run.lora)
+    eval_data = run.data["eval"]
+    x, m = jnp.asarray(eval_data["input_ids"]), jnp.asarray(eval_data["attention_mask"])
+    return (
+        np.asarray(jnp.argmax(factored(params, x, m), -1)),
+        np.asarray(jnp.argmax(plain(merged, x, m), -1)),
+    )

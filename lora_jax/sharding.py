@@ -23,20 +23,10 @@ from lora_jax.tree import ADAPTER_LEAVES, adapter_specs, path_str
 AXES = ("data", "fsdp", "tensor")
 BATCH = PartitionSpec(("data", "fsdp"))
 
-# (regex over a leaf's path, mesh axes of its trailing axes): first match wins, the rest is
-# replicated. Leading axes (the nn.scan layer axis) are never split. Names are Hugging Face's,
-# so the rules cover every zoo family.
-COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|c_attn|c_fc|intermediate/dense)"
-ROW = r"(o_proj|down_proj|c_proj|output/dense)"
-RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (COLUMN + r"/kernel$", ("fsdp", "tensor")),
-    (COLUMN + r"/bias$", ("tensor",)),
-    (ROW + r"/kernel$", ("tensor", "fsdp")),
-    # Tables split on the hidden axis only: a row gather from a vocabulary-split table is
-    # replicated by XLA's SPMD partitioner ("involuntary full rematerialization").
-    (r"(embed_tokens|word_embeddings|wte)/embedding$", (None, "fsdp")),
-    (r"lm_head/kernel$", ("fsdp", "tensor")),
-)
+# A partition rule: (regex over a leaf's path, mesh axes of its trailing axes). The first match
+# wins, the rest is replicated; leading axes (the nn.scan layer axis) are never split. The zoo's
+# rules live with its families (`lora_jax.models.hub.SHARDING_RULES`).
+Rules = Sequence[tuple[str, tuple[str | None, ...]]]
 
 
 def make_mesh(
@@ -82,7 +72,7 @@ def _leaf_spec(path: str, leaf: Any, mesh: Mesh, rules) -> Any:
     return jax.tree.map(lambda _: PartitionSpec(*kernel[:-1], None), leaf)
 
 
-def base_specs(params: Any, mesh: Mesh, rules=RULES) -> dict[str, Any]:
+def base_specs(params: Any, mesh: Mesh, rules: Rules) -> dict[str, Any]:
     """A PartitionSpec per leaf of a base params tree, from `rules` (path regex -> axes); a
     quantized kernel gets a box holding one spec per array."""
     flat = traverse_util.flatten_dict(params)
@@ -91,7 +81,7 @@ def base_specs(params: Any, mesh: Mesh, rules=RULES) -> dict[str, Any]:
     )
 
 
-def param_shardings(params: Any, mesh: Mesh, rules=RULES) -> Any:
+def param_shardings(params: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for a tree with or without adapters: the base's by `rules`, each
     adapter leaf's derived from its kernel's (rank axis replicated)."""
     flat = traverse_util.flatten_dict(params)

@@ -3,6 +3,7 @@ theirs, and merged exports match peft's merge_and_unload."""
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 from hf_peer import PEERS
 from safetensors.numpy import load_file, save_file
+from small_models import randomize_adapters
 
 import lora_jax as lj
 from lora_jax import cli, models
@@ -221,3 +223,88 @@ def test_cli_merge_reports_bad_input(tmp_path, capsys):
     assert cli.main(["merge", "--base", str(tmp_path), "--adapter", str(tmp_path),
                      "--out", str(tmp_path / "o")]) == 2  # fmt: skip
     assert "lora-jax merge:" in capsys.readouterr().err
+
+
+# A Linen model outside the zoo and its torch twin with the same module names: the naming
+# map (models.Naming) is all save_adapter / load_adapter need to exchange peft files with it.
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(8, name="down")(nn.relu(nn.Dense(16, name="up")(x))), None
+
+
+class Custom(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8, name="proj_in")(x)
+        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+        x, _ = stack(name="layers")(x, None)
+        return nn.Dense(3, name="head")(x)
+
+
+class TorchBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class TorchCustom(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj_in, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+        self.layers = torch.nn.ModuleList([TorchBlock(), TorchBlock()])
+
+    def forward(self, x):
+        x = self.proj_in(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def custom_pair():
+    """(Linen model, its params, the torch twin holding the same weights, input, naming)."""
+    model, x = Custom(), np.random.RandomState(1).randn(5, 6).astype(np.float32)
+    params = model.init(jax.random.key(0), x)
+    naming = models.Naming(layers="layers")
+    twin = TorchCustom().eval()
+    twin.load_state_dict(
+        {n: torch.tensor(np.asarray(t)) for n, t in naming.tensors(params["params"])}
+    )
+    return model, params, twin, x, naming
+
+
+def test_custom_linen_model_saves_a_peft_adapter_peft_loads(tmp_path):
+    model, params, twin, x, naming = custom_pair()
+    config = lj.LoraConfig(rank=2, alpha=4.0, targets=("up", "down", "proj_in"))
+    layouts = lj.kernel_layouts(model, x)
+    adapted = lj.init(jax.random.key(1), params, config, layouts)
+    adapted = randomize_adapters(adapted, jax.random.key(2), 0.5)
+    lj.save_adapter(tmp_path, lj.split(adapted, config)[0], config, naming=naming, base=params)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(written["target_modules"]) == ["down", "proj_in", "up"]
+    peer = peft.PeftModel.from_pretrained(twin, tmp_path).eval()
+    with torch.no_grad():
+        theirs = peer(torch.tensor(x)).numpy()
+    ours = np.asarray(lj.lora_apply(model.apply, config)(adapted, x))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert np.abs(ours - np.asarray(model.apply(params, x))).max() > 1e-2  # not a no-op
+    with pytest.raises(ValueError, match="naming= and base="):
+        lj.save_adapter(tmp_path, lj.split(adapted, config)[0], config, naming=naming)
+
+
+def test_custom_linen_model_loads_a_peft_adapter(tmp_path):
+    model, params, twin, x, _ = custom_pair()
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["up", "down"],
+                          init_lora_weights=False)  # fmt: skip
+    peer = peft.get_peft_model(twin, cfg).eval()
+    peer.save_pretrained(tmp_path)
+    with torch.no_grad():
+        theirs = peer(torch.tensor(x)).numpy()
+    adapter, config = lj.load_adapter(tmp_path, params)
+    ours = np.asarray(lj.lora_apply(model.apply, config)(lj.combine(adapter, params), x))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert np.abs(ours - np.asarray(model.apply(params, x))).max() > 1e-2

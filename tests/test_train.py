@@ -24,7 +24,8 @@ from transformers import AutoTokenizer
 import lora_jax as lj
 from lora_jax import data as data_lib
 from lora_jax.cli import main as cli_main
-from lora_jax.train import Run, load_config, loss_terms, resolve, train
+from lora_jax.settings import DataSettings, RunConfig, load_config
+from lora_jax.train import Run, loss_terms, resolve, train
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_SFT = str(ROOT / "configs" / "llama3_1b_sft.py")
@@ -199,13 +200,13 @@ def test_packed_rows_give_the_loss_of_one_example_per_row(sft, tmp_path):
 
 
 def test_compiled_step_has_no_weight_gradient_for_frozen_kernels(sft, tmp_path):
-    from lora_jax.train import adamw, make_train_step, optimizer_shardings
+    from lora_jax.train import make_train_step, run_tx, step_shardings
 
     config = load_config(LLAMA_SFT, overrides(sft, tmp_path, **{"lora.rank": 4}))
     run = Run(config)
-    tx = adamw(config["train"])
+    tx = run_tx(run, head_only=False)
     state = jax.eval_shape(tx.init, run.adapter)
-    step = make_train_step(run, tx, optimizer_shardings(run, tx), head_only=False)
+    step = make_train_step(run, tx, step_shardings(run, tx))
     batch = run.batch(next(data_lib.Batches(run.data["train"], 8, 0)), 8)
     hlo = step.lower(run.adapter, state, run.base, batch, jnp.int32(0)).compile().as_text()
     # A frozen kernel's gradient would be a dot whose result has the kernel's (in, out) shape.
@@ -244,7 +245,7 @@ def test_bad_input_fails_before_compiling(sft, tmp_path, compilations):
         run(**{"data.max_length": 4096})
     with pytest.raises(ValueError, match=r"config key 'train.stpes' does not exist"):
         load_config(LLAMA_SFT, ["train.stpes=3"])
-    with pytest.raises(ValueError, match=r"train.steps='many': expected int"):
+    with pytest.raises(ValueError, match=r"train.steps is 'many' \(str\); expected int"):
         load_config(LLAMA_SFT, ["train.steps=many"])
     with pytest.raises((ImportError, OSError), match=r"tensorflow-datasets|Offline"):
         run(**{"data.train": "tfds:glue/sst2:train"})
@@ -280,7 +281,7 @@ def test_tokenizer_pads_and_cuts_itself_whatever_tokenizer_json_says():
             tokenizer(text, special=False) == reference(text, add_special_tokens=False)["input_ids"]
         )
     assert len(tokenizer(long)) == 202  # not cut at the file's 128
-    config = load_config(None)["data"]
+    config = DataSettings()  # the quickstart's
     rows = [{"text": "The plot was not boring.", "label": "positive"}]
     batch = data_lib.encode(rows, tokenizer, config)
     real = len(tokenizer(rows[0]["text"]))
@@ -304,3 +305,38 @@ def test_quickstart_runs_offline_as_the_readme_says(tmp_path):
     assert len(losses(tmp_path)) == 150
     adapter = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
     assert adapter < 0.05 * 86e6
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("train.steps=True", r"train.steps is True \(bool\); expected int"),
+        ("train.learning_rate='fast'", r"train.learning_rate is 'fast' \(str\); expected float"),
+        ("model.dtype=float8", r"model.dtype is 'float8'; choose one of \['float32', 'bfloat16'"),
+        ("model.remat=some", r"model.remat is 'some'; choose one of \['none', 'full'"),
+        ("data.task=clasify", r"data.task is 'clasify'; choose one of \['classify', 'sft'\]"),
+        ("train.batch_size=0", r"train.batch_size is 0; must be >= 1"),
+        ("mesh.devices=0", r"mesh.devices is 0; must be -1 or >= 1"),
+        ("lora.rank=2.5", r"lora.rank is 2.5 \(float\); expected int"),
+        ("lora.rank=-1", r"config lora: LoraConfig rank for 'rank' is -1"),
+        ("lora.targets=3", r"lora.targets is 3; expected a list of str"),
+        ("data=3", r"config data: expected a dict of settings"),
+    ],
+)
+def test_set_values_are_checked_against_the_settings_types(setting, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [setting])
+
+
+def test_settings_fill_what_a_file_leaves_out_and_round_trip(tmp_path):
+    file = tmp_path / "partial.py"
+    file.write_text("def get_config():\n    return {'train': {'steps': 7}, 'output_dir': 'x'}\n")
+    settings = RunConfig.from_dict(load_config(str(file), ["train.learning_rate=1"]))
+    assert settings.train.steps == 7 and settings.train.learning_rate == 1.0
+    assert isinstance(settings.train.learning_rate, float)
+    assert settings.data == DataSettings() and settings.lora == RunConfig().lora
+    assert RunConfig.from_dict(settings.to_dict()) == settings
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n")
+    with pytest.raises(ValueError, match=r"broken.py:1: "):
+        load_config(str(broken))

@@ -8,6 +8,7 @@ from lora_jax.models.common import REMAT_POLICIES
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.hub import (
     FAMILIES,
+    Naming,
     build,
     checkpoint_dir,
     from_pretrained,
@@ -26,6 +27,7 @@ __all__ = [
     "GPT2LMHeadModel",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "Naming",
     "build",
     "checkpoint_dir",
     "from_pretrained",

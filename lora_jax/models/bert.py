@@ -38,6 +38,12 @@ class BertConfig:
     num_labels: int = 2
     roberta: bool = False
 
+    @property
+    def max_positions(self) -> int:
+        """Usable rows of the learned position table: RoBERTa's first padding_idx + 1 rows are
+        never used, since it counts positions from there."""
+        return self.max_position_embeddings - (self.pad_token_id + 1 if self.roberta else 0)
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> BertConfig:
         if hf.get("position_embedding_type", "absolute") != "absolute":

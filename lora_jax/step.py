@@ -1,0 +1,118 @@
+"""The train step as a library: any loss of a params tree, any optax transformation, explicit
+shardings or none. `lora-jax train` builds its step with it; so can a notebook, with any Linen
+model and no config file.
+
+The step differentiates with respect to the adapter only (the frozen base is an argument,
+never differentiated), sums gradients over micro-batches in a `lax.scan`, and donates the
+adapter and optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lora_jax.config import LoraConfig
+from lora_jax.tree import LORA, Params, combine, partition
+
+# (params, batch, rngs) -> (summed loss, count): the step divides the sums over micro-batches
+# once, so a padded or masked batch weighs each real example or token the same.
+Loss = Callable[[Params, Mapping[str, jax.Array], Any], tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where the step's arguments live: the adapter, its optimizer state (`opt_state_specs`
+    lays it out like the adapter), the base, the batch, and scalars."""
+
+    adapter: Any
+    opt_state: Any
+    base: Any
+    batch: Any
+    scalar: Any
+
+
+def opt_state_shardings(
+    tx: optax.GradientTransformation, adapter: Params, adapter_shardings: Any, scalar: Any
+) -> Any:
+    """The optimizer state laid out like the adapter (e.g. Adam's moments), scalars as
+    `scalar`, so the step compiles once and keeps the state where its params are."""
+    return optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        jax.eval_shape(tx.init, adapter),
+        adapter_shardings,
+        transform_non_params=lambda _: scalar,
+    )
+
+
+def factors_only(
+    tx: optax.GradientTransformation, adapter: Params, config: LoraConfig, frozen: bool
+) -> optax.GradientTransformation:
+    """`tx` with the LoRA factors' gradients and updates zeroed when `frozen` (a head-only
+    phase that trains only `modules_to_save`, e.g. a linear probe first). The factors are the
+    leaves `lj.partition` labels trained once modules_to_save are set aside. Both values of
+    `frozen` give the same state structure, so the phases share one optimizer state."""
+    labels = partition(adapter, dataclasses.replace(config, modules_to_save=()))
+    mask = jax.tree.map(lambda label: label == LORA, labels)
+    gate = optax.masked(optax.set_to_zero() if frozen else optax.identity(), mask)
+    return optax.chain(gate, tx, gate)
+
+
+def make_step(
+    loss: Loss,
+    tx: optax.GradientTransformation,
+    *,
+    accum: int = 1,
+    dropout_seed: int | None = None,
+    metrics: Callable[[Mapping[str, jax.Array], jax.Array], dict[str, jax.Array]] | None = None,
+    shardings: StepShardings | None = None,
+) -> Callable:
+    """(adapter, opt_state, base, batch, step) -> (adapter, opt_state, metrics), jitted.
+
+    `loss(combine(adapter, base), micro_batch, rngs)` gives (summed loss, count); the batch's
+    leading axis splits into `accum` micro-batches (rows i, i + accum, ... in micro-batch i, so
+    each device keeps its share of each). With `dropout_seed`, rngs = {"dropout": a key folded
+    with the step}. Metrics: loss (sum / count), grad_norm, and whatever `metrics(batch, step)`
+    adds. `shardings` pins every argument and result (else jit decides); the adapter and
+    optimizer state are donated.
+    """
+
+    def step(adapter, opt_state, base, batch, step):
+        rngs = None
+        if dropout_seed is not None:
+            rngs = {"dropout": jax.random.fold_in(jax.random.key(dropout_seed), step)}
+
+        def micro(carry, mb):
+            def value(a):
+                return loss(combine(a, base), mb, rngs)
+
+            (total, count), grads = jax.value_and_grad(value, has_aux=True)(adapter)
+            return jax.tree.map(jnp.add, carry, (grads, total, count)), None
+
+        micro_batches = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch
+        )
+        zero = (jax.tree.map(jnp.zeros_like, adapter), jnp.float32(0), jnp.float32(0))
+        (grads, total, count), _ = jax.lax.scan(micro, zero, micro_batches)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, opt_state, adapter)
+        out = {"loss": total / count, "grad_norm": optax.tree.norm(grads)}
+        out.update(metrics(batch, step) if metrics else {})
+        return optax.apply_updates(adapter, updates), opt_state, out
+
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    s = shardings
+    return jax.jit(
+        step,
+        in_shardings=(s.adapter, s.opt_state, s.base, s.batch, s.scalar),
+        out_shardings=(s.adapter, s.opt_state, s.scalar),
+        donate_argnums=(0, 1),
+    )
