@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 from flax import traverse_util
 
-from lora_jax.io import load_adapter, read_adapter
+from lora_jax.io import base_for, load_adapter, read_adapter
 from lora_jax.models import from_pretrained, save_pretrained
 from lora_jax.models.hub import DTYPES
 from lora_jax.report import weights_bytes
@@ -21,7 +21,12 @@ from lora_jax.tree import KERNEL, Params, combine, merge, sites
 
 
 def merge_command(args: argparse.Namespace) -> None:
-    model, params, hf_config = from_pretrained(args.base, DTYPES[args.dtype])
+    out = Path(args.out).resolve()
+    for name, given in (("--base", args.base), ("--adapter", args.adapter)):
+        if Path(given).exists() and out == Path(given).resolve():
+            raise ValueError(f"--out {args.out} is the {name} directory; merge writes a new "
+                             "model directory and never over one of its inputs.")  # fmt: skip
+    model, params, hf_config = base_for(args.adapter, args.base, DTYPES[args.dtype])
     adapter, config = load_adapter(args.adapter, params)
     merged = merge(combine(adapter, params), config)
     out = save_pretrained(merged, hf_config, args.out, copy_from=args.base)
@@ -74,18 +79,15 @@ def generate_command(args: argparse.Namespace) -> None:
 
 
 def _on_base(adapter: Params, base: Params, adapter_dir: str, base_dir: str) -> dict:
-    """The adapter read from files with its kernels taken from the base. A bare encoder's
-    checkpoint lacks the task model's prefix ("bert/"), as transformers allows."""
+    """The adapter read from files with its kernels taken from the base."""
     flat, params = traverse_util.flatten_dict(adapter), traverse_util.flatten_dict(base["params"])
     for site in sites(adapter):
-        keys = tuple(site.path.split("/"))
-        found = next((k for k in (keys, keys[1:]) if (*k, KERNEL) in params), None)
-        kernel = params.get((*found, KERNEL)) if found else None
+        kernel = params.get((*site.keys, KERNEL))
         if kernel is None or kernel.shape != site.kernel.shape:
             has = f"a kernel {kernel.shape}" if kernel is not None else "no kernel"
             raise ValueError(f"{adapter_dir} does not fit the base {base_dir}: {site.path} needs a "
                              f"kernel {site.kernel.shape}; the base has {has} there.")  # fmt: skip
-        flat[(*keys, KERNEL)] = kernel
+        flat[(*site.keys, KERNEL)] = kernel
     return traverse_util.unflatten_dict(flat)
 
 
@@ -95,7 +97,7 @@ def inspect_command(args: argparse.Namespace) -> None:
     params, config = read_adapter(args.adapter)
     amp = phi = None
     if args.base:
-        _, base, _ = from_pretrained(args.base)
+        _, base, _ = base_for(args.adapter, args.base)
         params = _on_base(params, base, args.adapter, args.base)
         amp = analysis.amplification(params, config)
     if args.against:
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, FileNotFoundError, OSError, ImportError, FloatingPointError) as err:
         print(f"lora-jax {args.command}: {err}", file=sys.stderr)
         return 2
     return 0

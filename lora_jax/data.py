@@ -11,6 +11,7 @@ state is (epoch, batch index): resuming replays exactly.
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,12 @@ def read_rows(source: str | Path, fields: Sequence[str]) -> list[dict[str, Any]]
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist.")
         rows, where = [], str(path)
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            reason = f"{err.reason} at byte {err.start}"
+            raise ValueError(f"{path}: not UTF-8 text ({reason}).") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -42,6 +48,8 @@ def read_rows(source: str | Path, fields: Sequence[str]) -> list[dict[str, Any]]
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n}: not a JSON object ({err.msg}).") from None
     for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: row {n} is {type(row).__name__}, not a JSON object.")
         missing = [f for f in fields if f not in row]
         if missing:
             raise ValueError(
@@ -103,21 +111,47 @@ def _pad(seqs: list[list[int]], length: int, value: int) -> np.ndarray:
     return out
 
 
+def check_rows(
+    rows: list[dict[str, Any]], where: str, data: DataSettings, classes: int | None
+) -> None:
+    """Every value the task reads has its type, nothing coerced: texts are strings, a label
+    is a name from data.labels or an int in [0, classes); a template field is not null.
+    The error names the file and the row."""
+    for n, row in enumerate(rows, 1):
+        at = f"{where}: row {n}"
+        if data.task == "classify":
+            text, label = row[data.text_field], row[data.label_field]
+            if not isinstance(text, str):
+                raise ValueError(f"{at}: {data.text_field} is {text!r}, not a string.")
+            if isinstance(label, str):
+                if label not in data.labels:
+                    raise ValueError(f"{at}: label {label!r} is not one of data.labels "
+                                     f"{list(data.labels)}.")  # fmt: skip
+            elif isinstance(label, bool) or not isinstance(label, int):
+                raise ValueError(f"{at}: label {label!r} is neither a class index (int) nor a "
+                                 "name from data.labels.")  # fmt: skip
+            elif label < 0 or (classes is not None and label >= classes):
+                raise ValueError(f"{at}: label {label} is outside the {classes} classes "
+                                 f"[0, {classes}).")  # fmt: skip
+            continue
+        template = [f for _, f, _, _ in string.Formatter().parse(data.template) if f]
+        for field in template:
+            if row[field] is None:
+                raise ValueError(f"{at}: {field} is null.")
+        if not isinstance(row[data.response_field], str):
+            raise ValueError(f"{at}: {data.response_field} is {row[data.response_field]!r}, "
+                             "not a string.")  # fmt: skip
+
+
 def encode(rows: list[dict[str, Any]], tokenizer: Tokenizer, data: DataSettings) -> Batch:
     """Token arrays for `rows`: input_ids, attention_mask, and labels (classify) or
     loss_mask (sft: 1 on response tokens), every row padded or cut to data.max_length."""
     length = data.max_length
     if data.task == "classify":
-        ids = [tokenizer(str(r[data.text_field]))[:length] for r in rows]
-        names = list(data.labels)
-        labels = []
-        for n, r in enumerate(rows, 1):
-            label = r[data.label_field]
-            if isinstance(label, str):
-                if label not in names:
-                    raise ValueError(f"row {n}: label {label!r} is not one of {names}.")
-                label = names.index(label)
-            labels.append(int(label))
+        ids = [tokenizer(r[data.text_field])[:length] for r in rows]
+        # check_rows has made every label a known name or an index in range
+        labels = [data.labels.index(r[data.label_field]) if isinstance(r[data.label_field], str)
+                  else r[data.label_field] for r in rows]  # fmt: skip
         mask = _pad([[1] * len(s) for s in ids], length, 0)
         return {
             "input_ids": _pad(ids, length, tokenizer.pad),
@@ -127,7 +161,7 @@ def encode(rows: list[dict[str, Any]], tokenizer: Tokenizer, data: DataSettings)
     examples = []
     for r in rows:
         prompt = tokenizer(data.template.format(**r))
-        answer = tokenizer(str(r[data.response_field]), special=False)
+        answer = tokenizer(r[data.response_field], special=False)
         answer += [tokenizer.eos] if tokenizer.eos is not None else []
         examples.append(
             ((prompt + answer)[:length], ([0] * len(prompt) + [1] * len(answer))[:length])

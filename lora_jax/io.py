@@ -23,7 +23,14 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from lora_jax.config import LoraConfig
-from lora_jax.models.hub import LEAF_TO_HF, Naming, build, naming_of
+from lora_jax.models.hub import (
+    LEAF_TO_HF,
+    Naming,
+    build,
+    checkpoint_dir,
+    from_pretrained,
+    naming_of,
+)
 from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_B, LORA_M, Params, combine, sites
 from lora_jax.variants import BASE_MODIFYING_INITS
 
@@ -129,9 +136,9 @@ def save_adapter(
     it fixes the tensor names, the task type and GPT-2's fan_in_fan_out. For your own Linen
     model, pass its `naming` (`lora_jax.models.Naming`) and its `base` params (or their
     abstract shapes), which give every module's layout and name. Warns when vLLM could not
-    serve it. PiSSA/OLoRA inits rewrote the base, so pass `initial_adapter` (the adapter of
-    the tree `lj.init` returned) to save the adapter relative to the original model, as peft
-    does.
+    serve it (a causal LM's adapter: the only kind vLLM serves). PiSSA/OLoRA inits rewrote
+    the base, so pass `initial_adapter` (the adapter of the tree `lj.init` returned) to save
+    the adapter relative to the original model, as peft does.
     """
     if hf_config is not None:
         naming = naming_of(hf_config)
@@ -183,7 +190,8 @@ def save_adapter(
     for name, tensor in naming.tensors(traverse_util.unflatten_dict(full)):
         tensors[PREFIX + name] = jnp.array(tensor, copy=True)
         saved.append(name)
-    _vllm_warnings(set(ranks.values()), saved, config.use_dora)
+    if naming.task_type == "CAUSAL_LM":  # what vLLM would be asked to serve
+        _vllm_warnings(set(ranks.values()), saved, config.use_dora)
 
     base_flat = traverse_util.flatten_dict(base)
     layers = lambda k, s: s.shape[0] if naming.stacked(k) else 1  # noqa: E731
@@ -227,8 +235,18 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
                 "'adapter_model.safetensors')\""
             )
         raise FileNotFoundError(f"{directory}: no adapter_model.safetensors.")
-    with safe_open(path, "flax") as f:
-        return {name: np.asarray(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+    try:
+        with safe_open(path, "flax") as f:
+            tensors = {name: np.asarray(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged? "
+                         f"{type(err).__name__}: {err}).") from None  # fmt: skip
+    for name, tensor in tensors.items():
+        if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype.name != "bfloat16":
+            raise ValueError(f"{path}: {name} is {tensor.dtype}; adapter tensors are floats.")
+        if not np.all(np.isfinite(tensor.astype(np.float32))):
+            raise ValueError(f"{path}: {name} holds non-finite values (NaN or inf).")
+    return tensors
 
 
 def _peft_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
@@ -311,12 +329,18 @@ def _assemble(
     return flat, config
 
 
-def _check_factor(name: str, keys: tuple, kind: str, factor: np.ndarray, base: dict) -> None:
-    """A (in, r) or B (r, out) against the base kernel, before anything is stacked or attached."""
+def _check_factor(
+    name: str, keys: tuple, layer: int | None, kind: str, factor: np.ndarray, base: dict
+) -> None:
+    """A (in, r) or B (r, out) against the base kernel, before anything is stacked or attached.
+    A peft Linear's kernel is (in, out) per layer; a numbered layer is one slice of a stack."""
     path = "/".join((*keys, LORA_A if kind == "lora_A" else LORA_B))
     if (*keys, KERNEL) not in base:
         raise ValueError(f"{name} ({path}): the base has no kernel at {'/'.join(keys)}.")
-    kernel = base[(*keys, KERNEL)].shape[-2:]  # per layer: (in, out)
+    kernel = tuple(base[(*keys, KERNEL)].shape)[int(layer is not None) :]
+    if len(kernel) != 2:
+        raise ValueError(f"{name} ({path}): the base kernel is {kernel} per layer; peft's "
+                         "Linear adapters fit (in, out) kernels only.")  # fmt: skip
     fits = factor.ndim == 2 and (
         factor.shape[0] == kernel[0] if kind == "lora_A" else factor.shape[1] == kernel[1]
     )
@@ -354,10 +378,15 @@ def load_adapter(directory: str | Path, base_params: Params) -> tuple[dict[str, 
         if kind == LORA_M:
             lora.setdefault(keys, {}).setdefault(LORA_M, {})[layer] = tensor
         elif kind in ("lora_A", "lora_B"):
-            _check_factor(name, keys, kind, tensor.T, base)
+            _check_factor(name, keys, layer, kind, tensor.T, base)
             lora.setdefault(keys, {}).setdefault(kind, {})[layer] = tensor.T
             dotted.setdefault("/".join(keys), set()).add(module_name)
         else:
+            saved = peft_config.get("modules_to_save") or []
+            if not any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", module_name) for m in saved):
+                raise ValueError(f"{directory}: {name} is a full tensor of {module_name}, which "
+                                 "adapter_config.json's modules_to_save does not list; a peft "
+                                 "adapter holds only what its config explains.")  # fmt: skip
             module = {k[-1] for k in base if k[:-1] == keys}
             leaf = "bias" if kind == "bias" else next(
                 (n for n in module if LEAF_TO_HF.get(n) == "weight"), KERNEL)  # fmt: skip
@@ -404,3 +433,20 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], LoraConfig]:
         flat[(*keys, KERNEL)] = jax.ShapeDtypeStruct(kernel_shape, np.result_type(a, b))
     tree = {k: v if k[-1] == KERNEL else jnp.asarray(v) for k, v in flat.items()}
     return traverse_util.unflatten_dict(tree), config
+
+
+def base_for(adapter_dir: str | Path, base: str | Path, dtype: Any = jnp.float32):
+    """(model, params, config.json) of the model an adapter was trained on, from `base`. A
+    classifier adapter (peft task SEQ_CLS) on a bare encoder checkpoint (the quickstart's
+    all-MiniLM-L6-v2) gets the encoder with a head of the adapter's label count, as training
+    built it: the adapter carries the trained head (modules_to_save)."""
+    tensors, peft_config = _peft_files(Path(adapter_dir))
+    hf_config = json.loads((checkpoint_dir(base) / "config.json").read_text())
+    arch = (hf_config.get("architectures") or [""])[0]
+    heads = [t for n, t in tensors.items() if re.search(r"classifier(\.out_proj)?\.weight$", n)]
+    if peft_config.get("task_type") != "SEQ_CLS" or arch.endswith("SequenceClassification"):
+        return from_pretrained(base, dtype)
+    if not heads:
+        raise ValueError(f"{adapter_dir}: a SEQ_CLS adapter for the bare encoder {base}, but it "
+                         "holds no classifier weights to put on it.")  # fmt: skip
+    return from_pretrained(base, dtype, num_labels=min(h.shape[0] for h in heads))

@@ -4,7 +4,6 @@ adapter in peft format, a merged-model check, sizes on disk and a PNG loss curve
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from lora_jax.files import atomic
 from lora_jax.tree import combine, merge
 
 
@@ -80,9 +80,8 @@ def loss_curve(metrics_file: Path, png: Path) -> None:
 def save_figure(fig: Any, png: Path) -> Path:
     """Writes a matplotlib Figure as a PNG atomically (a temporary name, then a rename), so
     an interrupted run never leaves a truncated image."""
-    tmp = png.with_name(f".{png.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, png)
+    with atomic(png) as tmp:
+        fig.savefig(tmp, format="png")
     return png
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import math
 import signal
 import string
 import time
@@ -30,6 +31,7 @@ from lora_jax import sharding
 from lora_jax.apply import kernel_layouts, lora_apply
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.quant import quantize
+from lora_jax.rundir import RunDir
 from lora_jax.settings import DataSettings, MeshSettings, RunConfig, TrainSettings
 from lora_jax.step import StepShardings, factors_only, make_step, opt_state_shardings
 from lora_jax.tree import combine, init, split
@@ -52,15 +54,21 @@ def resolve(path: str) -> str:
 # ----------------------------------------------------------------------------- setup
 
 
-def read_splits(data: DataSettings) -> dict[str, list[dict[str, Any]]]:
-    """The train and eval rows, every field the task needs checked (before anything compiles)."""
+def read_splits(data: DataSettings, classes: int | None) -> dict[str, list[dict[str, Any]]]:
+    """The train and eval rows, every field the task needs there with its type, labels in
+    [0, classes) (before anything compiles)."""
     template = [f for _, f, _, _ in string.Formatter().parse(data.template) if f]
     fields = (
         [data.text_field, data.label_field]
         if data.task == "classify"
         else [*template, data.response_field]
     )
-    return {s: data_lib.read_rows(resolve(getattr(data, s)), fields) for s in ("train", "eval")}
+    splits = {}
+    for name in ("train", "eval"):
+        source = resolve(getattr(data, name))
+        splits[name] = data_lib.read_rows(source, fields)
+        data_lib.check_rows(splits[name], source, data, classes)
+    return splits
 
 
 def run_mesh(mesh: MeshSettings, train: TrainSettings) -> jax.sharding.Mesh:
@@ -94,7 +102,7 @@ class Run:
             jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
         self.lora, self.classify = cfg.lora, cfg.data.task == "classify"
         self.model_dir = str(checkpoint_dir(resolve(cfg.model.path)))
-        rows = read_splits(cfg.data)
+        rows = read_splits(cfg.data, len(cfg.data.labels) or cfg.model.num_labels)
         hf_config = json.loads((Path(self.model_dir) / "config.json").read_text())
         if cfg.data.max_length > (limit := max_positions(hf_config)):
             raise ValueError(f"data.max_length {cfg.data.max_length} exceeds the model's {limit} "
@@ -234,10 +242,20 @@ def train(
 ) -> dict:
     """Runs the config: trains, checkpoints, writes metrics, the adapter and a loss curve.
     Returns the final eval metrics (empty if stopped early by a signal). `log` prints
-    around the progress bar."""
+    around the progress bar. The output directory is locked for the run (`lora_jax.rundir`):
+    `resume` continues only a run with the same settings; without it, an earlier run there
+    is replaced."""
+    settings = RunConfig.from_dict(config)
+    rundir = RunDir(settings, resume, main=settings.distributed.process_id == 0)
+    try:
+        return _train(Run(settings), resume, log)
+    finally:
+        rundir.close()
+
+
+def _train(run: Run, resume: bool, log: Callable) -> dict:
     from lora_jax.report import Writer, finish  # plotting and files: only when training
 
-    run = Run(config)
     train_cfg = run.config.train
     out = Path(run.config.output_dir)
     main = jax.process_index() == 0
@@ -267,6 +285,13 @@ def train(
                 adapter, opt_state, run.base, batch, jnp.int32(step)
             )
             metrics = {k: float(v) for k, v in metrics.items()}
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                raise FloatingPointError(
+                    f"step {step + 1}: loss {metrics['loss']}, gradient norm "
+                    f"{metrics['grad_norm']}; stopped before saving anything from it (the "
+                    f"newest checkpoint in {out / 'checkpoints'} is the last good state). "
+                    "Lower train.learning_rate, or check the data."
+                )
             metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - t0)
             writer.log(step + 1, metrics, bar)
             checkpoints.save(step + 1, (adapter, opt_state), batches.state())

@@ -17,7 +17,10 @@ NOTEBOOKS = {p.stem: p for p in sorted((ROOT / "colab").glob("*.ipynb"))}
 # A notebook's TPU case is 8 cores (v2-8): the SFT notebook runs on 8 simulated devices.
 DEVICES = {"quickstart": 1, "llm_sft_tpu": 8, "compose_adapters": 1}
 # How the README spells each module a notebook may use.
-MODULES = {"lora_jax": "lj", **{f"lora_jax.{m}": m for m in ("compose", "data", "models", "train")}}
+MODULES = {
+    "lora_jax": "lj",
+    **{f"lora_jax.{m}": m for m in ("compose", "data", "models", "settings", "train")},
+}
 
 
 def read(name: str) -> nbformat.NotebookNode:

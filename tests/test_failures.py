@@ -1,0 +1,241 @@
+"""Nothing silent, nothing lost: each case runs the real CLI on real files in a temporary
+directory and checks the exit code, that the one-line message names the file, key or step,
+and that nothing was lost (the inputs' and earlier checkpoints' md5 unchanged, metrics.jsonl
+intact and in step order)."""
+
+import fcntl
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from small_models import randomize_adapters
+
+import lora_jax as lj
+from lora_jax import models
+from lora_jax.checkpoint import Checkpoints
+from lora_jax.cli import main as cli_main
+from runs import LLAMA_SFT, as_args, overrides
+
+
+def md5s(*paths):
+    """md5 of every file under the paths (a missing path counts as empty)."""
+    files = [f for p in paths for f in sorted(Path(p).rglob("*")) if f.is_file()]
+    files += [Path(p) for p in paths if Path(p).is_file()]
+    return {str(f): hashlib.md5(f.read_bytes()).hexdigest() for f in files}
+
+
+def one_line(err):
+    """The CLI's error: exactly one line "lora-jax COMMAND: ..." (the progress bar aside)."""
+    lines = [line for line in err.splitlines() if line.startswith("lora-jax ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def steps_of(out):
+    return [json.loads(line)["step"] for line in (Path(out) / "metrics.jsonl").open()]
+
+
+def train_args(sft, out, **changes):
+    return ["train", "--config", LLAMA_SFT, *as_args(overrides(sft, out, **changes))]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(checkpoints, tmp_path_factory):
+    """A peft adapter that lora_jax saved for the tiny Llama (random non-zero B)."""
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    model, params, hf_config = models.from_pretrained(checkpoints / "llama")
+    config = lj.LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))
+    layouts = lj.kernel_layouts(model, jax.numpy.zeros((1, 4), jax.numpy.int32))
+    adapted = lj.init(jax.random.key(0), params, config, layouts)
+    adapted = randomize_adapters(adapted, jax.random.key(1))
+    lj.save_adapter(out, lj.split(adapted, config)[0], config, hf_config=hf_config)
+    return out
+
+
+def broken_adapter(adapter_dir, tmp_path, change):
+    """A copy of the adapter with its safetensors file changed by `change(tensors, path)`."""
+    copy = tmp_path / "broken"
+    shutil.copytree(adapter_dir, copy)
+    path = copy / "adapter_model.safetensors"
+    change(load_file(path), path)
+    return copy
+
+
+def _truncate(tensors, path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _as_int(tensors, path):
+    name = next(n for n in tensors if "lora_B" in n)
+    save_file({**tensors, name: tensors[name].astype(np.int32)}, path)
+
+
+def _nan(tensors, path):
+    name = next(n for n in tensors if "lora_A" in n)
+    save_file({**tensors, name: np.full_like(tensors[name], np.nan)}, path)
+
+
+def _extra_module(tensors, path):
+    # Named like a real base module, but not listed in adapter_config.json's modules_to_save.
+    weight = np.zeros((32, 32), np.float32)
+    save_file({**tensors, "base_model.model.model.layers.0.mlp.up_proj.weight": weight}, path)
+
+
+ADAPTER_CASES = {
+    "truncated": (_truncate, r"adapter_model\.safetensors: not a readable safetensors file"),
+    "int32 tensor": (_as_int, r"adapter_model\.safetensors: \S+lora_B\.weight is int32"),
+    "NaN tensor": (_nan, r"adapter_model\.safetensors: \S+lora_A\.weight holds non-finite"),
+    "unexplained tensor": (_extra_module, r"up_proj\.weight is a full tensor of .*up_proj, "
+                                          r"which adapter_config\.json's modules_to_save"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(ADAPTER_CASES))
+def test_bad_adapter_files_are_refused_naming_the_file(
+    checkpoints, adapter_dir, tmp_path, capsys, case
+):
+    change, message = ADAPTER_CASES[case]
+    broken = broken_adapter(adapter_dir, tmp_path, change)
+    before = md5s(broken, checkpoints / "llama")
+    out = tmp_path / "merged"
+    code = cli_main(["merge", "--base", str(checkpoints / "llama"), "--adapter", str(broken),
+                     "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    err = one_line(err)
+    assert str(broken) in err and re.search(message, err), err
+    assert md5s(broken, checkpoints / "llama") == before and not out.exists()
+
+
+def test_merge_never_writes_over_its_inputs(checkpoints, adapter_dir, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(checkpoints / "llama", base)
+    before = md5s(base, adapter_dir)
+    for out, name in ((base, "--base"), (adapter_dir, "--adapter")):
+        code = cli_main(["merge", "--base", str(base), "--adapter", str(adapter_dir), "--out",
+                         str(out)])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and f"is the {name} directory" in err, err
+    assert md5s(base, adapter_dir) == before
+
+
+def _write(path, text):
+    path.write_text(text) if isinstance(text, str) else path.write_bytes(text)
+    return path
+
+
+# name -> (rows of the training file (bytes or text), extra --set, message)
+DATA_CASES = {
+    "float label": ('{"prompt": "w3", "label": 1.7}\n', {}, r"row 1: label 1\.7 is neither"),
+    "bool label": ('{"prompt": "w3", "label": true}\n', {}, r"row 1: label True is neither"),
+    "label out of range": ('{"prompt": "w3", "label": 0}\n{"prompt": "w4", "label": 7}\n', {},
+                           r"row 2: label 7 is outside the 2 classes"),
+    "unknown label name": ('{"prompt": "w3", "label": "meh"}\n', {},
+                           r"row 1: label 'meh' is not one of data\.labels"),
+    "null text": ('{"prompt": null, "label": 0}\n', {}, r"row 1: prompt is None, not a string"),
+    "not UTF-8": (b'{"prompt": "\xff\xfe", "label": 0}\n', {}, r"not UTF-8 text"),
+    "not an object": ('[1, 2]\n', {}, r"row 1 is list, not a JSON object"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_bad_rows_are_refused_naming_file_and_row(sft, tmp_path, capsys, case):
+    rows, extra, message = DATA_CASES[case]
+    data = _write(tmp_path / "train.jsonl", rows)
+    before = md5s(data)
+    sets = {"data.task": "classify", "data.text_field": "prompt", "data.train": data,
+            "data.eval": data, **extra}  # fmt: skip
+    code = cli_main(train_args(sft, tmp_path / "out", **sets))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    err = one_line(err)
+    assert str(data) in err and re.search(message, err), err
+    assert md5s(data) == before
+
+
+def test_bad_config_is_one_line_naming_file_or_key(tmp_path, capsys):
+    broken = _write(tmp_path / "broken.py", "def get_config(:\n    return {}\n")
+    cases = [
+        (["train", "--config", str(broken)], r"broken\.py:1: "),
+        (["train", "--set", "model.dtype=float8"], r"model\.dtype is 'float8'; choose one of"),
+        (["train", "--set", "train.steps=True"], r"train\.steps is True \(bool\); expected int"),
+        (["train", "--set", "mesh.devices=0"], r"mesh\.devices is 0; must be -1 or >= 1"),
+        (["train", "--set", "data.task=clasify"], r"data\.task is 'clasify'; choose one of"),
+    ]
+    for args, message in cases:
+        code = cli_main([*args, "--set", f"output_dir={tmp_path / 'out'}"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        err = one_line(err)
+        assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(sft, tmp_path, capsys):
+    out = tmp_path / "out"
+    diverge = {"train.steps": 8, "train.learning_rate": 1e30, "train.clip_norm": 1e30}
+    code = cli_main(train_args(sft, out, **diverge, **{"checkpoint.every": 1}))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    err = one_line(err)
+    bad = int(re.search(r"step (\d+): loss", err).group(1))
+    assert bad < 8 and "newest checkpoint" in err
+    assert steps_of(out) == list(range(1, bad))  # the bad step is not logged either
+    assert not (out / "adapter").exists()
+    # The checkpoints end at the last good step.
+    checkpoints = Checkpoints(out / "checkpoints", 1, 5)
+    steps = sorted(checkpoints.manager.all_steps())
+    checkpoints.close()
+    assert steps and max(steps) == bad - 1
+
+
+def test_a_second_run_in_the_same_directory_is_refused(sft, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # another run holds the directory
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242")
+        held.flush()
+        code = cli_main(train_args(sft, out))
+    err = capsys.readouterr().err
+    assert code == 2 and f"output_dir {out} is in use by another run (pid 4242)" in err, err
+    assert not (out / "metrics.jsonl").exists()
+    # Released (the holder ended, even by kill -9: the OS drops an flock): the run goes ahead.
+    assert cli_main(train_args(sft, out, **{"train.steps": 2})) == 0
+    assert steps_of(out) == [1, 2]
+
+
+def test_resume_refuses_changed_settings_and_touches_nothing(sft, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli_main(train_args(sft, out, **{"train.steps": 3, "checkpoint.every": 1})) == 0
+    before = md5s(out / "checkpoints", out / "metrics.jsonl", out / "adapter")
+    code = cli_main([*train_args(sft, out, **{"train.steps": 6, "checkpoint.every": 1,
+                                              "lora.rank": 4}), "--resume"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "config.json records other settings (lora.rank 16 -> 4)" in err, err
+    assert md5s(out / "checkpoints", out / "metrics.jsonl", out / "adapter") == before
+    # Settings a resume may change (more steps) go ahead, from the newest checkpoint.
+    code = cli_main([*train_args(sft, out, **{"train.steps": 6, "checkpoint.every": 1}),
+                     "--resume"])  # fmt: skip
+    assert code == 0 and steps_of(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_rerunning_in_a_directory_starts_fresh_and_a_stale_step_is_replaced(sft, tmp_path):
+    out = tmp_path / "out"
+    for _ in range(2):  # a notebook cell run twice
+        assert cli_main(train_args(sft, out, **{"train.steps": 3, "checkpoint.every": 1})) == 0
+        assert steps_of(out) == [1, 2, 3]
+    # The newest checkpoint unreadable: --resume goes back one, then replaces it on the way.
+    for f in (out / "checkpoints" / "3").rglob("*"):
+        if f.is_file() and "state" in f.parts:
+            f.write_bytes(b"garbage")
+    code = cli_main([*train_args(sft, out, **{"train.steps": 4, "checkpoint.every": 1}),
+                     "--resume"])  # fmt: skip
+    assert code == 0 and steps_of(out) == [1, 2, 3, 4]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
