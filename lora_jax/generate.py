@@ -73,6 +73,9 @@ def generate(
     abstract = jax.eval_shape(
         lambda p: apply_fn(p, jnp.zeros((batch, total), jnp.int32), mutable=["cache"])[1], params
     )
+    if "cache" not in abstract:
+        raise ValueError(f"{type(model).__name__} keeps no KV cache: generate runs decoders "
+                         "(the Llama family, GPT-2), not encoders.")  # fmt: skip
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract["cache"])
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # left padding, as transformers
 

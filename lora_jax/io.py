@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from lora_jax.config import LoraConfig
+from lora_jax.files import atomic, write_text
 from lora_jax.models.hub import (
     LEAF_TO_HF,
     Naming,
@@ -218,8 +219,9 @@ def save_adapter(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+    with atomic(out / "adapter_model.safetensors") as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    write_text(out / "adapter_config.json", json.dumps(peft_config, indent=2, sort_keys=True))
     return out
 
 

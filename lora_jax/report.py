@@ -14,7 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from lora_jax.files import atomic
+from lora_jax.files import atomic, write_text
 from lora_jax.tree import combine, merge
 
 
@@ -29,7 +29,7 @@ class Writer:
             return
         out.mkdir(parents=True, exist_ok=True)
         kept = [r for r in _rows(self.path) if r["step"] <= start]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
@@ -85,14 +85,18 @@ def save_figure(fig: Any, png: Path) -> Path:
     return png
 
 
-def finish(run: Any, adapter: Any, out: Path, log: Callable[[str], None]) -> None:
-    """Saves the adapter (peft format), checks the merged model, compares sizes, plots."""
+def finish(
+    run: Any, adapter: Any, metrics: Mapping[str, float], out: Path, log: Callable[[str], None]
+) -> None:
+    """Saves the adapter (peft format) and its final eval metrics (eval.json), checks the
+    merged model, compares sizes, plots."""
     from lora_jax.io import save_adapter
 
     host_adapter = multihost_utils.process_allgather(adapter, tiled=True)  # whole, every host
     if jax.process_index() != 0:
         return
     adapter_dir = out / "adapter"
+    write_text(out / "eval.json", json.dumps(dict(metrics), indent=1))
     save_adapter(
         adapter_dir, host_adapter, run.lora, hf_config=run.hf_config, base_model_id=run.model_dir
     )

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
@@ -223,7 +224,9 @@ def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, floa
 
 
 class _Stop:
-    """SIGTERM / SIGINT ask the loop to checkpoint and stop after the current step."""
+    """SIGTERM / SIGINT ask the loop to checkpoint and stop after the current step. With
+    several processes, a signal to any one stops them all after the same step: each step
+    they share their flags (a tiny all-gather), so none is left waiting in a collective."""
 
     def __init__(self):
         self.requested = False
@@ -231,6 +234,12 @@ class _Stop:
 
     def handle(self, signum, frame):
         self.requested = True
+
+    def anywhere(self) -> bool:
+        """Whether any process was asked to stop (the same answer on every process)."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -297,7 +306,7 @@ def _train(run: Run, resume: bool, log: Callable) -> dict:
             checkpoints.save(step + 1, (adapter, opt_state), batches.state())
             if step + 1 == head_steps and run.classify:
                 log(f"eval after training the head alone: {_fmt(evaluate(run, adapter))}")
-            if stop.requested:
+            if stop.anywhere():
                 checkpoints.save(step + 1, (adapter, opt_state), batches.state(), force=True)
                 log(f"stopped by signal at step {step + 1}; checkpoint written")
                 return {}
@@ -308,7 +317,7 @@ def _train(run: Run, resume: bool, log: Callable) -> dict:
         writer.close()
     metrics = evaluate(run, adapter)
     log(f"eval after LoRA: {_fmt(metrics)}")
-    finish(run, adapter, out, log)  # every process: it gathers the adapter first
+    finish(run, adapter, metrics, out, log)  # every process: it gathers the adapter first
     return metrics
 
 

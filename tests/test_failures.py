@@ -14,13 +14,13 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from sft_runs import LLAMA_SFT, as_args, overrides
 from small_models import randomize_adapters
 
 import lora_jax as lj
 from lora_jax import models
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.cli import main as cli_main
-from runs import LLAMA_SFT, as_args, overrides
 
 
 def md5s(*paths):
@@ -239,3 +239,9 @@ def test_rerunning_in_a_directory_starts_fresh_and_a_stale_step_is_replaced(sft,
                      "--resume"])  # fmt: skip
     assert code == 0 and steps_of(out) == [1, 2, 3, 4]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_generate_on_an_encoder_says_it_needs_a_decoder(checkpoints):
+    model, params, _ = models.from_pretrained(checkpoints / "bert")
+    with pytest.raises(ValueError, match="BertModel keeps no KV cache: generate runs decoders"):
+        lj.generate(model, params, np.ones((1, 3), np.int32), max_new_tokens=2)

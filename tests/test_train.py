@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
+from sft_runs import LLAMA_SFT, as_args, cli, losses, overrides, quiet
 from small_models import randomize_adapters
 from transformers import AutoTokenizer
 
@@ -25,7 +26,6 @@ from lora_jax.cli import main as cli_main
 from lora_jax.io import base_for
 from lora_jax.settings import DataSettings, RunConfig, load_config
 from lora_jax.train import Run, loss_terms, resolve, train
-from runs import LLAMA_SFT, as_args, cli, losses, overrides, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,19 +77,43 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_agree_with_one(sft, tmp_path):
+def logged(metrics):
+    """The complete lines of a metrics.jsonl being written."""
+    return metrics.read_text().split("\n")[:-1] if metrics.exists() else []
+
+
+def test_two_processes_agree_with_one_and_stop_together(sft, tmp_path):
+    """Two jax.distributed processes give the one-process losses; SIGTERM to process 1 alone
+    stops both after the same step with one checkpoint, and --resume on both finishes the
+    uninterrupted curve."""
     port, mesh = _free_port(), {"mesh.fsdp": 4, "mesh.tensor": 2, "mesh.devices": -1}
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    procs = []
-    for pid in range(2):
-        join = {"distributed.coordinator": f"localhost:{port}", "distributed.num_processes": 2,
-                "distributed.process_id": pid}  # fmt: skip
-        sets = overrides(sft, tmp_path / "multi", **{"train.steps": 3, **mesh, **join})
-        procs.append(cli("train", "--config", LLAMA_SFT, *as_args(sets), env=env))
-    outputs = [p.communicate(timeout=400) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
+    common = {"train.steps": 20, "checkpoint.every": 5, **mesh}
+
+    def start(*extra):
+        procs = []
+        for pid in range(2):
+            join = {"distributed.coordinator": f"localhost:{port}",
+                    "distributed.num_processes": 2, "distributed.process_id": pid}  # fmt: skip
+            sets = overrides(sft, tmp_path / "multi", **common, **join)
+            procs.append(cli("train", "--config", LLAMA_SFT, *as_args(sets), *extra, env=env))
+        return procs
+
+    procs, metrics = start(), tmp_path / "multi" / "metrics.jsonl"
+    while procs[0].poll() is None and len(logged(metrics)) < 3:
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=180) for p in procs]
+    stopped = set()
+    for p, (out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    single = overrides(sft, tmp_path / "single", **{"train.steps": 3, **mesh, "mesh.devices": 8})
+        stopped |= set(re.findall(r"stopped by signal at step (\d+)", out))
+    assert len(stopped) == 1 and int(stopped.pop()) < 20  # both, at the same step
+    port = _free_port()  # a fresh coordinator for the resumed pair
+    for p in start("--resume"):
+        _, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err[-3000:]
+    single = overrides(sft, tmp_path / "single", **{**common, "mesh.devices": 8})
     train(load_config(LLAMA_SFT, single), log=quiet)
     np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), rtol=1e-5)
     assert (tmp_path / "multi" / "adapter" / "adapter_model.safetensors").exists()
@@ -249,6 +273,8 @@ def test_quickstart_runs_offline_as_the_readme_says(tmp_path):
     head, lora = accuracy["eval after training the head alone"], accuracy["eval after LoRA"]
     assert lora >= 0.9 and lora >= head + 0.2, stdout
     assert "same predictions on 320/320 eval examples" in stdout
+    saved = json.loads((tmp_path / "eval.json").read_text())  # beside the adapter
+    assert saved["accuracy"] == pytest.approx(lora, abs=1e-4)
     # The README prints what this run prints (same CPU build: the run is deterministic).
     readme = (ROOT / "README.md").read_text()
     assert [line for line in stdout.splitlines() if line.startswith("eval ")] == [

@@ -24,6 +24,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from lora_jax.files import atomic, write_text
 from lora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -335,9 +336,10 @@ def save_pretrained(
     tree = params.get("params", params)
     tensors = {name: jnp.array(t, copy=True) for name, t in family.naming.tensors(tree)}
     dtypes = {str(t.dtype) for t in tensors.values()}
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with atomic(out / "model.safetensors") as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     config = dict(hf_config, dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True))
     for name in TOKENIZER_FILES if copy_from else ():
         if (Path(copy_from) / name).exists():
             shutil.copy(Path(copy_from) / name, out / name)
