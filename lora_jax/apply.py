@@ -9,6 +9,8 @@ slices them per layer and `nn.remat` / `jax.grad` see ordinary arrays.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import string
 from collections.abc import Callable
@@ -24,6 +26,26 @@ from lora_jax.config import LoraConfig
 from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_M, Bank, Params, adapter_layout, merge
 
 FACTORED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+# Set while lora_apply / routed_apply run a model, so a model can tell a tree whose adapters
+# will be applied from one whose adapters it would silently ignore.
+_RUNNING = contextvars.ContextVar("lora_jax_adapters_running", default=False)
+
+
+def adapters_running() -> bool:
+    """Whether the current call runs inside `lora_apply` / `routed_apply`."""
+    return _RUNNING.get()
+
+
+@contextlib.contextmanager
+def _running(call):
+    token = _RUNNING.set(True)
+    try:
+        with nn.intercept_methods(call):
+            yield
+    finally:
+        _RUNNING.reset(token)
+
+
 LowRank = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
 
 
@@ -196,7 +218,7 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[...
 
     @functools.wraps(apply_fn)
     def apply(variables: Params, *args: Any, **kwargs: Any) -> Any:
-        with nn.intercept_methods(functools.partial(_factored_call, config)):
+        with _running(functools.partial(_factored_call, config)):
             return apply_fn(variables, *args, **kwargs)
 
     return apply
@@ -215,7 +237,7 @@ def routed_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[.
     @functools.wraps(apply_fn)
     def apply(variables: Params, *args: Any, adapter_ids: jax.Array, **kwargs: Any) -> Any:
         call = functools.partial(_factored_call, config, adapter_ids=jnp.asarray(adapter_ids))
-        with nn.intercept_methods(call):
+        with _running(call):
             return apply_fn(variables, *args, **kwargs)
 
     return apply

@@ -245,3 +245,15 @@ def test_generate_on_an_encoder_says_it_needs_a_decoder(checkpoints):
     model, params, _ = models.from_pretrained(checkpoints / "bert")
     with pytest.raises(ValueError, match="BertModel keeps no KV cache: generate runs decoders"):
         lj.generate(model, params, np.ones((1, 3), np.int32), max_new_tokens=2)
+
+
+def test_plain_apply_on_a_tree_with_adapters_refuses_instead_of_ignoring_them(checkpoints):
+    model, params, _ = models.from_pretrained(checkpoints / "llama")
+    config = lj.LoraConfig(rank=2, alpha=4.0, targets=("q_proj",))
+    layouts = lj.kernel_layouts(model, np.ones((1, 3), np.int32))
+    adapted = lj.init(jax.random.key(0), params, config, layouts)
+    ids = np.ones((1, 3), np.int32)
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM\.apply: the params hold LoRA"):
+        model.apply(adapted, ids)
+    lj.lora_apply(model.apply, config)(adapted, ids)  # the factored forward runs it
+    model.apply(lj.merge(adapted, config), ids)  # and so does the plain model on a merged tree

@@ -8,6 +8,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
+
+from lora_jax.apply import adapters_running
+from lora_jax.tree import ADAPTER_LEAVES
 
 # Named remat policies (`remat=` on every model): what the backward pass may keep.
 REMAT_POLICIES = {
@@ -34,6 +38,19 @@ class ZooModel(nn.Module):
     dtype: Any = None
     remat: str = "none"
     attention_impl: str | None = None
+
+    def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
+        """`nn.Module.apply`, refusing params that hold LoRA adapters outside `lj.lora_apply` /
+        `lj.routed_apply`: the plain layers would ignore them and give the base's output."""
+        params = variables.get("params", {}) if isinstance(variables, dict) else {}
+        if not adapters_running() and any(
+            keys[-1] in ADAPTER_LEAVES for keys in traverse_util.flatten_dict(params)
+        ):
+            raise ValueError(
+                f"{type(self).__name__}.apply: the params hold LoRA adapters, which the plain "
+                "model would ignore; run lj.lora_apply(model.apply, config), or lj.merge first."
+            )
+        return super().apply(variables, *args, **kwargs)
 
 
 def default_positions(input_ids: jax.Array) -> jax.Array:
