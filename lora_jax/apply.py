@@ -203,9 +203,9 @@ def _factored_call(config: LoraConfig, next_fun, args, kwargs, context, adapter_
     delta = (delta * scale).astype(y.dtype)
     m = module.get_variable("params", LORA_M) if module.has_variable("params", LORA_M) else None
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
-    # QLoRA: the dequantized kernel, as the layer itself used
-    return variants.output(y, delta, m, nn.meta.unbox(kernel), a, b, bias, scale, plan.n_in,
-                           plan.trailing, path)  # fmt: skip
+    if m is not None:  # DoRA's norm reads W0: for QLoRA the dequantized kernel the layer used
+        kernel = nn.meta.unbox(kernel)
+    return variants.output(y, delta, m, kernel, a, b, bias, scale, plan.n_in, plan.trailing, path)
 
 
 def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:

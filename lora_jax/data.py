@@ -111,6 +111,18 @@ def _pad(seqs: list[list[int]], length: int, value: int) -> np.ndarray:
     return out
 
 
+def task_fields(data: DataSettings) -> list[str]:
+    """The row fields the task reads: text and label, or the template's fields and the
+    response."""
+    if data.task == "classify":
+        return [data.text_field, data.label_field]
+    return [*_template_fields(data.template), data.response_field]
+
+
+def _template_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
 def check_rows(
     rows: list[dict[str, Any]], where: str, data: DataSettings, classes: int | None
 ) -> None:
@@ -134,8 +146,7 @@ def check_rows(
                 raise ValueError(f"{at}: label {label} is outside the {classes} classes "
                                  f"[0, {classes}).")  # fmt: skip
             continue
-        template = [f for _, f, _, _ in string.Formatter().parse(data.template) if f]
-        for field in template:
+        for field in _template_fields(data.template):
             if row[field] is None:
                 raise ValueError(f"{at}: {field} is null.")
         if not isinstance(row[data.response_field], str):

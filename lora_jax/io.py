@@ -445,9 +445,9 @@ def base_for(adapter_dir: str | Path, base: str | Path, dtype: Any = jnp.float32
     tensors, peft_config = _peft_files(Path(adapter_dir))
     hf_config = json.loads((checkpoint_dir(base) / "config.json").read_text())
     arch = (hf_config.get("architectures") or [""])[0]
-    heads = [t for n, t in tensors.items() if re.search(r"classifier(\.out_proj)?\.weight$", n)]
     if peft_config.get("task_type") != "SEQ_CLS" or arch.endswith("SequenceClassification"):
         return from_pretrained(base, dtype)
+    heads = [t for n, t in tensors.items() if re.search(r"classifier(\.out_proj)?\.weight$", n)]
     if not heads:
         raise ValueError(f"{adapter_dir}: a SEQ_CLS adapter for the bare encoder {base}, but it "
                          "holds no classifier weights to put on it.")  # fmt: skip

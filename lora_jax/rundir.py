@@ -7,8 +7,9 @@ with, so `--resume` continues only the run it would continue.
   alter what the checkpoints mean (the model, the adapter, the data, the optimizer), naming
   the keys, before anything is touched; `train.steps`, checkpointing, the mesh, the
   processes and the eval split may change.
-- A fresh run (no `--resume`) replaces an earlier run in the directory: its checkpoints and
-  metrics are cleared first, so re-running a notebook cell starts over cleanly.
+- A fresh run (no `--resume`) replaces an earlier run in the directory: its checkpoints,
+  metrics, adapter and eval results are removed first, so re-running a notebook cell starts
+  over cleanly and never leaves two runs' outputs side by side.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from lora_jax.settings import RunConfig
 CONFIG = "config.json"
 # Settings a resumed run may change: they do not change what a checkpoint holds or means.
 RESUMABLE = ("train.steps", "checkpoint.", "mesh.", "distributed.", "data.eval", "output_dir")
+# What a run leaves in its directory; a fresh run removes an earlier run's first, so its own
+# outputs are never mixed with another run's (TensorBoard's events are purged by the writer).
+OUTPUTS = ("checkpoints", "metrics.jsonl", "adapter", "eval.json", "loss.png")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -38,19 +42,20 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """The settings keys whose values differ and that a resumed run may not change."""
+def changed(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) of each setting that differs and that a resumed run may
+    not change."""
     old, new = _flat(before), _flat(after)
     keys = sorted(set(old) | set(new))
-    return [k for k in keys if old.get(k) != new.get(k) and not k.startswith(RESUMABLE)]
+    return [(k, old.get(k), new.get(k)) for k in keys
+            if old.get(k) != new.get(k) and not k.startswith(RESUMABLE)]  # fmt: skip
 
 
 class RunDir:
     """The output directory of one run (process 0 holds it; the others only read)."""
 
     def __init__(self, settings: RunConfig, resume: bool, main: bool):
-        self.path, self.main = Path(settings.output_dir), main
-        self.lock = None
+        self.path, self.lock = Path(settings.output_dir), None
         if not main:
             return
         if self.path.exists() and not self.path.is_dir():
@@ -72,16 +77,19 @@ class RunDir:
         record, settings_dict = self.path / CONFIG, settings.to_dict()
         if resume and record.exists():
             before = json.loads(record.read_text())
-            if keys := changed(before, settings_dict):
+            if differences := changed(before, settings_dict):
                 self.close()
-                diffs = ", ".join(f"{k} {_flat(before).get(k)!r} -> {_flat(settings_dict).get(k)!r}"
-                                  for k in keys[:6])  # fmt: skip
+                diffs = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in differences[:6])
                 raise ValueError(f"--resume: {record} records other settings ({diffs}); resume "
                                  "with those, or start fresh (without --resume, or in another "
                                  "output_dir).")  # fmt: skip
         if not resume:  # a fresh run replaces what an earlier one left
-            shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
-            (self.path / "metrics.jsonl").unlink(missing_ok=True)
+            for name in OUTPUTS:
+                earlier = self.path / name
+                if earlier.is_dir():
+                    shutil.rmtree(earlier)
+                else:
+                    earlier.unlink(missing_ok=True)
         write_text(record, json.dumps(settings_dict, indent=1, sort_keys=True))
 
     def close(self) -> None:

@@ -14,7 +14,6 @@ import importlib.resources
 import json
 import math
 import signal
-import string
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,7 +32,13 @@ from lora_jax.apply import kernel_layouts, lora_apply
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.quant import quantize
 from lora_jax.rundir import RunDir
-from lora_jax.settings import DataSettings, MeshSettings, RunConfig, TrainSettings
+from lora_jax.settings import (
+    DataSettings,
+    DistributedSettings,
+    MeshSettings,
+    RunConfig,
+    TrainSettings,
+)
 from lora_jax.step import StepShardings, factors_only, make_step, opt_state_shardings
 from lora_jax.tree import combine, init, split
 
@@ -55,16 +60,16 @@ def resolve(path: str) -> str:
 # ----------------------------------------------------------------------------- setup
 
 
+def start_distributed(dist: DistributedSettings) -> None:
+    """Joins the other processes (jax.distributed), once; a single process has nothing to do."""
+    if dist.num_processes > 1 and not jax.distributed.is_initialized():
+        jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
+
+
 def read_splits(data: DataSettings, classes: int | None) -> dict[str, list[dict[str, Any]]]:
     """The train and eval rows, every field the task needs there with its type, labels in
     [0, classes) (before anything compiles)."""
-    template = [f for _, f, _, _ in string.Formatter().parse(data.template) if f]
-    fields = (
-        [data.text_field, data.label_field]
-        if data.task == "classify"
-        else [*template, data.response_field]
-    )
-    splits = {}
+    fields, splits = data_lib.task_fields(data), {}
     for name in ("train", "eval"):
         source = resolve(getattr(data, name))
         splits[name] = data_lib.read_rows(source, fields)
@@ -98,9 +103,7 @@ class Run:
         )
 
         self.config = cfg = RunConfig.from_dict(config)
-        dist = cfg.distributed
-        if dist.num_processes > 1 and not jax.distributed.is_initialized():
-            jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
+        start_distributed(cfg.distributed)
         self.lora, self.classify = cfg.lora, cfg.data.task == "classify"
         self.model_dir = str(checkpoint_dir(resolve(cfg.model.path)))
         rows = read_splits(cfg.data, len(cfg.data.labels) or cfg.model.num_labels)
@@ -224,15 +227,21 @@ def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, floa
 
 
 class _Stop:
-    """SIGTERM / SIGINT ask the loop to checkpoint and stop after the current step. With
-    several processes, a signal to any one stops them all after the same step: each step
-    they share their flags (a tiny all-gather), so none is left waiting in a collective."""
+    """SIGTERM / SIGINT ask the run to checkpoint and stop after the current step (one that
+    arrives during setup stops it before the first step). A second signal stops at once, the
+    usual way. With several processes, a signal to any one stops them all after the same
+    step: each step they share their flags (a tiny all-gather), so none is left waiting in a
+    collective."""
 
     def __init__(self):
         self.requested = False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
+        if self.requested:  # asked twice: the previous handler acts (KeyboardInterrupt, exit)
+            self.restore()
+            signal.raise_signal(signum)
+            return
         self.requested = True
 
     def anywhere(self) -> bool:
@@ -256,13 +265,17 @@ def train(
     is replaced."""
     settings = RunConfig.from_dict(config)
     rundir = RunDir(settings, resume, main=settings.distributed.process_id == 0)
+    # Joined first: jax.distributed installs its own SIGTERM handler, which ours replaces.
+    start_distributed(settings.distributed)
+    stop = _Stop()
     try:
-        return _train(Run(settings), resume, log)
+        return _train(Run(settings), resume, log, stop)
     finally:
+        stop.restore()
         rundir.close()
 
 
-def _train(run: Run, resume: bool, log: Callable) -> dict:
+def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
     from lora_jax.report import Writer, finish  # plotting and files: only when training
 
     train_cfg = run.config.train
@@ -284,9 +297,11 @@ def _train(run: Run, resume: bool, log: Callable) -> dict:
     steps = {f: make_train_step(run, tx, shardings) for f, tx in txs.items()}
     if start == 0 and run.classify:
         log(f"eval before training: {_fmt(evaluate(run, adapter))}")
-    stop = _Stop()
     bar = writer.progress(start, train_cfg.steps)
     try:
+        if stop.anywhere():  # asked during setup: nothing new to save
+            log(f"stopped by signal before step {start + 1}; nothing trained")
+            return {}
         for step in range(start, train_cfg.steps):
             t0 = time.perf_counter()
             batch = run.batch(next(batches), train_cfg.batch_size)
@@ -312,7 +327,6 @@ def _train(run: Run, resume: bool, log: Callable) -> dict:
                 return {}
     finally:
         bar.close()
-        stop.restore()
         checkpoints.close()
         writer.close()
     metrics = evaluate(run, adapter)

@@ -231,6 +231,12 @@ def test_rerunning_in_a_directory_starts_fresh_and_a_stale_step_is_replaced(sft,
     for _ in range(2):  # a notebook cell run twice
         assert cli_main(train_args(sft, out, **{"train.steps": 3, "checkpoint.every": 1})) == 0
         assert steps_of(out) == [1, 2, 3]
+    # A fresh run that stops early leaves none of the earlier run's outputs beside its own.
+    diverge = {"train.steps": 8, "train.learning_rate": 1e30, "train.clip_norm": 1e30}
+    assert cli_main(train_args(sft, tmp_path / "first", **{"train.steps": 2})) == 0
+    assert (tmp_path / "first" / "eval.json").exists()
+    assert cli_main(train_args(sft, tmp_path / "first", **diverge)) == 2
+    assert not any((tmp_path / "first" / n).exists() for n in ("adapter", "eval.json", "loss.png"))
     # The newest checkpoint unreadable: --resume goes back one, then replaces it on the way.
     for f in (out / "checkpoints" / "3").rglob("*"):
         if f.is_file() and "state" in f.parts:

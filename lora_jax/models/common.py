@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -42,7 +43,7 @@ class ZooModel(nn.Module):
     def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
         """`nn.Module.apply`, refusing params that hold LoRA adapters outside `lj.lora_apply` /
         `lj.routed_apply`: the plain layers would ignore them and give the base's output."""
-        params = variables.get("params", {}) if isinstance(variables, dict) else {}
+        params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
         if not adapters_running() and any(
             keys[-1] in ADAPTER_LEAVES for keys in traverse_util.flatten_dict(params)
         ):

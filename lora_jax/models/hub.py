@@ -28,6 +28,7 @@ from lora_jax.files import atomic, write_text
 from lora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from lora_jax.sharding import Rules
 
 LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 # dtype names as config files and command lines write them (model.dtype, --dtype).
@@ -43,7 +44,7 @@ TOKENIZER_FILES = (
 # their input axis, in transformers' module names.
 COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|c_attn|c_fc|intermediate/dense)"
 ROW = r"(o_proj|down_proj|c_proj|output/dense)"
-SHARDING_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+SHARDING_RULES: Rules = (
     (COLUMN + r"/kernel$", ("fsdp", "tensor")),
     (COLUMN + r"/bias$", ("tensor",)),
     (ROW + r"/kernel$", ("tensor", "fsdp")),
@@ -69,7 +70,7 @@ class Naming:
     ".", with the layer index put after `layers` for a scanned stack (its axis 0), and `weight`
     <-> kernel (transposed, unless `fan_in_fan_out`) / scale / embedding, `bias` <-> bias.
 
-    The zoo has one per family (`naming(hf_config)`); write one for your own Linen model
+    The zoo has one per family (`naming_of(hf_config)`); write one for your own Linen model
     whose torch twin has the same module names to exchange peft adapters with it."""
 
     layers: str | None = None  # the key under which torch numbers its layers
@@ -114,7 +115,7 @@ class Family:
     architectures: dict[str, type[nn.Module]]
     naming: Naming
     buffers: str = r"$^"  # checkpoint entries that are buffers, not params
-    rules: tuple[tuple[str, tuple[str | None, ...]], ...] = SHARDING_RULES
+    rules: Rules = SHARDING_RULES
 
 
 def _llama(arch: str) -> Family:
