@@ -8,6 +8,7 @@ The frozen base is never written: it comes from the base checkpoint on every sta
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+
+class _WithoutTraceback(logging.Filter):
+    """Orbax's writer thread logs a failed write with its traceback; `Checkpoints` raises the
+    same failure as one error at the next step, so the log keeps only its one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" in record.pathname:
+            record.exc_info = record.exc_text = None
+        return True
 
 
 class Checkpoints:
@@ -25,16 +36,22 @@ class Checkpoints:
             max_to_keep=keep, save_interval_steps=max(every, 1), enable_async_checkpointing=True
         )
         self.every, self.written = every, set()
+        absl = logging.getLogger("absl")
+        if not any(isinstance(f, _WithoutTraceback) for f in absl.filters):
+            absl.addFilter(_WithoutTraceback())
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
     def save(self, step: int, state: Any, data_state: dict[str, int], force: bool = False) -> None:
-        """Starts writing `state` (adapter + optimizer) at `step` in the background. A step this
-        run already wrote is not written twice; one an earlier run left (e.g. the unreadable
-        newest that a resume skipped) is replaced. A failed earlier write stops the run here."""
-        if step in self.written or not (force or (self.every and step % self.every == 0)):
+        """Called after every step: starts writing `state` (adapter + optimizer) at `step` in
+        the background when it is due. A step this run already wrote is not written twice;
+        one an earlier run left (e.g. the unreadable newest that a resume skipped) is
+        replaced. A failed write stops the run at the first step after it fails, and at the
+        latest before the next checkpoint starts."""
+        due = step not in self.written and (force or (self.every and step % self.every == 0))
+        self.check(wait=due)  # before a new write, the previous one ends (or fails)
+        if not due:
             return
         try:
-            self.manager.check_for_errors()
             if step in self.manager.all_steps():
                 self.manager.delete(step)
             args = ocp.args.Composite(
@@ -42,9 +59,22 @@ class Checkpoints:
             )
             self.manager.save(step, args=args, force=True)
         except Exception as err:  # orbax raises many kinds; the run cannot go on without them
-            raise OSError(f"writing the checkpoint of step {step} in {self.manager.directory} "
-                          f"failed: {type(err).__name__}: {err}") from err  # fmt: skip
+            raise self._failed(step, err) from err
         self.written.add(step)
+
+    def check(self, wait: bool = False) -> None:
+        """Raises OSError, naming the step and the cause, if a background write failed;
+        `wait`: for the writes in flight first."""
+        try:
+            if wait:
+                self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as err:
+            raise self._failed(max(self.written), err) from err
+
+    def _failed(self, step: int, err: Exception) -> OSError:
+        return OSError(f"writing the checkpoint of step {step} in {self.manager.directory} "
+                       f"failed: {type(err).__name__}: {err}")  # fmt: skip
 
     def restore_latest(self, like: Any) -> tuple[int, Any, dict[str, int]] | None:
         """(step, state, data state) of the newest readable checkpoint, laid out like `like`
@@ -71,6 +101,8 @@ class Checkpoints:
         return None
 
     def close(self) -> None:
-        """Waits for writes in flight, then releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for writes in flight, then releases the manager; a failed write raises."""
+        try:
+            self.check(wait=True)
+        finally:
+            self.manager.close()

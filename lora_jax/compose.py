@@ -335,16 +335,9 @@ def dare_linear(
     return _factorwise("dare_linear", adapters, configs, weights, density, key=key, base=base)
 
 
-def dare_ties(
-    key: jax.Array,
-    adapters: Adapters,
-    configs: Sequence[LoraConfig],
-    weights: Sequence[float],
-    density: float,
-    majority_sign_method: str = "total",
-    *,
-    base: Params,
-):
+def dare_ties(key: jax.Array, adapters: Adapters, configs: Sequence[LoraConfig],
+              weights: Sequence[float], density: float, majority_sign_method: str = "total",
+              *, base: Params):  # fmt: skip
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean."""
     return _factorwise("dare_ties", adapters, configs, weights, density, majority_sign_method, key,
                        base=base)  # fmt: skip

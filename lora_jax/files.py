@@ -12,12 +12,15 @@ from pathlib import Path
 @contextlib.contextmanager
 def atomic(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside `path`; when the block ends without an error, renames
-    it onto `path`, else removes it."""
+    it onto `path`, else removes it and raises OSError naming `path` (a full disk, or a
+    writer's own error type such as safetensors')."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as err:
+        raise OSError(f"writing {path} failed: {type(err).__name__}: {err}") from err
     finally:
         tmp.unlink(missing_ok=True)
 

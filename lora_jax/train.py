@@ -90,45 +90,57 @@ def run_mesh(mesh: MeshSettings, train: TrainSettings) -> jax.sharding.Mesh:
     return made
 
 
+def load_base(cfg: RunConfig, model_dir: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, params, hf_config) of the base checkpoint, the sequence length checked against
+    its positions first (before any weight is read), the params quantized for QLoRA."""
+    from lora_jax.models.hub import DTYPES, from_pretrained, max_positions  # the zoo: training
+
+    hf_config = json.loads((Path(model_dir) / "config.json").read_text())
+    if cfg.data.max_length > (limit := max_positions(hf_config)):
+        raise ValueError(f"data.max_length {cfg.data.max_length} exceeds the model's {limit} "
+                         f"positions ({model_dir}/config.json).")  # fmt: skip
+    model, params, hf_config = from_pretrained(
+        model_dir,
+        DTYPES[cfg.model.dtype],
+        compute_dtype=DTYPES.get(cfg.model.compute_dtype),
+        remat=cfg.model.remat,
+        num_labels=cfg.model.num_labels if cfg.data.task == "classify" else None,
+    )
+    if cfg.model.quantize:  # QLoRA: the frozen base as nf4 / int8 codes
+        params = quantize(params, cfg.lora, cfg.model.quantize, cfg.model.quantize_block)
+    return model, params, hf_config
+
+
+def add_adapter(
+    cfg: RunConfig, model: Any, params: Any, example: jax.Array, mesh: jax.sharding.Mesh,
+    rules: sharding.Rules,
+) -> tuple[Any, Any]:  # fmt: skip
+    """LoRA leaves added to the base (seeded by train.seed), everything placed on the mesh:
+    (params, their shardings)."""
+    key = jax.random.key(cfg.train.seed)
+    params = init(key, params, cfg.lora, kernel_layouts(model, example))
+    shardings = sharding.param_shardings(params, mesh, rules)
+    return jax.device_put(params, shardings), shardings
+
+
 class Run:
     """Everything a config builds before the first step: model, data, sharded params."""
 
     def __init__(self, config: Mapping[str, Any] | RunConfig):
-        from lora_jax.models.hub import (
-            DTYPES,
-            checkpoint_dir,
-            family_of,
-            from_pretrained,
-            max_positions,  # the zoo: only when training
-        )
+        from lora_jax.models.hub import checkpoint_dir, family_of
 
         self.config = cfg = RunConfig.from_dict(config)
         start_distributed(cfg.distributed)
         self.lora, self.classify = cfg.lora, cfg.data.task == "classify"
         self.model_dir = str(checkpoint_dir(resolve(cfg.model.path)))
         rows = read_splits(cfg.data, len(cfg.data.labels) or cfg.model.num_labels)
-        hf_config = json.loads((Path(self.model_dir) / "config.json").read_text())
-        if cfg.data.max_length > (limit := max_positions(hf_config)):
-            raise ValueError(f"data.max_length {cfg.data.max_length} exceeds the model's {limit} "
-                             f"positions ({self.model_dir}/config.json).")  # fmt: skip
         self.mesh = run_mesh(cfg.mesh, cfg.train)
-        self.model, params, self.hf_config = from_pretrained(
-            self.model_dir,
-            DTYPES[cfg.model.dtype],
-            compute_dtype=DTYPES.get(cfg.model.compute_dtype),
-            remat=cfg.model.remat,
-            num_labels=cfg.model.num_labels if self.classify else None,
-        )
-        if cfg.model.quantize:  # QLoRA: the frozen base as nf4 / int8 codes
-            params = quantize(params, self.lora, cfg.model.quantize, cfg.model.quantize_block)
+        self.model, params, self.hf_config = load_base(cfg, self.model_dir)
         tokenizer = data_lib.Tokenizer(self.model_dir, self.hf_config)
         self.data = {s: data_lib.encode(r, tokenizer, cfg.data) for s, r in rows.items()}
         example = jnp.asarray(self.data["train"]["input_ids"][:1])
-        key = jax.random.key(cfg.train.seed)
-        params = init(key, params, self.lora, kernel_layouts(self.model, example))
         rules = family_of(self.hf_config)[0].rules
-        shardings = sharding.param_shardings(params, self.mesh, rules)
-        params = jax.device_put(params, shardings)
+        params, shardings = add_adapter(cfg, self.model, params, example, self.mesh, rules)
         self.adapter, self.base = split(params, self.lora)
         self.adapter_shardings, self.base_shardings = split(shardings, self.lora)
         self.rows = sharding.local_rows(self.mesh, cfg.train.batch_size)

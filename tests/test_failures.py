@@ -8,13 +8,15 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from sft_runs import LLAMA_SFT, as_args, overrides
+from sft_runs import LLAMA_SFT, as_args, cli, overrides
 from small_models import randomize_adapters
 
 import lora_jax as lj
@@ -263,3 +265,48 @@ def test_plain_apply_on_a_tree_with_adapters_refuses_instead_of_ignoring_them(ch
         model.apply(adapted, ids)
     lj.lora_apply(model.apply, config)(adapted, ids)  # the factored forward runs it
     model.apply(lj.merge(adapted, config), ids)  # and so does the plain model on a merged tree
+
+
+def limited_cli(limit, *args):
+    """`lora-jax ARGS` in a process whose files may not grow past `limit` bytes: writes beyond
+    fail with EFBIG ("File too large"), as on a full disk, even for root (Python ignores
+    SIGXFSZ). The limit is set before exec, not by a preexec_fn in this threaded process."""
+    limit_then_exec = (
+        "import os, resource, sys; n = int(sys.argv[1]); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'lora_jax.cli', *sys.argv[2:]])"
+    )
+    command = [sys.executable, "-c", limit_then_exec, str(limit), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_a_failed_checkpoint_write_stops_the_run_naming_step_and_cause(sft, tmp_path):
+    out = tmp_path / "out"
+    changes = {"train.steps": 12, "checkpoint.every": 3}
+    run = limited_cli(20_000, *train_args(sft, out, **changes))
+    err = run.stderr
+    assert run.returncode == 2, err
+    # orbax's and tensorstore's writer threads print their own tracebacks on the way down
+    # (asyncio internals, none through lora_jax); the run's error is one line.
+    assert "lora_jax/" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("lora-jax ")]
+    assert len(lines) == 1, err
+    assert re.search(
+        rf"checkpoint of step 3 in {out}/checkpoints failed: .*File too large", lines[0]
+    )
+    assert steps_of(out)[-1] <= 6  # stopped by the next checkpoint due, not at the end
+    assert not (out / "adapter").exists()
+
+
+def test_a_failed_write_leaves_the_earlier_output_whole(checkpoints, adapter_dir, tmp_path):
+    out = tmp_path / "merged"
+    args = ("merge", "--base", checkpoints / "llama", "--adapter", adapter_dir, "--out", out)
+    first = cli(*args)
+    assert first.communicate(timeout=300) and first.returncode == 0
+    before = md5s(out)
+    size = (out / "model.safetensors").stat().st_size
+    run = limited_cli(size // 2, *args)
+    assert run.returncode == 2, run.stderr
+    err = one_line(run.stderr)
+    assert re.search(rf"writing {out}/model.safetensors failed: .*File too large", err)
+    assert md5s(out) == before  # the old model whole, no temporary file left beside it

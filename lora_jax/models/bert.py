@@ -10,15 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lora_jax.models.common import (
-    ZooModel,
-    activation,
-    attend,
-    default_positions,
-    merge_heads,
-    scanned,
-    split_heads,
-)
+from lora_jax.models import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +38,7 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> BertConfig:
+        """Reads transformers' config.json; the label count comes from `id2label`."""
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError("only absolute position embeddings are supported for BERT/RoBERTa.")
         fields = {f.name for f in dataclasses.fields(cls)} - {"num_labels", "roberta"}
@@ -56,10 +49,7 @@ class BertConfig:
         )
 
 
-class BertEmbeddings(nn.Module):
-    config: BertConfig
-    dtype: Any = None
-
+class BertEmbeddings(common.Layer):
     @nn.compact
     def __call__(self, input_ids, token_type_ids):
         c = self.config
@@ -67,7 +57,7 @@ class BertEmbeddings(nn.Module):
             real = (input_ids != c.pad_token_id).astype(jnp.int32)
             positions = jnp.cumsum(real, axis=1) * real + c.pad_token_id
         else:
-            positions = default_positions(input_ids)
+            positions = common.positions_or_default(input_ids, None)
         embed = lambda n, name: nn.Embed(n, c.hidden_size, dtype=self.dtype, name=name)  # noqa: E731
         x = (
             embed(c.vocab_size, "word_embeddings")(input_ids)
@@ -77,28 +67,21 @@ class BertEmbeddings(nn.Module):
         return nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
 
 
-class BertSelfAttention(nn.Module):
-    config: BertConfig
-    dtype: Any = None
-    attention_impl: str | None = None
-
+class BertSelfAttention(common.Layer):
     @nn.compact
     def __call__(self, x, padding):
         c = self.config
+        project = lambda name: nn.Dense(c.hidden_size, dtype=self.dtype, name=name)(x)  # noqa: E731
         q, k, v = (
-            split_heads(nn.Dense(c.hidden_size, dtype=self.dtype, name=n)(x), c.num_attention_heads)
-            for n in ("query", "key", "value")
+            common.split_heads(project(n), c.num_attention_heads) for n in ("query", "key", "value")
         )
-        return merge_heads(
-            attend(q, k, v, padding, causal=False, implementation=self.attention_impl)
+        return common.merge_heads(
+            common.attend(q, k, v, padding, causal=False, implementation=self.attention_impl)
         )
 
 
-class AddNorm(nn.Module):
+class AddNorm(common.Layer):
     """dense, residual, LayerNorm: BERT's `attention.output` and `output` modules."""
-
-    config: BertConfig
-    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, residual):
@@ -107,34 +90,23 @@ class AddNorm(nn.Module):
         return nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
 
 
-class BertAttention(nn.Module):
-    config: BertConfig
-    dtype: Any = None
-    attention_impl: str | None = None
-
+class BertAttention(common.Layer):
     @nn.compact
     def __call__(self, x, padding):
         attn = BertSelfAttention(self.config, self.dtype, self.attention_impl, name="self")
         return AddNorm(self.config, self.dtype, name="output")(attn(x, padding), x)
 
 
-class BertIntermediate(nn.Module):
-    config: BertConfig
-    dtype: Any = None
-
+class BertIntermediate(common.Layer):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        return activation(c.hidden_act)(
+        return common.activation(c.hidden_act)(
             nn.Dense(c.intermediate_size, dtype=self.dtype, name="dense")(x)
         )
 
 
-class BertLayer(nn.Module):
-    config: BertConfig
-    dtype: Any = None
-    attention_impl: str | None = None
-
+class BertLayer(common.Layer):
     @nn.compact
     def __call__(self, x, padding):
         h = BertAttention(self.config, self.dtype, self.attention_impl, name="attention")(
@@ -144,16 +116,16 @@ class BertLayer(nn.Module):
         return AddNorm(self.config, self.dtype, name="output")(inner, h), None
 
 
-class BertEncoder(ZooModel):
+class BertEncoder(common.ZooModel):
     config: BertConfig
 
     @nn.compact
     def __call__(self, x, padding):
-        stack = scanned(BertLayer, self.config.num_hidden_layers, self.remat, broadcast=1)
+        stack = common.scanned(BertLayer, self.config.num_hidden_layers, self.remat, broadcast=1)
         return stack(self.config, self.dtype, self.attention_impl, name="layer")(x, padding)[0]
 
 
-class BertModel(ZooModel):
+class BertModel(common.ZooModel):
     """Token ids (B, T) -> (hidden states (B, T, D), pooled first token (B, D) or None)."""
 
     config: BertConfig
@@ -173,10 +145,7 @@ class BertModel(ZooModel):
         return x, BertPooler(c, self.dtype, name="pooler")(x[:, 0])
 
 
-class BertPooler(nn.Module):
-    config: BertConfig
-    dtype: Any = None
-
+class BertPooler(common.Layer):
     @nn.compact
     def __call__(self, first_token):
         return jnp.tanh(
@@ -184,7 +153,7 @@ class BertPooler(nn.Module):
         )
 
 
-class BertForSequenceClassification(ZooModel):
+class BertForSequenceClassification(common.ZooModel):
     """Token ids (B, T) -> class logits (B, num_labels), for BERT and RoBERTa checkpoints."""
 
     config: BertConfig
@@ -208,10 +177,7 @@ class BertForSequenceClassification(ZooModel):
         return head(hidden[:, 0])
 
 
-class RobertaClassificationHead(nn.Module):
-    config: BertConfig
-    dtype: Any = None
-
+class RobertaClassificationHead(common.Layer):
     @nn.compact
     def __call__(self, x):
         c = self.config

@@ -31,6 +31,15 @@ ACTIVATIONS = {
 }
 
 
+class Layer(nn.Module):
+    """Fields every layer inside a zoo model takes: its family's architecture config, the
+    compute dtype and the attention implementation (read by attention layers only)."""
+
+    config: Any
+    dtype: Any = None
+    attention_impl: str | None = None
+
+
 class ZooModel(nn.Module):
     """Fields every top-level model takes: its architecture config and run-time options
     (compute dtype, remat policy name, attention implementation)."""
@@ -54,8 +63,10 @@ class ZooModel(nn.Module):
         return super().apply(variables, *args, **kwargs)
 
 
-def default_positions(input_ids: jax.Array) -> jax.Array:
-    """0, 1, 2, ... per row, as transformers uses when no position ids are given."""
+def positions_or_default(input_ids: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """`positions`, or 0, 1, 2, ... per row, as transformers uses when none are given."""
+    if positions is not None:
+        return positions
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
 
 

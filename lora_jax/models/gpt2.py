@@ -11,15 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lora_jax.models.common import (
-    ZooModel,
-    activation,
-    attend,
-    default_positions,
-    merge_heads,
-    scanned,
-    split_heads,
-)
+from lora_jax.models import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +27,9 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
 
-    @property
-    def max_positions(self) -> int:
-        """The rows of the learned position table."""
-        return self.n_positions
-
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> GPT2Config:
+        """Reads transformers' config.json, refusing the variants this module does not build."""
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("add_cross_attention"):
             raise ValueError(
                 "GPT-2 variants with per-layer attention scaling or cross-attention "
@@ -50,40 +38,36 @@ class GPT2Config:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in hf.items() if k in fields})
 
+    @property
+    def max_positions(self) -> int:
+        """The rows of the learned position table."""
+        return self.n_positions
 
-class GPT2Attention(nn.Module):
-    config: GPT2Config
-    dtype: Any = None
-    attention_impl: str | None = None
 
+class GPT2Attention(common.Layer):
     @nn.compact
     def __call__(self, x, padding):
         c = self.config
         qkv = nn.Dense(3 * c.n_embd, dtype=self.dtype, name="c_attn")(x)
-        q, k, v = (split_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
-        out = attend(q, k, v, padding, causal=True, implementation=self.attention_impl, cache=self)
-        out = merge_heads(out)
+        q, k, v = (common.split_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
+        out = common.attend(
+            q, k, v, padding, causal=True, implementation=self.attention_impl, cache=self
+        )
+        out = common.merge_heads(out)
         return nn.Dense(c.n_embd, dtype=self.dtype, name="c_proj")(out)
 
 
-class GPT2MLP(nn.Module):
-    config: GPT2Config
-    dtype: Any = None
-
+class GPT2MLP(common.Layer):
     @nn.compact
     def __call__(self, x):
         c = self.config
         h = nn.Dense(c.n_inner or 4 * c.n_embd, dtype=self.dtype, name="c_fc")(x)
         return nn.Dense(c.n_embd, dtype=self.dtype, name="c_proj")(
-            activation(c.activation_function)(h)
+            common.activation(c.activation_function)(h)
         )
 
 
-class GPT2Block(nn.Module):
-    config: GPT2Config
-    dtype: Any = None
-    attention_impl: str | None = None
-
+class GPT2Block(common.Layer):
     @nn.compact
     def __call__(self, x, padding):
         c = self.config
@@ -94,30 +78,26 @@ class GPT2Block(nn.Module):
         return x + GPT2MLP(c, self.dtype, name="mlp")(norm("ln_2")(x)), None
 
 
-class GPT2Model(ZooModel):
+class GPT2Model(common.ZooModel):
     config: GPT2Config
 
     def setup(self):
         c = self.config
         self.wte = nn.Embed(c.vocab_size, c.n_embd, dtype=self.dtype)
         self.wpe = nn.Embed(c.n_positions, c.n_embd, dtype=self.dtype)
-        self.h = scanned(GPT2Block, c.n_layer, self.remat, broadcast=1)(
+        self.h = common.scanned(GPT2Block, c.n_layer, self.remat, broadcast=1)(
             c, self.dtype, self.attention_impl
         )
         self.ln_f = nn.LayerNorm(c.layer_norm_epsilon, dtype=self.dtype)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
-        if positions is None:
-            positions = default_positions(input_ids)
+        positions = common.positions_or_default(input_ids, positions)
         x = self.wte(input_ids) + self.wpe(positions)
         x, _ = self.h(x, attention_mask)
         return self.ln_f(x)
 
-    def attend(self, x):
-        return self.wte.attend(x)
 
-
-class GPT2LMHeadModel(ZooModel):
+class GPT2LMHeadModel(common.ZooModel):
     """Token ids (B, T) -> logits (B, T, vocab); the head is tied to the token embedding."""
 
     config: GPT2Config
@@ -127,4 +107,4 @@ class GPT2LMHeadModel(ZooModel):
         model = GPT2Model(
             self.config, self.dtype, self.remat, self.attention_impl, name="transformer"
         )
-        return model.attend(model(input_ids, attention_mask, positions))
+        return model.wte.attend(model(input_ids, attention_mask, positions))

@@ -16,15 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models.common import (
-    ZooModel,
-    activation,
-    attend,
-    default_positions,
-    merge_heads,
-    scanned,
-    split_heads,
-)
+from lora_jax.models import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,11 +109,7 @@ def rotate(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Arra
     return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-class LlamaAttention(nn.Module):
-    config: LlamaConfig
-    dtype: Any = None
-    attention_impl: str | None = None
-
+class LlamaAttention(common.Layer):
     @nn.compact
     def __call__(self, x, padding, positions):
         c = self.config
@@ -131,22 +119,19 @@ class LlamaAttention(nn.Module):
             return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, name=name)
 
         def heads(name, count):
-            return split_heads(proj(name, count * c.head_dim, bias)(x), count)
+            return common.split_heads(proj(name, count * c.head_dim, bias)(x), count)
 
         q = heads("q_proj", c.num_attention_heads)
         k, v = heads("k_proj", c.num_key_value_heads), heads("v_proj", c.num_key_value_heads)
         inv_freq = inverse_frequencies(c)
         q, k = rotate(q, positions, inv_freq), rotate(k, positions, inv_freq)
-        out = attend(q, k, v, padding, causal=True, window=c.sliding_window,
-                     implementation=self.attention_impl, cache=self)  # fmt: skip
-        out = merge_heads(out)
+        out = common.attend(q, k, v, padding, causal=True, window=c.sliding_window,
+                            implementation=self.attention_impl, cache=self)  # fmt: skip
+        out = common.merge_heads(out)
         return proj("o_proj", c.hidden_size, c.attention_bias)(out)
 
 
-class LlamaMLP(nn.Module):
-    config: LlamaConfig
-    dtype: Any = None
-
+class LlamaMLP(common.Layer):
     @nn.compact
     def __call__(self, x):
         c = self.config
@@ -154,15 +139,11 @@ class LlamaMLP(nn.Module):
         def proj(name, features):
             return nn.Dense(features, use_bias=c.mlp_bias, dtype=self.dtype, name=name)
 
-        gate = activation(c.hidden_act)(proj("gate_proj", c.intermediate_size)(x))
+        gate = common.activation(c.hidden_act)(proj("gate_proj", c.intermediate_size)(x))
         return proj("down_proj", c.hidden_size)(gate * proj("up_proj", c.intermediate_size)(x))
 
 
-class LlamaDecoderLayer(nn.Module):
-    config: LlamaConfig
-    dtype: Any = None
-    attention_impl: str | None = None
-
+class LlamaDecoderLayer(common.Layer):
     @nn.compact
     def __call__(self, x, padding, positions):
         c = self.config
@@ -173,27 +154,23 @@ class LlamaDecoderLayer(nn.Module):
         return x, None
 
 
-class LlamaModel(ZooModel):
+class LlamaModel(common.ZooModel):
     config: LlamaConfig
 
     def setup(self):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype)
-        stack = scanned(LlamaDecoderLayer, c.num_hidden_layers, self.remat, broadcast=2)
+        stack = common.scanned(LlamaDecoderLayer, c.num_hidden_layers, self.remat, broadcast=2)
         self.layers = stack(c, self.dtype, self.attention_impl)
         self.norm = nn.RMSNorm(c.rms_norm_eps, dtype=self.dtype)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
-        if positions is None:
-            positions = default_positions(input_ids)
+        positions = common.positions_or_default(input_ids, positions)
         x, _ = self.layers(self.embed_tokens(input_ids), attention_mask, positions)
         return self.norm(x)
 
-    def attend(self, x):
-        return self.embed_tokens.attend(x)
 
-
-class LlamaForCausalLM(ZooModel):
+class LlamaForCausalLM(common.ZooModel):
     """Token ids (B, T) -> logits (B, T, vocab). `attention_mask` (B, T): 1 for real tokens."""
 
     config: LlamaConfig
@@ -204,5 +181,5 @@ class LlamaForCausalLM(ZooModel):
         model = LlamaModel(c, self.dtype, self.remat, self.attention_impl, name="model")
         hidden = model(input_ids, attention_mask, positions)
         if c.tie_word_embeddings:
-            return model.attend(hidden)
+            return model.embed_tokens.attend(hidden)
         return nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(hidden)
