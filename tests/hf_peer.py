@@ -9,10 +9,18 @@ import transformers as tf
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4)  # fmt: skip
 
+# Gemma 2/3: head_dim apart from hidden / heads, a window shorter than the test sequences
+# (local and global layers differ), large weights so that soft-capping really caps.
+GEMMA = dict(num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=12,
+             initializer_range=0.3)  # fmt: skip
+
 # name -> (config, transformers class). Each covers a feature: llama3 rope scaling, GQA and a
 # tied head; Mistral's sliding window (shorter than the test sequence); Qwen2's q/k/v biases
-# and an untied head; GPT-2's Conv1D; BERT's pooler and its classifier; RoBERTa's positions
-# and head.
+# and an untied head; Qwen3's q/k norms and a window on its second layer only; Gemma's
+# (1 + w) norms, scaled embeddings and GeGLU; Gemma 2's soft-capping and alternating
+# windows; Gemma 3's q/k norms and local RoPE base beside a scaled global one; Phi-3's
+# fused qkv_proj and gate_up_proj, partial rotary and window; GPT-2's
+# Conv1D; BERT's pooler and its classifier; RoBERTa's positions and head.
 PEERS = {
     "llama": (tf.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True,
                              rope_scaling={"rope_type": "llama3", "factor": 8.0,
@@ -23,6 +31,25 @@ PEERS = {
                 tf.MistralForCausalLM),
     "qwen2": (tf.Qwen2Config(**SMALL, num_key_value_heads=1, tie_word_embeddings=False),
               tf.Qwen2ForCausalLM),
+    "qwen3": (tf.Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+                             sliding_window=4, max_window_layers=1, eos_token_id=2),
+              tf.Qwen3ForCausalLM),
+    "gemma": (tf.GemmaConfig(**SMALL, num_key_value_heads=1, head_dim=16), tf.GemmaForCausalLM),
+    "gemma2": (tf.Gemma2Config(**SMALL, **GEMMA, attn_logit_softcapping=5.0,
+                               final_logit_softcapping=1.0), tf.Gemma2ForCausalLM),
+    "gemma3": (tf.Gemma3TextConfig(**SMALL, **GEMMA, layer_types=["full_attention",
+                                                                  "sliding_attention"],
+                                   rope_parameters={
+                                       "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                          "rope_theta": 1e6},
+                                       "sliding_attention": {"rope_type": "default",
+                                                             "rope_theta": 1e4}}),
+               tf.Gemma3ForCausalLM),
+    "phi3": (tf.Phi3Config(**SMALL, num_key_value_heads=2, sliding_window=5, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                            "partial_rotary_factor": 0.5}),
+             tf.Phi3ForCausalLM),
     "gpt2": (tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                            bos_token_id=0, eos_token_id=0), tf.GPT2LMHeadModel),
     "bert": (tf.BertConfig(**SMALL), tf.BertModel),

@@ -36,6 +36,14 @@ CASES = {
         lj.LoraConfig(rank=4, alpha=8.0, targets=("c_attn", "attn/c_proj")),
         dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
     ),
+    "gemma3": (
+        lj.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "down_proj")),
+        dict(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]),
+    ),
+    "phi3": (
+        lj.LoraConfig(rank=4, alpha=8.0, targets=("qkv_proj", "gate_up_proj")),
+        dict(target_modules=["qkv_proj", "gate_up_proj"]),
+    ),
     "roberta": (
         lj.LoraConfig(rank=8, alpha=16.0, targets=("query", "value"),
                       modules_to_save=("classifier",)),
@@ -59,6 +67,10 @@ def peer_logits(model):
 LOAD_ONLY = {
     "mistral": dict(target_modules=["q_proj", "k_proj", "gate_proj"], rank_pattern={"k_proj": 2}),
     "qwen2": dict(target_modules=["q_proj", "v_proj", "o_proj"], alpha_pattern={"o_proj": 2.0}),
+    "qwen3": dict(target_modules=["q_proj", "k_proj", "down_proj"]),
+    "gemma": dict(target_modules=["q_proj", "o_proj", "up_proj"], rank_pattern={"o_proj": 2}),
+    "gemma2": dict(target_modules=["q_proj", "v_proj", "gate_proj"]),
+    "phi3": dict(target_modules=["qkv_proj", "gate_up_proj", "o_proj"]),
     "bert": dict(target_modules=["query", "value", "dense"]),
     "bert_cls": dict(target_modules=["query", "value"], modules_to_save=["classifier"]),
 }
@@ -158,7 +170,7 @@ def test_peft_adapter_loads_with_equal_logits(checkpoints, peft_adapter, name):
     assert np.abs(ours - base).max() > 10 * 1e-4 * scale
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2", "phi3"])
 def test_cli_merge_matches_peft_merge_and_unload(checkpoints, peft_adapter, name, tmp_path):
     peer, directory = peft_adapter(name)
     out = tmp_path / "merged"

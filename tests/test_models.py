@@ -1,5 +1,6 @@
 """The model zoo against transformers (PyTorch CPU): same outputs, checkpoints both ways."""
 
+import dataclasses
 import importlib.resources
 import os
 import subprocess
@@ -49,6 +50,18 @@ def test_outputs_match_transformers(checkpoints, name, padding):
     mask = mask if padding else np.ones_like(ids)
     want = reference_output(name, checkpoints / name, ids, mask)
     compare(ours(model, params, ids, mask), want, mask, name)
+
+
+def test_gemma2_soft_capping_is_active_in_the_parity_test(checkpoints):
+    """The tiny Gemma 2's weights are large enough that both caps bind: without them the
+    logits change by far more than the parity tolerance, and they reach the final cap."""
+    model, params, _ = models.from_pretrained(checkpoints / "gemma2")
+    ids, mask = batch()
+    capped = ours(model, params, ids, mask)
+    assert np.abs(capped).max() > 0.9 * model.config.final_logit_softcapping
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        loose = model.clone(config=dataclasses.replace(model.config, **{cap: None}))
+        assert np.abs(ours(loose, params, ids, mask) - capped).max() > 100 * 1e-4
 
 
 def test_real_minilm_checkpoint_matches_transformers():
@@ -162,7 +175,8 @@ def test_random_checkpoint_is_seeded_and_loads_in_transformers(tmp_path):
 
 def test_unknown_model_type_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "t5"}')
-    with pytest.raises(ValueError, match=r"'t5' is not supported; supported: \['bert', 'gpt2'"):
+    supported = r"\['bert', 'gemma', 'gemma2', 'gemma3_text', 'gpt2', 'llama'"
+    with pytest.raises(ValueError, match=rf"'t5' is not supported; supported: {supported}"):
         models.from_pretrained(tmp_path)
 
 

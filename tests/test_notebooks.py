@@ -43,8 +43,10 @@ def test_notebook_runs_top_to_bottom_with_small_twice_in_one_directory(name, tmp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may come from the network
     monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count={DEVICES[name]}")
     # Twice, as a Colab user re-runs everything: the second run finds the first one's
-    # checkpoints and outputs in its directories and must start over cleanly.
-    for _ in range(2):
+    # checkpoints and outputs in its directories and must start over cleanly. The SFT
+    # notebook's second run switches its model family to Gemma 3, as a user would.
+    for family in ("llama", "gemma3"):
+        monkeypatch.setenv("FAMILY", family)
         notebook = read(name)
         client = NotebookClient(
             notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp_path}}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_peer import write_word_tokenizer
 from jax.sharding import PartitionSpec
 from sft_runs import LLAMA_SFT, as_args, cli, losses, overrides, quiet
 from small_models import randomize_adapters
@@ -53,6 +54,22 @@ def test_sharded_run_matches_one_device_and_splits_the_base(sft, tmp_path, capsy
     assert cli_main(["eval", "--config", LLAMA_SFT, *as_args(sets)]) == 0
     printed = capsys.readouterr().out
     assert float(printed.split("loss ")[1].split()[0]) == pytest.approx(single["loss"], rel=1e-4)
+
+
+def test_gemma3_sft_lowers_the_loss_and_sharded_matches_one_device(checkpoints, sft, tmp_path):
+    """configs/gemma_sft.py on the tiny Gemma 3 (local and global layers, q/k norms): eight
+    devices (fsdp x tensor) give one device's losses."""
+    model_dir = tmp_path / "gemma3"
+    shutil.copytree(checkpoints / "gemma3", model_dir)
+    write_word_tokenizer(model_dir)
+    gemma = ROOT / "configs" / "gemma_sft.py"
+    common = {"model.path": model_dir, "train.learning_rate": 1e-2}
+    mesh = {"mesh.fsdp": 4, "mesh.tensor": 2, "mesh.devices": 8}
+    train(load_config(gemma, overrides(sft, tmp_path / "sharded", **common, **mesh)), log=quiet)
+    train(load_config(gemma, overrides(sft, tmp_path / "one", **common)), log=quiet)
+    got, want = losses(tmp_path / "sharded"), losses(tmp_path / "one")
+    assert len(got) == 5 and want[-1] < want[0] - 0.1
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_qlora_run_is_sharded_and_matches_one_device(sft, tmp_path):

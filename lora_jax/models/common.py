@@ -77,10 +77,13 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
-def scanned(block: type[nn.Module], length: int, remat: str, broadcast: int) -> type[nn.Module]:
+def scanned(
+    block: type[nn.Module], length: int, remat: str, broadcast: int, per_layer: int = 0
+) -> type[nn.Module]:
     """`block` stacked `length` times by nn.scan (one compiled layer, params with a leading
     layer axis), optionally rematerialised with a named policy. The block's signature is
-    (carry, *broadcast_args) -> (carry, None)."""
+    (carry, *broadcast_args, *per_layer_args) -> (carry, None); a per-layer argument has a
+    leading axis of `length`, of which each layer gets its row."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if remat != "none":
@@ -90,7 +93,7 @@ def scanned(block: type[nn.Module], length: int, remat: str, broadcast: int) -> 
         block,
         variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,) * broadcast,
+        in_axes=(nn.broadcast,) * broadcast + (0,) * per_layer,
         length=length,
     )
 
@@ -111,6 +114,9 @@ def attend(
     *,
     causal: bool,
     window: int | None = None,
+    local: jax.Array | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
     implementation: str | None = None,
     cache: nn.Module | None = None,
 ) -> jax.Array:
@@ -123,16 +129,17 @@ def attend(
     `padding` (B, S): 0 for pads, else a segment id: 1 for every real token of an ordinary
     row; 1, 2, 3, ... for the examples of a packed row, which then attend within their own
     segment only. Causality and a sliding `window` (query i sees keys i - window < j <= i,
-    as Mistral) are passed structurally, so cuDNN skips the masked blocks.
+    as Mistral) are passed structurally, so cuDNN skips the masked blocks. `local` (a traced
+    bool, from a scanned per-layer flag): whether this layer uses the window (Gemma 2/3's
+    alternating layers), then a dense mask. `scale` defaults to 1/sqrt(H); `softcap` (Gemma 2)
+    caps the scores at ±softcap by tanh, which no fused kernel takes: plain XLA then.
     """
+    scale = scale or 1.0 / math.sqrt(q.shape[-1])
     if cache is not None and cache.is_mutable_collection("cache") and not cache.is_initializing():
-        k, v, mask = _kv_cache(cache, k, v, padding, window)
+        k, v, mask = _kv_cache(cache, k, v, padding, window, local)
         # A one-token query against a dense cache mask: XLA's kernel, unless one was chosen
         # (cuDNN's flash path wants structural masks and long queries).
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
-            implementation=implementation or "xla",
-        )  # fmt: skip
+        return _scores(q, k, v, mask, scale, softcap, implementation=implementation or "xla")
     mask = None
     if padding is not None:
         keys = padding[:, None, None, :]
@@ -141,19 +148,48 @@ def attend(
             mask = (keys > 0) & ((queries == keys) | (queries == 0))
         else:
             mask = keys > 0
+    if local is not None or softcap is not None:  # positions in a dense mask too
+        seen = _positions_seen(jnp.arange(q.shape[1]), k.shape[1], causal, window, local)
+        mask = seen[None, None] if mask is None else mask & seen
+        return _scores(q, k, v, mask, scale, softcap, implementation="xla")
     return jax.nn.dot_product_attention(
         q,
         k,
         v,
         mask=mask,
-        scale=1.0 / math.sqrt(q.shape[-1]),
+        scale=scale,
         is_causal=causal,
         local_window_size=(window - 1, 0) if window else None,
         implementation=implementation_for(implementation, q.dtype),
     )
 
 
-def _kv_cache(module: nn.Module, k: jax.Array, v: jax.Array, padding, window: int | None):
+def _positions_seen(query_pos, keys: int, causal: bool, window: int | None, local) -> jax.Array:
+    """(T, S): which key positions each query position sees: causal, within the window where
+    it applies (always, or where the traced `local` is true)."""
+    query_pos, key_pos = query_pos[:, None], jnp.arange(keys)[None, :]
+    seen = key_pos <= query_pos if causal else jnp.ones((query_pos.size, keys), bool)
+    if window:
+        near = key_pos > query_pos - window
+        seen &= near if local is None else near | ~local
+    return seen
+
+
+def _scores(q, k, v, mask, scale: float, softcap: float | None, implementation: str):
+    """Softmax attention under a dense mask; with `softcap`, the scores capped by tanh."""
+    if softcap is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                            implementation=implementation)  # fmt: skip
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def _kv_cache(module: nn.Module, k: jax.Array, v: jax.Array, padding, window: int | None, local):
     """Writes this step's keys and values at the cache's index; returns all cached keys and
     values and the (B, 1, T, S) mask: real keys, causal, within the window. The cache's
     length is fixed by the call that creates it (`lj.generate` sizes it to the whole run)."""
@@ -170,13 +206,11 @@ def _kv_cache(module: nn.Module, k: jax.Array, v: jax.Array, padding, window: in
     new = jnp.ones((batch, steps), bool) if padding is None else padding > 0
     real.value = jax.lax.dynamic_update_slice(real.value, new, (0, i))
     index.value = i + steps
-    query_pos = (i + jnp.arange(steps))[:, None]
-    key_pos = jnp.arange(keys.value.shape[1])[None, :]
-    seen = key_pos <= query_pos
-    if window:
-        seen &= key_pos > query_pos - window
+    query_pos = i + jnp.arange(steps)
+    seen = _positions_seen(query_pos, keys.value.shape[1], True, window, local)
     # A padding query sees itself at least, so no softmax row is empty.
-    mask = (seen[None] & real.value[:, None, :]) | (key_pos == query_pos)[None]
+    itself = query_pos[:, None] == jnp.arange(keys.value.shape[1])[None, :]
+    mask = (seen[None] & real.value[:, None, :]) | itself[None]
     return keys.value, values.value, mask[:, None]
 
 

@@ -42,7 +42,10 @@ TOKENIZER_FILES = (
 # How every zoo family's params split over the (data, fsdp, tensor) mesh (see
 # lora_jax.sharding): column-parallel projections on their output axis, row-parallel ones on
 # their input axis, in transformers' module names.
-COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|c_attn|c_fc|intermediate/dense)"
+COLUMN = (
+    r"(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|query|key|value|c_attn"
+    r"|c_fc|intermediate/dense)"
+)
 ROW = r"(o_proj|down_proj|c_proj|output/dense)"
 SHARDING_RULES: Rules = (
     (COLUMN + r"/kernel$", ("fsdp", "tensor")),
@@ -135,6 +138,11 @@ FAMILIES = {
     "llama": _llama("LlamaForCausalLM"),
     "mistral": _llama("MistralForCausalLM"),
     "qwen2": _llama("Qwen2ForCausalLM"),
+    "qwen3": _llama("Qwen3ForCausalLM"),
+    "gemma": _llama("GemmaForCausalLM"),
+    "gemma2": _llama("Gemma2ForCausalLM"),
+    "gemma3_text": _llama("Gemma3ForCausalLM"),
+    "phi3": _llama("Phi3ForCausalLM"),
     "gpt2": Family(
         GPT2Config,
         {"GPT2LMHeadModel": GPT2LMHeadModel},

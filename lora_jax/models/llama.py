@@ -1,8 +1,13 @@
-"""Llama 2/3, Mistral and Qwen2 decoders, named like Hugging Face's modules.
+"""Llama 2/3, Mistral, Qwen2/3, Gemma 1/2/3 and Phi-3 decoders, named like Hugging Face's
+modules.
 
-One module tree serves all three: Qwen2 adds q/k/v biases, Mistral a sliding attention window,
-Llama 3 its rope scaling. Params mirror transformers' names (model/layers/self_attn/q_proj,
-...), with the layers stacked by nn.scan along a leading axis.
+One module tree serves them all: Qwen2 adds q/k/v biases, Mistral a sliding attention window,
+Llama 3 its rope scaling, Qwen3 per-head q/k norms, Phi-3 fused projections and partial
+rotary; Gemma its (1 + w) norms and scaled embeddings, Gemma 2/3 norms around each
+sublayer, soft-capping and local layers alternating with global ones (a per-layer flag
+scanned with the layers, not a second stack). Params mirror transformers' names
+(model/layers/self_attn/q_proj, ...), with the layers stacked by nn.scan along a leading
+axis.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from lora_jax.models import common
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """The architecture fields of a Llama/Mistral/Qwen2 config.json."""
+    """The architecture fields of a Llama / Mistral / Qwen2-3 / Gemma 1-3 / Phi-3 config.json."""
 
     vocab_size: int
     hidden_size: int
@@ -43,22 +48,46 @@ class LlamaConfig:
     qkv_bias: bool = False  # Qwen2: bias on q, k, v only
     mlp_bias: bool = False
     sliding_window: int | None = None
+    local_layers: tuple[bool, ...] = ()  # per layer: attends within the window (default: all)
+    local_rope_theta: float | None = None  # Gemma 3: local layers' RoPE base, unscaled
+    partial_rotary_factor: float = 1.0  # Phi-3 family: RoPE on this share of each head
+    fused: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
     hidden_act: str = "silu"
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm of each query and key head
+    gemma: bool = False  # RMSNorm as (1 + w) in float32, embeddings scaled by sqrt(hidden)
+    sandwich_norms: bool = False  # Gemma 2/3: norms after attention and MLP, before the sum
+    query_pre_attn_scalar: float | None = None  # Gemma 2/3: scores scaled by its -1/2 power
+    attn_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(score / cap)
+    final_logit_softcapping: float | None = None
 
     @property
     def max_positions(self) -> int:
         """The context the checkpoint declares (RoPE itself has no table)."""
         return self.max_position_embeddings
 
+    @property
+    def window(self) -> int | None:
+        """The sliding window, if any layer attends within it."""
+        return self.sliding_window if any(self.local_layers or (True,)) else None
+
+    @property
+    def mixed(self) -> bool:
+        """Whether local (windowed) and global layers alternate: a per-layer scanned flag."""
+        return bool(self.sliding_window) and len(set(self.local_layers)) > 1
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
         """Reads transformers' config.json (v4 `rope_scaling` or v5 `rope_parameters`)."""
+        kind = hf.get("model_type")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        local_rope = rope.pop("sliding_attention", None)  # Gemma 3 (v5): per layer type
+        rope = dict(rope.pop("full_attention", None) or rope)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope type {rope_type!r} is not supported (default, linear, llama3).")
         heads = hf["num_attention_heads"]
         window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        gemma2, gemma3 = kind == "gemma2", kind == "gemma3_text"
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -75,18 +104,52 @@ class LlamaConfig:
             high_freq_factor=rope.get("high_freq_factor", 4.0),
             original_max_position_embeddings=rope.get("original_max_position_embeddings", 8192),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            tie_word_embeddings=hf.get("tie_word_embeddings", kind.startswith("gemma")),
             attention_bias=hf.get("attention_bias", False),
-            qkv_bias=hf.get("model_type") == "qwen2",
+            qkv_bias=kind == "qwen2",
             mlp_bias=hf.get("mlp_bias", False),
-            sliding_window=window if hf.get("model_type") != "llama" else None,
-            hidden_act=hf.get("hidden_act", "silu"),
-        )
+            sliding_window=window if kind not in ("llama", "gemma") else None,  # phi3: all
+            local_layers=_local_layers(hf),
+            partial_rotary_factor=rope.get("partial_rotary_factor",
+                                           hf.get("partial_rotary_factor", 1.0)),
+            fused=kind == "phi3",
+            local_rope_theta=(local_rope or {}).get(
+                "rope_theta", hf.get("rope_local_base_freq", 10000.0 if gemma3 else None)),
+            hidden_act=(hf.get("hidden_activation") if gemma2 or gemma3 else None)
+            or hf.get("hidden_act", "silu"),
+            qk_norm=kind in ("qwen3", "gemma3_text"),
+            gemma=kind.startswith("gemma"),
+            sandwich_norms=gemma2 or gemma3,
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if gemma2 or gemma3 else None,
+            attn_logit_softcapping=hf.get("attn_logit_softcapping") if gemma2 else None,
+            final_logit_softcapping=hf.get("final_logit_softcapping"),
+        )  # fmt: skip
 
 
-def inverse_frequencies(c: LlamaConfig) -> np.ndarray:
-    """RoPE inverse frequencies, with Llama 3's long-context scaling where configured."""
-    inv = 1.0 / c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)
+def _local_layers(hf: dict[str, Any]) -> tuple[bool, ...]:
+    """Which layers attend within the sliding window: config.json's `layer_types`, or the
+    pattern transformers derives when a (v4) config lacks it."""
+    n, kind = hf["num_hidden_layers"], hf.get("model_type")
+    if types := hf.get("layer_types"):
+        return tuple(t == "sliding_attention" for t in types)
+    if kind == "gemma2":
+        return tuple(i % 2 == 0 for i in range(n))
+    if kind == "gemma3_text":
+        pattern = hf.get("sliding_window_pattern", 6)
+        return tuple((i + 1) % pattern != 0 for i in range(n))
+    if kind in ("qwen2", "qwen3"):
+        return tuple(i >= hf.get("max_window_layers", n) for i in range(n))
+    return ()
+
+
+def inverse_frequencies(c: LlamaConfig, local: bool = False) -> np.ndarray:
+    """RoPE inverse frequencies, with Llama 3's long-context scaling where configured; `local`:
+    Gemma 3's local layers' own base, unscaled."""
+    theta = c.local_rope_theta if local and c.local_rope_theta else c.rope_theta
+    dim = int(c.head_dim * c.partial_rotary_factor)
+    inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if local and c.local_rope_theta:
+        return inv
     if c.rope_type == "linear":
         return inv / c.rope_factor
     if c.rope_type == "llama3":
@@ -101,32 +164,68 @@ def inverse_frequencies(c: LlamaConfig) -> np.ndarray:
 
 
 def rotate(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotary embedding in transformers' half-split layout, computed in float32."""
+    """Rotary embedding in transformers' half-split layout, computed in float32, on the
+    first 2 * len(inv_freq) features of each head (all of them but with partial rotary)."""
     angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x, kept = x[..., : angles.shape[-1]], x[..., angles.shape[-1] :]
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    x = (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    return jnp.concatenate([x, kept], axis=-1)
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: computed in float32, weights stored as offsets from 1 (zeros at init)."""
+
+    eps: float
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        offset = self.param("scale", nn.initializers.zeros, (x.shape[-1],))
+        y = x.astype(jnp.float32)
+        y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + offset.astype(jnp.float32))).astype(self.dtype or x.dtype)
+
+
+def norm(c: LlamaConfig, dtype: Any, name: str | None = None) -> nn.Module:
+    """The family's RMSNorm: Gemma's (1 + w) in float32, else Flax's (Llama's)."""
+    if c.gemma:
+        return RMSNorm(c.rms_norm_eps, dtype, name=name)
+    return nn.RMSNorm(c.rms_norm_eps, dtype=dtype, name=name)
 
 
 class LlamaAttention(common.Layer):
     @nn.compact
-    def __call__(self, x, padding, positions):
+    def __call__(self, x, padding, positions, local):
         c = self.config
         bias = c.attention_bias or c.qkv_bias
 
         def proj(name, features, use_bias):
             return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, name=name)
 
-        def heads(name, count):
-            return common.split_heads(proj(name, count * c.head_dim, bias)(x), count)
+        def heads(name, count, normed=False):  # Qwen3, Gemma 3: q and k normed per head
+            h = common.split_heads(proj(f"{name}_proj", count * c.head_dim, bias)(x), count)
+            return norm(c, self.dtype, f"{name}_norm")(h) if normed else h
 
-        q = heads("q_proj", c.num_attention_heads)
-        k, v = heads("k_proj", c.num_key_value_heads), heads("v_proj", c.num_key_value_heads)
+        n, kv = c.num_attention_heads, c.num_key_value_heads
+        if c.fused:  # Phi-3: q, k and v side by side in one projection's output
+            qkv = proj("qkv_proj", (n + 2 * kv) * c.head_dim, bias)(x)
+            parts = jnp.split(qkv, [n * c.head_dim, (n + kv) * c.head_dim], axis=-1)
+            q, k, v = (common.split_heads(t, h) for t, h in zip(parts, (n, kv, kv), strict=True))
+        else:
+            q, k, v = heads("q", n, c.qk_norm), heads("k", kv, c.qk_norm), heads("v", kv)
         inv_freq = inverse_frequencies(c)
+        if c.mixed and c.local_rope_theta:  # Gemma 3: local layers rotate with their own base
+            inv_freq = jnp.where(local, inverse_frequencies(c, local=True), inv_freq)
         q, k = rotate(q, positions, inv_freq), rotate(k, positions, inv_freq)
-        out = common.attend(q, k, v, padding, causal=True, window=c.sliding_window,
-                            implementation=self.attention_impl, cache=self)  # fmt: skip
+        out = common.attend(
+            q, k, v, padding, causal=True, window=c.window, local=local if c.mixed else None,
+            implementation=self.attention_impl, cache=self,
+            scale=c.query_pre_attn_scalar and c.query_pre_attn_scalar**-0.5,
+            softcap=c.attn_logit_softcapping,
+        )  # fmt: skip
         out = common.merge_heads(out)
         return proj("o_proj", c.hidden_size, c.attention_bias)(out)
 
@@ -139,19 +238,28 @@ class LlamaMLP(common.Layer):
         def proj(name, features):
             return nn.Dense(features, use_bias=c.mlp_bias, dtype=self.dtype, name=name)
 
-        gate = common.activation(c.hidden_act)(proj("gate_proj", c.intermediate_size)(x))
-        return proj("down_proj", c.hidden_size)(gate * proj("up_proj", c.intermediate_size)(x))
+        if c.fused:  # Phi-3: gate and up side by side in one projection's output
+            gate, up = jnp.split(proj("gate_up_proj", 2 * c.intermediate_size)(x), 2, axis=-1)
+        else:
+            gate = proj("gate_proj", c.intermediate_size)(x)
+            up = proj("up_proj", c.intermediate_size)(x)
+        return proj("down_proj", c.hidden_size)(common.activation(c.hidden_act)(gate) * up)
 
 
 class LlamaDecoderLayer(common.Layer):
     @nn.compact
-    def __call__(self, x, padding, positions):
+    def __call__(self, x, padding, positions, local):
         c = self.config
-        norm = lambda name: nn.RMSNorm(c.rms_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
         attn = LlamaAttention(c, self.dtype, self.attention_impl, name="self_attn")
-        x = x + attn(norm("input_layernorm")(x), padding, positions)
-        x = x + LlamaMLP(c, self.dtype, name="mlp")(norm("post_attention_layernorm")(x))
-        return x, None
+        mlp = LlamaMLP(c, self.dtype, name="mlp")
+        h = attn(norm(c, self.dtype, "input_layernorm")(x), padding, positions, local)
+        if not c.sandwich_norms:
+            x = x + h
+            return x + mlp(norm(c, self.dtype, "post_attention_layernorm")(x)), None
+        # Gemma 2/3: each sublayer's output normed before the residual sum as well.
+        x = x + norm(c, self.dtype, "post_attention_layernorm")(h)
+        h = mlp(norm(c, self.dtype, "pre_feedforward_layernorm")(x))
+        return x + norm(c, self.dtype, "post_feedforward_layernorm")(h), None
 
 
 class LlamaModel(common.ZooModel):
@@ -160,13 +268,19 @@ class LlamaModel(common.ZooModel):
     def setup(self):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype)
-        stack = common.scanned(LlamaDecoderLayer, c.num_hidden_layers, self.remat, broadcast=2)
+        stack = common.scanned(LlamaDecoderLayer, c.num_hidden_layers, self.remat, broadcast=2,
+                               per_layer=1)  # fmt: skip
         self.layers = stack(c, self.dtype, self.attention_impl)
-        self.norm = nn.RMSNorm(c.rms_norm_eps, dtype=self.dtype)
+        self.norm = norm(c, self.dtype)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
+        c = self.config
         positions = common.positions_or_default(input_ids, positions)
-        x, _ = self.layers(self.embed_tokens(input_ids), attention_mask, positions)
+        x = self.embed_tokens(input_ids)
+        if c.gemma:  # in the embedding's dtype, as transformers rounds it
+            x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
+        local = jnp.asarray(c.local_layers or (False,) * c.num_hidden_layers)
+        x, _ = self.layers(x, attention_mask, positions, local)
         return self.norm(x)
 
 
@@ -181,5 +295,10 @@ class LlamaForCausalLM(common.ZooModel):
         model = LlamaModel(c, self.dtype, self.remat, self.attention_impl, name="model")
         hidden = model(input_ids, attention_mask, positions)
         if c.tie_word_embeddings:
-            return model.embed_tokens.attend(hidden)
-        return nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(hidden)
+            logits = model.embed_tokens.attend(hidden)
+        else:
+            head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")
+            logits = head(hidden)
+        if cap := c.final_logit_softcapping:  # Gemma 2
+            logits = cap * jnp.tanh(logits / cap)
+        return logits
