@@ -39,7 +39,13 @@ from lora_jax.settings import (
     RunConfig,
     TrainSettings,
 )
-from lora_jax.step import StepShardings, factors_only, make_step, opt_state_shardings
+from lora_jax.step import (
+    StepShardings,
+    factors_only,
+    make_step,
+    opt_state_shardings,
+    token_terms,
+)
 from lora_jax.tree import combine, init, split
 
 
@@ -176,22 +182,21 @@ def adamw(train: TrainSettings) -> optax.GradientTransformation:
 
 def loss_terms(run: Run, params: Any, batch: Mapping[str, jax.Array], rngs: Any = None):
     """(summed loss, count, summed correct) of a batch: per example for classification, per
-    response token (targets shifted by one) for SFT. Logits and loss in float32."""
+    response token (targets shifted by one) for SFT, the LM head applied a chunk of tokens at
+    a time (`lora_jax.step.token_terms`). Logits and loss in float32."""
     inputs = [batch[k] for k in ("input_ids", "attention_mask", "positions") if k in batch]
-    logits = run.apply(params, *inputs, rngs=rngs)
-    logits = logits.astype(jnp.float32)
     weight = batch.get("weight", jnp.ones(batch["input_ids"].shape[0], jnp.float32))
     if run.classify:
+        logits = run.apply(params, *inputs, rngs=rngs).astype(jnp.float32)
         labels = batch["labels"]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         return jnp.sum(losses * weight), jnp.sum(weight), jnp.sum(correct * weight)
-    targets = batch["input_ids"][:, 1:]
+    hidden = run.apply(params, *inputs, rngs=rngs, method="hidden")
     real = batch["attention_mask"][:, 1:] > 0  # segment ids when packed
     mask = batch["loss_mask"][:, 1:] * real * weight[:, None]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
-    correct = (jnp.argmax(logits[:, :-1], -1) == targets).astype(jnp.float32)
-    return jnp.sum(losses * mask), jnp.sum(mask), jnp.sum(correct * mask)
+    head = functools.partial(run.apply, params, rngs=rngs, method="head")
+    return token_terms(head, hidden[:, :-1], batch["input_ids"][:, 1:], mask)
 
 
 def run_tx(run: Run, head_only: bool) -> optax.GradientTransformation:

@@ -24,7 +24,7 @@ LABELS = np.array([0, 2])
 
 # name -> (LoraConfig for our side, peft LoraConfig kwargs for theirs). Together they cover
 # rank/alpha patterns, a regex target (GPT-2's attn/c_proj but not mlp/c_proj, with
-# fan_in_fan_out), and a classification head trained in full.
+# fan_in_fan_out), fused projections (Phi-3), and a classification head trained in full.
 CASES = {
     "llama": (
         lj.LoraConfig(rank=4, alpha=8.0, targets=("all-linear",), rank_pattern={"v_proj": 2},
@@ -36,13 +36,25 @@ CASES = {
         lj.LoraConfig(rank=4, alpha=8.0, targets=("c_attn", "attn/c_proj")),
         dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
     ),
+    "qwen3": (
+        lj.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "k_proj", "o_proj")),
+        dict(target_modules=["q_proj", "k_proj", "down_proj"]),
+    ),
+    "gemma": (
+        lj.LoraConfig(rank=4, alpha=8.0, targets=("all-linear",), rank_pattern={"up_proj": 2}),
+        dict(target_modules=["q_proj", "o_proj", "up_proj"], rank_pattern={"o_proj": 2}),
+    ),
+    "gemma2": (
+        lj.LoraConfig(rank=4, alpha=8.0, targets=("v_proj", "gate_proj", "down_proj")),
+        dict(target_modules=["q_proj", "v_proj", "gate_proj"]),
+    ),
     "gemma3": (
         lj.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "down_proj")),
         dict(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]),
     ),
     "phi3": (
         lj.LoraConfig(rank=4, alpha=8.0, targets=("qkv_proj", "gate_up_proj")),
-        dict(target_modules=["qkv_proj", "gate_up_proj"]),
+        dict(target_modules=["qkv_proj", "gate_up_proj", "o_proj"]),
     ),
     "roberta": (
         lj.LoraConfig(rank=8, alpha=16.0, targets=("query", "value"),
@@ -67,10 +79,6 @@ def peer_logits(model):
 LOAD_ONLY = {
     "mistral": dict(target_modules=["q_proj", "k_proj", "gate_proj"], rank_pattern={"k_proj": 2}),
     "qwen2": dict(target_modules=["q_proj", "v_proj", "o_proj"], alpha_pattern={"o_proj": 2.0}),
-    "qwen3": dict(target_modules=["q_proj", "k_proj", "down_proj"]),
-    "gemma": dict(target_modules=["q_proj", "o_proj", "up_proj"], rank_pattern={"o_proj": 2}),
-    "gemma2": dict(target_modules=["q_proj", "v_proj", "gate_proj"]),
-    "phi3": dict(target_modules=["qkv_proj", "gate_up_proj", "o_proj"]),
     "bert": dict(target_modules=["query", "value", "dense"]),
     "bert_cls": dict(target_modules=["query", "value"], modules_to_save=["classifier"]),
 }
@@ -170,7 +178,7 @@ def test_peft_adapter_loads_with_equal_logits(checkpoints, peft_adapter, name):
     assert np.abs(ours - base).max() > 10 * 1e-4 * scale
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2", "phi3"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"])
 def test_cli_merge_matches_peft_merge_and_unload(checkpoints, peft_adapter, name, tmp_path):
     peer, directory = peft_adapter(name)
     out = tmp_path / "merged"

@@ -1,4 +1,9 @@
-"""The train-step factory as a library: a plain Linen MLP, no config file, no runner."""
+"""The train-step factory as a library: a plain Linen MLP, no config file, no runner; and the
+chunked token loss against the whole-batch one."""
+
+import functools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -6,10 +11,17 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from small_models import VOCAB, D, Mlp
+from small_models import VOCAB, D, Mlp, randomize_adapters
 
 import lora_jax as lj
-from lora_jax.step import StepShardings, factors_only, make_step, opt_state_shardings
+from lora_jax import models
+from lora_jax.step import (
+    StepShardings,
+    factors_only,
+    make_step,
+    opt_state_shardings,
+    token_terms,
+)
 
 CONFIG = lj.LoraConfig(rank=4, alpha=8.0, targets=("all-linear",), modules_to_save=("lm_head",))
 
@@ -71,3 +83,49 @@ def test_micro_batches_and_shardings_give_the_one_batch_step():
     for k, v in flat(got).items():
         np.testing.assert_allclose(v, flat(want)[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert got["params"]["lm_head"]["kernel"].sharding == rep
+
+
+def _logit_sizes(compiled, vocab):
+    """Element counts of the float32 arrays with a vocabulary axis in a compiled HLO."""
+    shapes = [
+        [int(n) for n in s.split(",")] for s in re.findall(r"f32\[([\d,]+)\]", compiled.as_text())
+    ]
+    return [math.prod(s) for s in shapes if vocab in s]
+
+
+def test_chunked_token_loss_equals_the_full_one_and_never_holds_all_logits(checkpoints):
+    model, params, _ = models.from_pretrained(checkpoints / "llama")
+    config = lj.LoraConfig(rank=4, alpha=8.0, targets=("all-linear",))
+    ids = jax.random.randint(jax.random.key(0), (4, 16), 3, 96)
+    params = lj.init(jax.random.key(1), params, config, lj.kernel_layouts(model, ids))
+    adapter, base = lj.split(randomize_adapters(params, jax.random.key(2)), config)
+    apply = lj.lora_apply(model.apply, config)
+    weights = (jax.random.uniform(jax.random.key(3), (4, 15)) > 0.3).astype(jnp.float32)
+
+    def full(a):  # the whole batch's float32 logits at once
+        logits = apply(lj.combine(a, base), ids)[:, :-1].astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+        correct = (jnp.argmax(logits, -1) == ids[:, 1:]).astype(jnp.float32)
+        return jnp.sum(losses * weights), (jnp.sum(weights), jnp.sum(correct * weights))
+
+    def chunked(a):  # 60 tokens in chunks of 16: the last one padded
+        p = lj.combine(a, base)
+        hidden = apply(p, ids, method="hidden")[:, :-1]
+        head = functools.partial(apply, p, method="head")
+        total, count, correct = token_terms(head, hidden, ids[:, 1:], weights, chunk=16)
+        return total, (count, correct)
+
+    (want, want_aux), want_grads = jax.value_and_grad(full, has_aux=True)(adapter)
+    (got, got_aux), got_grads = jax.value_and_grad(chunked, has_aux=True)(adapter)
+    # float32, summed in another order: 1e-6 relative on the loss, and on the gradients 1e-5
+    # of each leaf's largest entry.
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got_aux), np.asarray(want_aux))
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5 * np.abs(w).max())
+    # The compiled forward and backward: no float32 logits for the batch's tokens at once.
+    all_logits = 4 * 15 * 96
+    compiled = {f: jax.jit(jax.value_and_grad(f, has_aux=True)).lower(adapter).compile()
+                for f in (full, chunked)}  # fmt: skip
+    assert max(_logit_sizes(compiled[full], 96)) >= all_logits  # the check can see them
+    assert max(_logit_sizes(compiled[chunked], 96)) < all_logits  # chunks, the (tied) table

@@ -57,16 +57,17 @@ def test_sharded_run_matches_one_device_and_splits_the_base(sft, tmp_path, capsy
 
 
 def test_gemma3_sft_lowers_the_loss_and_sharded_matches_one_device(checkpoints, sft, tmp_path):
-    """configs/gemma_sft.py on the tiny Gemma 3 (local and global layers, q/k norms): eight
-    devices (fsdp x tensor) give one device's losses."""
+    """`lora-jax train` with configs/gemma_sft.py on the tiny Gemma 3 (local and global layers,
+    q/k norms): eight devices (fsdp x tensor) give one device's losses."""
     model_dir = tmp_path / "gemma3"
     shutil.copytree(checkpoints / "gemma3", model_dir)
     write_word_tokenizer(model_dir)
     gemma = ROOT / "configs" / "gemma_sft.py"
     common = {"model.path": model_dir, "train.learning_rate": 1e-2}
     mesh = {"mesh.fsdp": 4, "mesh.tensor": 2, "mesh.devices": 8}
-    train(load_config(gemma, overrides(sft, tmp_path / "sharded", **common, **mesh)), log=quiet)
-    train(load_config(gemma, overrides(sft, tmp_path / "one", **common)), log=quiet)
+    for out, devices in (("sharded", mesh), ("one", {})):
+        sets = overrides(sft, tmp_path / out, **common, **devices)
+        assert cli_main(["train", "--config", str(gemma), *as_args(sets)]) == 0
     got, want = losses(tmp_path / "sharded"), losses(tmp_path / "one")
     assert len(got) == 5 and want[-1] < want[0] - 0.1
     np.testing.assert_allclose(got, want, rtol=1e-5)

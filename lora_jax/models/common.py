@@ -63,6 +63,15 @@ class ZooModel(nn.Module):
         return super().apply(variables, *args, **kwargs)
 
 
+class CausalLM(ZooModel):
+    """A decoder with its LM head, the two also callable apart (`method="hidden"` /
+    `method="head"`), so that a loss can apply the head to a chunk of tokens at a time."""
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        """Token ids (B, T) -> logits (B, T, vocab). `attention_mask` (B, T): 1 for real tokens."""
+        return self.head(self.hidden(input_ids, attention_mask, positions))
+
+
 def positions_or_default(input_ids: jax.Array, positions: jax.Array | None) -> jax.Array:
     """`positions`, or 0, 1, 2, ... per row, as transformers uses when none are given."""
     if positions is not None:

@@ -97,14 +97,16 @@ class GPT2Model(common.ZooModel):
         return self.ln_f(x)
 
 
-class GPT2LMHeadModel(common.ZooModel):
-    """Token ids (B, T) -> logits (B, T, vocab); the head is tied to the token embedding."""
+class GPT2LMHeadModel(common.CausalLM):
+    """The head is tied to the token embedding."""
 
     config: GPT2Config
 
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None):
-        model = GPT2Model(
-            self.config, self.dtype, self.remat, self.attention_impl, name="transformer"
-        )
-        return model.wte.attend(model(input_ids, attention_mask, positions))
+    def setup(self):
+        self.transformer = GPT2Model(self.config, self.dtype, self.remat, self.attention_impl)
+
+    def hidden(self, input_ids, attention_mask=None, positions=None):
+        return self.transformer(input_ids, attention_mask, positions)
+
+    def head(self, hidden):
+        return self.transformer.wte.attend(hidden)

@@ -284,21 +284,24 @@ class LlamaModel(common.ZooModel):
         return self.norm(x)
 
 
-class LlamaForCausalLM(common.ZooModel):
-    """Token ids (B, T) -> logits (B, T, vocab). `attention_mask` (B, T): 1 for real tokens."""
-
+class LlamaForCausalLM(common.CausalLM):
     config: LlamaConfig
 
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None):
+    def setup(self):
         c = self.config
-        model = LlamaModel(c, self.dtype, self.remat, self.attention_impl, name="model")
-        hidden = model(input_ids, attention_mask, positions)
+        self.model = LlamaModel(c, self.dtype, self.remat, self.attention_impl)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype)
+
+    def hidden(self, input_ids, attention_mask=None, positions=None):
+        return self.model(input_ids, attention_mask, positions)
+
+    def head(self, hidden):
+        c = self.config
         if c.tie_word_embeddings:
-            logits = model.embed_tokens.attend(hidden)
+            logits = self.model.embed_tokens.attend(hidden)
         else:
-            head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")
-            logits = head(hidden)
+            logits = self.lm_head(hidden)
         if cap := c.final_logit_softcapping:  # Gemma 2
             logits = cap * jnp.tanh(logits / cap)
         return logits

@@ -1,0 +1,350 @@
+"""LoRA train-step throughput: lora_jax against peft on one checkpoint and batch, one table.
+
+Each side runs in its own process, in alternating rounds (best round kept), on a random
+Llama-architecture checkpoint that transformers writes:
+  lora_jax step   `lora_jax.step.make_step` on the chunked causal-LM loss, as `lora-jax train`
+  lora_jax API    the public-API loop: lj.lora_apply, split/combine, optax.adamw, jax.jit
+  lora_jax full   full fine-tuning of the same model
+  peft eager      peft + torch, and `--compile` adds peft under torch.compile
+Also printed: forward and value_and_grad times of the LoRA loss, XLA's FLOPs of the LoRA and
+full steps, and (`--memory-1b`) XLA's memory analysis of the LoRA step compiled for the
+Llama-3.2-1B shape at 8 x 2048 in bfloat16, from abstract inputs (nothing allocated).
+
+    python bench/train_throughput.py                 # CPU shapes (hidden 512, 4 layers)
+    python bench/train_throughput.py --size 1b --batch 8 --seq 2048 --compile   # a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
+    "cpu": (512, 4, 8, 2, 1344, 8192),
+    "1b": (2048, 16, 32, 8, 8192, 128256),
+    "8b": (4096, 32, 32, 8, 14336, 128256),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, ALPHA, LR = 16, 32.0, 1e-4
+
+
+def hf_config(size: str) -> dict:
+    hidden, layers, heads, kv, inter, vocab = SIZES[size]
+    return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab,
+                hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=4096,
+                tie_word_embeddings=False)  # fmt: skip
+
+
+def timed(fn, steps: int) -> float:
+    """Median seconds of `fn()` (which blocks until done) over `steps` calls after one warmup."""
+    fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_bytes(device_peak: int | None) -> int:
+    """The accelerator's peak allocation if it reports one, else this process's peak RSS."""
+    return device_peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------- lora_jax
+
+
+def chunked_loss(apply, params, batch):
+    """The causal-LM loss as `lora-jax train` computes it: the head a chunk of tokens at a time."""
+    import functools
+
+    from lora_jax.step import token_terms
+
+    ids = batch["input_ids"]
+    hidden = apply(params, ids, method="hidden")[:, :-1]
+    head = functools.partial(apply, params, method="head")
+    total, count, _ = token_terms(head, hidden, ids[:, 1:], (ids[:, 1:] >= 0).astype("float32"))
+    return total, count
+
+
+def lora_jax_worker(kind: str, ckpt: str, batch: int, seq: int, steps: int, dtype: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lora_jax as lj
+    from lora_jax import models
+    from lora_jax.step import make_step
+
+    dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    model, params, _ = models.from_pretrained(ckpt, dt)
+    ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, model.config.vocab_size)
+    data = {"input_ids": ids}
+    config = lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=tuple(TARGETS))
+
+    def summed_loss(apply, p, b):
+        logits = apply(p, b["input_ids"]).astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(
+            logits[:, :-1], b["input_ids"][:, 1:]
+        )
+        return jnp.sum(losses), jnp.float32(losses.size)
+
+    tx = optax.adamw(LR)
+    if kind == "full":
+
+        def value(p):
+            total, count = summed_loss(model.apply, p, data)
+            return total / count
+
+        @jax.jit
+        def step(p, state):
+            loss, grads = jax.value_and_grad(value)(p)
+            updates, state = tx.update(grads, state, p)
+            return optax.apply_updates(p, updates), state, loss
+
+        state = tx.init(params)
+        compiled = step.lower(params, state).compile()
+        out = {"step": timed(lambda: jax.block_until_ready(compiled(params, state)), steps)}
+    else:
+        params = lj.init(jax.random.key(1), params, config, lj.kernel_layouts(model, ids[:1]))
+        adapter, base = lj.split(params, config)
+        apply = lj.lora_apply(model.apply, config)
+        state = tx.init(adapter)
+        if kind == "step":
+            step = make_step(lambda p, b, _: chunked_loss(apply, p, b), tx)
+            args = (adapter, state, base, data, jnp.int32(0))
+            compiled = step.lower(*args).compile()
+            # The step donates the adapter and state: feed each call the previous one's.
+            carry = {"adapter": adapter, "state": state}
+
+            def call():
+                a, s, m = compiled(carry["adapter"], carry["state"], base, data, jnp.int32(0))
+                carry.update(adapter=a, state=s)
+                jax.block_until_ready(m)
+
+            out = {"step": timed(call, steps)}
+        else:
+
+            def value(a):
+                total, count = summed_loss(apply, lj.combine(a, base), data)
+                return total / count
+
+            @jax.jit
+            def step(a, state):
+                loss, grads = jax.value_and_grad(value)(a)
+                updates, state = tx.update(grads, state, a)
+                return optax.apply_updates(a, updates), state, loss
+
+            compiled = step.lower(adapter, state).compile()
+            out = {"step": timed(lambda: jax.block_until_ready(compiled(adapter, state)), steps)}
+            forward = jax.jit(value).lower(adapter).compile()
+            backward = jax.jit(jax.value_and_grad(value)).lower(adapter).compile()
+            out["forward"] = timed(lambda: jax.block_until_ready(forward(adapter)), steps)
+            out["value_and_grad"] = timed(lambda: jax.block_until_ready(backward(adapter)), steps)
+    out["flops"] = (compiled.cost_analysis() or {}).get("flops")
+    stats = jax.local_devices()[0].memory_stats() or {}
+    out["peak"] = peak_bytes(stats.get("peak_bytes_in_use"))
+    return out
+
+
+def memory_1b_worker() -> dict:
+    """XLA's memory analysis of the LoRA step for Llama-3.2-1B at 8 x 2048, bfloat16 base and
+    float32 adapter, compiled from abstract inputs on this machine's backend."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lora_jax as lj
+    from lora_jax import models
+    from lora_jax.step import make_step
+
+    model = models.build(hf_config("1b"), dtype=jnp.bfloat16, remat="dots")
+    ids = jax.ShapeDtypeStruct((8, 2048), jnp.int32)
+    config = lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=tuple(TARGETS))
+
+    def abstract_params():
+        p = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+        p = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p)
+        return lj.init(
+            jax.random.key(1), p, config, lj.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32))
+        )
+
+    adapter, base = lj.split(jax.eval_shape(abstract_params), config)
+    apply = lj.lora_apply(model.apply, config)
+
+    tx = optax.adamw(LR)
+    step = make_step(lambda p, b, _: chunked_loss(apply, p, b), tx)
+    state = jax.eval_shape(tx.init, adapter)
+    compiled = step.lower(adapter, state, base, {"input_ids": ids}, jnp.int32(0)).compile()
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    return {"temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes,
+            "total": total - m.alias_size_in_bytes}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- peft
+
+
+def peft_worker(compiled: bool, ckpt: str, batch: int, seq: int, steps: int, dtype: str) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=dt).to(device)
+    lora = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0)
+    model = peft.get_peft_model(model, lora)
+    for p in model.parameters():  # the adapter in float32, as lora_jax keeps it
+        if p.requires_grad:
+            p.data = p.data.float()
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    forward = torch.compile(model) if compiled else model
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = forward(input_ids=ids).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab),
+                                                 ids[:, 1:].reshape(-1))  # fmt: skip
+        loss.backward()
+        opt.step()
+        sync()
+
+    out = {"step": timed(step, steps)}
+    if not compiled:
+        with torch.no_grad():
+            out["forward"] = timed(lambda: (forward(input_ids=ids), sync()), steps)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    out["peak"] = peak_bytes(peak)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+SIDES = {
+    "lora_jax step": ("lora_jax", "step"),
+    "lora_jax API": ("lora_jax", "api"),
+    "lora_jax full": ("lora_jax", "full"),
+    "peft eager": ("peft", "eager"),
+    "peft compile": ("peft", "compile"),
+}
+
+
+def worker(args: argparse.Namespace) -> None:
+    lib, kind = SIDES.get(args.worker, (args.worker, ""))
+    common = (args.ckpt, args.batch, args.seq, args.steps, args.dtype)
+    if lib == "lora_jax":
+        out = lora_jax_worker(kind, *common)
+    elif lib == "peft":
+        out = peft_worker(kind == "compile", *common)
+    else:
+        out = memory_1b_worker()
+    print("RESULT " + json.dumps(out))
+
+
+def run_side(name: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", name, "--ckpt", args.ckpt,
+               "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+               "--dtype", args.dtype]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": tail[0][:120]}
+    return json.loads(lines[0][len("RESULT ") :])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round (median)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (best kept)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--compile", action="store_true", help="also peft under torch.compile")
+    p.add_argument("--memory-1b", action="store_true", help="XLA memory analysis, 1B shape")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import jax
+    import peft
+    import torch
+    import transformers
+
+    names = [n for n in SIDES if n != "peft compile" or args.compile]
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(**hf_config(args.size))
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp)
+        args.ckpt = tmp
+        results: dict[str, dict] = {}
+        for _ in range(args.rounds):
+            for name in names:
+                got, best = run_side(name, args), results.get(name)
+                if best is None or "error" in best or got.get("step", 1e9) < best["step"]:
+                    results[name] = got
+        memory = run_side("memory_1b", args) if args.memory_1b else None
+
+    tokens = args.batch * args.seq
+    hidden, layers, *_ = SIZES[args.size]
+    print(
+        f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}, torch "
+        f"{torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}"
+    )
+    print(f"Llama shape '{args.size}' (hidden {hidden}, {layers} layers), batch {args.batch} x "
+          f"{args.seq}, {args.dtype}, LoRA r={RANK} alpha={ALPHA:g} on {len(TARGETS)} "
+          f"projections, AdamW; best of {args.rounds} alternating rounds, median of "
+          f"{args.steps} steps")  # fmt: skip
+    peft_step = results.get("peft eager", {}).get("step")
+    full_step = results.get("lora_jax full", {}).get("step")
+    print("| run | step s | tokens/s | peak MiB | vs peft eager | vs lj full |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in names:
+        r = results[name]
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} | | | | |")
+            continue
+        vs_peft = f"{peft_step / r['step']:.2f}x" if peft_step else "-"
+        vs_full = f"{r['step'] / full_step:.2f}" if full_step and name != "lora_jax full" else "-"
+        print(f"| {name} | {r['step']:.3f} | {tokens / r['step']:,.0f} | "
+              f"{r['peak'] / 2**20:,.0f} | {vs_peft} | {vs_full} |")  # fmt: skip
+    api, peft_eager = results.get("lora_jax API", {}), results.get("peft eager", {})
+    if "value_and_grad" in api:
+        print(f"lora_jax LoRA: forward {api['forward']:.3f} s, value_and_grad "
+              f"{api['value_and_grad']:.3f} s ({api['value_and_grad'] / api['forward']:.1f}x "
+              "forward)")  # fmt: skip
+    if "forward" in peft_eager:
+        print(f"peft: forward {peft_eager['forward']:.3f} s, step {peft_eager['step']:.3f} s "
+              f"({peft_eager['step'] / peft_eager['forward']:.1f}x forward)")  # fmt: skip
+    lora_flops, full_flops = api.get("flops"), results.get("lora_jax full", {}).get("flops")
+    if lora_flops and full_flops:
+        print(
+            f"XLA cost analysis: LoRA step {lora_flops / 1e9:.1f} GFLOP, full step "
+            f"{full_flops / 1e9:.1f} GFLOP ({lora_flops / full_flops:.2f}x)"
+        )
+    if memory:
+        print("XLA memory analysis, LoRA step, Llama-3.2-1B shape, 8 x 2048, bfloat16 base: "
+              + (memory["error"] if "error" in memory else
+                 f"{memory['total'] / 2**30:.1f} GiB ({memory['temp'] / 2**30:.1f} GiB "
+                 f"temporaries, {memory['arguments'] / 2**30:.1f} GiB arguments)"))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
