@@ -153,7 +153,7 @@ def lora_jax_worker(kind: str, ckpt: str, batch: int, seq: int, steps: int, dtyp
     return out
 
 
-def memory_1b_worker() -> dict:
+def memory_1b_worker(remat: str) -> dict:
     """XLA's memory analysis of the LoRA step for Llama-3.2-1B at 8 x 2048, bfloat16 base and
     float32 adapter, compiled from abstract inputs on this machine's backend."""
     import jax
@@ -164,7 +164,7 @@ def memory_1b_worker() -> dict:
     from lora_jax import models
     from lora_jax.step import make_step
 
-    model = models.build(hf_config("1b"), dtype=jnp.bfloat16, remat="dots")
+    model = models.build(hf_config("1b"), dtype=jnp.bfloat16, remat=remat)
     ids = jax.ShapeDtypeStruct((8, 2048), jnp.int32)
     config = lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=tuple(TARGETS))
 
@@ -251,14 +251,14 @@ def worker(args: argparse.Namespace) -> None:
     elif lib == "peft":
         out = peft_worker(kind == "compile", *common)
     else:
-        out = memory_1b_worker()
+        out = memory_1b_worker(args.remat)
     print("RESULT " + json.dumps(out))
 
 
 def run_side(name: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--ckpt", args.ckpt,
                "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-               "--dtype", args.dtype]  # fmt: skip
+               "--dtype", args.dtype, "--remat", args.remat]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -277,6 +277,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--compile", action="store_true", help="also peft under torch.compile")
     p.add_argument("--memory-1b", action="store_true", help="XLA memory analysis, 1B shape")
+    p.add_argument("--remat", default="full", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -300,7 +301,10 @@ def main() -> None:
                 got, best = run_side(name, args), results.get(name)
                 if best is None or "error" in best or got.get("step", 1e9) < best["step"]:
                     results[name] = got
-        memory = run_side("memory_1b", args) if args.memory_1b else None
+        memory = {}
+        for remat in ("none", "full", "dots", "dots_no_batch") if args.memory_1b else ():
+            args.remat = remat
+            memory[remat] = run_side("memory_1b", args)
 
     tokens = args.batch * args.seq
     hidden, layers, *_ = SIZES[args.size]
@@ -339,11 +343,12 @@ def main() -> None:
             f"XLA cost analysis: LoRA step {lora_flops / 1e9:.1f} GFLOP, full step "
             f"{full_flops / 1e9:.1f} GFLOP ({lora_flops / full_flops:.2f}x)"
         )
-    if memory:
-        print("XLA memory analysis, LoRA step, Llama-3.2-1B shape, 8 x 2048, bfloat16 base: "
-              + (memory["error"] if "error" in memory else
-                 f"{memory['total'] / 2**30:.1f} GiB ({memory['temp'] / 2**30:.1f} GiB "
-                 f"temporaries, {memory['arguments'] / 2**30:.1f} GiB arguments)"))  # fmt: skip
+    for remat, m in memory.items():
+        print(f"XLA memory analysis, LoRA step, Llama-3.2-1B shape, 8 x 2048, bfloat16 base, "
+              f"remat {remat!r}: " + (m["error"] if "error" in m else
+                                      f"{m['total'] / 2**30:.1f} GiB ({m['temp'] / 2**30:.1f} "
+                                      f"GiB temporaries, {m['arguments'] / 2**30:.1f} GiB "
+                                      "arguments)"))  # fmt: skip
 
 
 if __name__ == "__main__":
