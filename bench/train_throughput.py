@@ -64,12 +64,15 @@ def chunked_loss(apply, params, batch):
     """The causal-LM loss as `lora-jax train` computes it: the head a chunk of tokens at a time."""
     import functools
 
+    import jax.numpy as jnp
+
     from lora_jax.step import token_terms
 
     ids = batch["input_ids"]
     hidden = apply(params, ids, method="hidden")[:, :-1]
     head = functools.partial(apply, params, method="head")
-    total, count, _ = token_terms(head, hidden, ids[:, 1:], (ids[:, 1:] >= 0).astype("float32"))
+    targets = ids[:, 1:]
+    total, count, _ = token_terms(head, hidden, targets, jnp.ones(targets.shape, jnp.float32))
     return total, count
 
 
@@ -85,68 +88,49 @@ def lora_jax_worker(kind: str, ckpt: str, batch: int, seq: int, steps: int, dtyp
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     model, params, _ = models.from_pretrained(ckpt, dt)
     ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, model.config.vocab_size)
-    data = {"input_ids": ids}
     config = lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=tuple(TARGETS))
-
-    def summed_loss(apply, p, b):
-        logits = apply(p, b["input_ids"]).astype(jnp.float32)
-        losses = optax.softmax_cross_entropy_with_integer_labels(
-            logits[:, :-1], b["input_ids"][:, 1:]
-        )
-        return jnp.sum(losses), jnp.float32(losses.size)
-
     tx = optax.adamw(LR)
+
+    def mean_loss(apply, p):  # the public-API loss: the whole batch's float32 logits
+        logits = apply(p, ids).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
     if kind == "full":
-
-        def value(p):
-            total, count = summed_loss(model.apply, p, data)
-            return total / count
-
-        @jax.jit
-        def step(p, state):
-            loss, grads = jax.value_and_grad(value)(p)
-            updates, state = tx.update(grads, state, p)
-            return optax.apply_updates(p, updates), state, loss
-
-        state = tx.init(params)
-        compiled = step.lower(params, state).compile()
-        out = {"step": timed(lambda: jax.block_until_ready(compiled(params, state)), steps)}
+        trained, value = params, lambda p: mean_loss(model.apply, p)
     else:
         params = lj.init(jax.random.key(1), params, config, lj.kernel_layouts(model, ids[:1]))
-        adapter, base = lj.split(params, config)
+        trained, base = lj.split(params, config)
         apply = lj.lora_apply(model.apply, config)
-        state = tx.init(adapter)
-        if kind == "step":
-            step = make_step(lambda p, b, _: chunked_loss(apply, p, b), tx)
-            args = (adapter, state, base, data, jnp.int32(0))
-            compiled = step.lower(*args).compile()
-            # The step donates the adapter and state: feed each call the previous one's.
-            carry = {"adapter": adapter, "state": state}
+        value = lambda a: mean_loss(apply, lj.combine(a, base))  # noqa: E731
+    state = tx.init(trained)
+    if kind == "step":
+        step = make_step(lambda p, b, _: chunked_loss(apply, p, b), tx)
+        compiled = step.lower(trained, state, base, {"input_ids": ids}, jnp.int32(0)).compile()
+        # The step donates the adapter and state: feed each call the previous one's.
+        carry = {"adapter": trained, "state": state}
 
-            def call():
-                a, s, m = compiled(carry["adapter"], carry["state"], base, data, jnp.int32(0))
-                carry.update(adapter=a, state=s)
-                jax.block_until_ready(m)
+        def call():
+            a, s, m = compiled(carry["adapter"], carry["state"], base, {"input_ids": ids},
+                               jnp.int32(0))  # fmt: skip
+            carry.update(adapter=a, state=s)
+            jax.block_until_ready(m)
 
-            out = {"step": timed(call, steps)}
-        else:
+        out = {"step": timed(call, steps)}
+    else:  # the public-API loop: value_and_grad, then AdamW, in one jax.jit
 
-            def value(a):
-                total, count = summed_loss(apply, lj.combine(a, base), data)
-                return total / count
+        @jax.jit
+        def step(x, state):
+            loss, grads = jax.value_and_grad(value)(x)
+            updates, state = tx.update(grads, state, x)
+            return optax.apply_updates(x, updates), state, loss
 
-            @jax.jit
-            def step(a, state):
-                loss, grads = jax.value_and_grad(value)(a)
-                updates, state = tx.update(grads, state, a)
-                return optax.apply_updates(a, updates), state, loss
-
-            compiled = step.lower(adapter, state).compile()
-            out = {"step": timed(lambda: jax.block_until_ready(compiled(adapter, state)), steps)}
-            forward = jax.jit(value).lower(adapter).compile()
-            backward = jax.jit(jax.value_and_grad(value)).lower(adapter).compile()
-            out["forward"] = timed(lambda: jax.block_until_ready(forward(adapter)), steps)
-            out["value_and_grad"] = timed(lambda: jax.block_until_ready(backward(adapter)), steps)
+        compiled = step.lower(trained, state).compile()
+        out = {"step": timed(lambda: jax.block_until_ready(compiled(trained, state)), steps)}
+    if kind == "api":
+        forward = jax.jit(value).lower(trained).compile()
+        backward = jax.jit(jax.value_and_grad(value)).lower(trained).compile()
+        out["forward"] = timed(lambda: jax.block_until_ready(forward(trained)), steps)
+        out["value_and_grad"] = timed(lambda: jax.block_until_ready(backward(trained)), steps)
     out["flops"] = (compiled.cost_analysis() or {}).get("flops")
     stats = jax.local_devices()[0].memory_stats() or {}
     out["peak"] = peak_bytes(stats.get("peak_bytes_in_use"))
