@@ -97,11 +97,16 @@ def run_mesh(mesh: MeshSettings, train: TrainSettings) -> jax.sharding.Mesh:
 
 
 def load_base(cfg: RunConfig, model_dir: str) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, params, hf_config) of the base checkpoint, the sequence length checked against
-    its positions first (before any weight is read), the params quantized for QLoRA."""
-    from lora_jax.models.hub import DTYPES, from_pretrained, max_positions  # the zoo: training
+    """(model, params, hf_config) of the base checkpoint, the task and sequence length checked
+    against it first (before any weight is read), the params quantized for QLoRA."""
+    from lora_jax.models.common import CausalLM  # the zoo: only when training
+    from lora_jax.models.hub import DTYPES, family_of, from_pretrained, max_positions
 
     hf_config = json.loads((Path(model_dir) / "config.json").read_text())
+    family, arch = family_of(hf_config)
+    if cfg.data.task == "sft" and not issubclass(family.architectures[arch], CausalLM):
+        raise ValueError(f"data.task 'sft' trains a decoder (a causal LM); {model_dir} holds "
+                         f"{arch}: use data.task 'classify', or a decoder.")  # fmt: skip
     if cfg.data.max_length > (limit := max_positions(hf_config)):
         raise ValueError(f"data.max_length {cfg.data.max_length} exceeds the model's {limit} "
                          f"positions ({model_dir}/config.json).")  # fmt: skip

