@@ -4,7 +4,7 @@ The core (config, tree, apply) holds no model, training or I/O code; `lora_jax.m
 the Flax model zoo and `lora_jax.io` adapter files in peft's format.
 """
 
-from lora_jax.apply import kernel_layouts, lora_apply, merged_apply, routed_apply
+from lora_jax.apply import kernel_layouts, lora_apply, merged_apply, nnx_adapt, routed_apply
 from lora_jax.config import LoraConfig
 from lora_jax.generate import generate, generate_text
 from lora_jax.quant import QuantizedKernel, dequantize, nbytes, quantize
@@ -43,6 +43,7 @@ __all__ = [
     "merge",
     "merged_apply",
     "nbytes",
+    "nnx_adapt",
     "optimizer",
     "partition",
     "quantize",

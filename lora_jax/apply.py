@@ -1,10 +1,15 @@
-"""Running a model with its adapters: the factored forward for Linen, merge-on-the-fly otherwise.
+"""Running a model with its adapters: the factored forward for Linen and NNX, merging otherwise.
 
 `lora_apply` intercepts each adapted nn.Dense / nn.DenseGeneral / nn.Einsum call (public
 `flax.linen.intercept_methods`) and adds (α/r)·((dropout(x)·A)·B) to the base output: two thin
 matmuls, never the kernel-shaped A·B (DoRA then rescales each output unit by a norm computed
 from thin matmuls too). The adapter leaves live in the module's own params, so `nn.scan`
 slices them per layer and `nn.remat` / `jax.grad` see ordinary arrays.
+
+`nnx_adapt` does the same for NNX: each adapted nnx.Linear / LinearGeneral / Einsum becomes an
+instance of a subclass of its own class whose __call__ adds the low-rank term, and holds its
+factors as variables beside its kernel. NNX's transforms carry a node's class and variables
+through `nnx.split` / `nnx.merge`, so `nnx.scan` slices the adapter per layer like the kernel.
 """
 
 from __future__ import annotations
@@ -19,13 +24,27 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx, traverse_util
 from jax import lax
 
 from lora_jax import variants
 from lora_jax.config import LoraConfig
-from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_M, Bank, Params, adapter_layout, merge
+from lora_jax.tree import (
+    ADAPTER_LEAVES,
+    KERNEL,
+    LORA_A,
+    LORA_B,
+    LORA_M,
+    Bank,
+    Params,
+    adapter_layout,
+    merge,
+    path_str,
+    sites,
+)
 
 FACTORED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+NNX_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 # Set while lora_apply / routed_apply run a model, so a model can tell a tree whose adapters
 # will be applied from one whose adapters it would silently ignore.
 _RUNNING = contextvars.ContextVar("lora_jax_adapters_running", default=False)
@@ -95,34 +114,52 @@ def _einsum_plan(spec: str) -> Plan:
     return Plan(len(contracted), len(free), low_rank, out.endswith(free))
 
 
-def _plan(module: nn.Module, args: tuple, kwargs: dict) -> Plan:
-    """How a call of a supported module contracts its kernel; ValueError for others."""
-    if isinstance(module, nn.Einsum):
+def _plan(module: Any, args: tuple, kwargs: dict) -> Plan:
+    """How a call of a supported Linen or NNX module contracts its kernel; ValueError for others."""
+    if isinstance(module, nn.Einsum | nnx.Einsum):
         spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
         return _einsum_plan(spec or module.einsum_str)
-    if isinstance(module, nn.DenseGeneral):
-        if module.batch_dims:
-            raise ValueError("nn.DenseGeneral with batch_dims is not supported by LoRA.")
-        ndim = jnp.ndim(args[0] if args else kwargs["inputs"])
-        # Counted from the end, so the plan also holds per example (under vmap, routing).
-        axis = tuple(ax % ndim - ndim for ax in _as_tuple(module.axis))
-        n_out = len(_as_tuple(module.features))
+    if isinstance(module, nn.DenseGeneral | nnx.LinearGeneral):
+        linen = isinstance(module, nn.DenseGeneral)
+        if module.batch_dims if linen else module.batch_axis:
+            raise ValueError(f"{type(module).__name__} with batch axes is not supported by LoRA.")
+        axis, x = _as_tuple(module.axis), args[0] if args else kwargs.get("inputs")
+        if x is not None:  # counted from the end, so the plan also holds per example (vmap)
+            axis = tuple(ax % jnp.ndim(x) - jnp.ndim(x) for ax in axis)
+        n_out = len(_as_tuple(module.features if linen else module.out_features))
         return Plan(len(axis), n_out, functools.partial(_contract, axis=axis), True)
-    if isinstance(module, nn.Dense):
+    if isinstance(module, nn.Dense | nnx.Linear):
         return Plan(1, 1, functools.partial(_contract, axis=(-1,)), True)
     raise ValueError(
-        f"{type(module).__name__} is not one of Dense, DenseGeneral, Einsum; the factored forward "
-        "does not cover it. Use lj.merged_apply for this model, or exclude the path."
+        f"{type(module).__name__} is not one of Dense, DenseGeneral, Einsum (Linen) or Linear, "
+        "LinearGeneral, Einsum (NNX); the factored forward does not cover it. Exclude the path, "
+        "or merge (lj.merge) instead."
     )
 
 
-def kernel_layouts(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, tuple[int, int] | str]:
-    """{module path: (input axes, output axes)} of every Dense/DenseGeneral/Einsum in `model`.
+def _nnx_modules(model: nnx.Module) -> dict[str, Any]:
+    """{path: module} of every module in an NNX model, paths written as in its pure dict."""
+    return {path_str(k): node for k, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)}
 
-    Traces `model.init(*args, **kwargs)` abstractly (no FLOPs, no memory). A kernel that LoRA
-    cannot adapt maps to the reason, which `lj.init` raises if that kernel is targeted.
+
+def kernel_layouts(
+    model: nn.Module | nnx.Module, *args: Any, **kwargs: Any
+) -> dict[str, tuple[int, int] | str]:
+    """{module path: (input axes, output axes)} of every kernel LoRA can factor in `model`.
+
+    A Linen model is traced through `model.init(*args, **kwargs)` abstractly (no FLOPs, no
+    memory); an NNX model is read off its modules' attributes (no inputs needed). A kernel
+    that LoRA cannot adapt maps to the reason, which `lj.init` raises if it is targeted.
     """
     found: dict[str, tuple[int, int] | str] = {}
+    if isinstance(model, nnx.Module):
+        for path, module in _nnx_modules(model).items():
+            if isinstance(module, NNX_TYPES):
+                try:
+                    found[path] = _plan(module, (), {})[:2]
+                except ValueError as err:
+                    found[path] = str(err)
+        return found
 
     def record(next_fun, call_args, call_kwargs, context):
         module = context.module
@@ -163,6 +200,33 @@ def _routed(plan: Plan, x, a, b, precision, ids: jax.Array, block: int, path: st
     return jnp.where((ids >= 0).reshape(-1, *(1,) * (delta.ndim - 1)), delta, 0)
 
 
+def _checked_rank(path: str, plan: Plan, module: Any, kernel: Any, a: Any, b: Any) -> int:
+    """The adapter's rank, once its layout is known to fit this call of the module."""
+    lead, a_in, _, rank = adapter_layout(path, kernel.shape, a.shape, b.shape)
+    if lead or a_in != plan.n_in:
+        raise ValueError(
+            f"{path}: adapter made for {a_in} input axes (+{lead} stacked), but "
+            f"this {type(module).__name__} call contracts {plan.n_in}; was `layouts` right?"
+        )
+    return rank
+
+
+def _with_adapter(
+    plan: Plan, path: str, module: Any, y: jax.Array, x: jax.Array, kernel: Any, a: Any, b: Any,
+    m: Any, bias: Any, scale: float, routing: tuple[jax.Array, int] | None = None,
+) -> jax.Array:  # fmt: skip
+    """The adapted output from the base output y: y + s·(x·A)·B, or the variant's form of it."""
+    x, a_c, b_c = nn.dtypes.promote_dtype(x, nn.meta.unbox(a), nn.meta.unbox(b), dtype=module.dtype)
+    if routing is None:
+        delta = plan.low_rank(x, a_c, b_c, module.precision)
+    else:
+        delta = _routed(plan, x, a_c, b_c, module.precision, *routing, path)
+    delta = (delta * scale).astype(y.dtype)
+    if m is not None:  # DoRA's norm reads W0: for QLoRA the dequantized kernel the layer used
+        kernel = nn.meta.unbox(kernel)
+    return variants.output(y, delta, m, kernel, a, b, bias, scale, plan.n_in, plan.trailing, path)
+
+
 def _factored_call(config: LoraConfig, next_fun, args, kwargs, context, adapter_ids=None):
     module = context.module
     if module.scope is None or not module.has_variable("params", LORA_A):
@@ -176,12 +240,7 @@ def _factored_call(config: LoraConfig, next_fun, args, kwargs, context, adapter_
         raise ValueError(f"{path}: holds a LoRA adapter, but {err}") from None
     kernel = module.get_variable("params", KERNEL)
     a, b = module.get_variable("params", LORA_A), module.get_variable("params", LORA_B)
-    lead, a_in, _, rank = adapter_layout(path, kernel.shape, a.shape, b.shape)
-    if lead or a_in != plan.n_in:
-        raise ValueError(
-            f"{path}: adapter made for {a_in} input axes (+{lead} stacked), but "
-            f"this {type(module).__name__} call contracts {plan.n_in}; was `layouts` right?"
-        )
+    rank = _checked_rank(path, plan, module, kernel, a, b)
     if isinstance(a, Bank) != (adapter_ids is not None):
         raise ValueError(
             f"{path}: lj.routed_apply runs a bank of adapters (lj.compose.stack) and "
@@ -195,17 +254,10 @@ def _factored_call(config: LoraConfig, next_fun, args, kwargs, context, adapter_
     y = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     x = _adapter_dropout(module, x, config.dropout)
-    x, a_c, b_c = nn.dtypes.promote_dtype(x, nn.meta.unbox(a), nn.meta.unbox(b), dtype=module.dtype)
-    if adapter_ids is None:
-        delta = plan.low_rank(x, a_c, b_c, module.precision)
-    else:
-        delta = _routed(plan, x, a_c, b_c, module.precision, adapter_ids, a.block, path)
-    delta = (delta * scale).astype(y.dtype)
     m = module.get_variable("params", LORA_M) if module.has_variable("params", LORA_M) else None
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
-    if m is not None:  # DoRA's norm reads W0: for QLoRA the dequantized kernel the layer used
-        kernel = nn.meta.unbox(kernel)
-    return variants.output(y, delta, m, kernel, a, b, bias, scale, plan.n_in, plan.trailing, path)
+    routing = None if adapter_ids is None else (adapter_ids, a.block)
+    return _with_adapter(plan, path, module, y, x, kernel, a, b, m, bias, scale, routing)
 
 
 def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
@@ -255,3 +307,68 @@ def merged_apply(fn: Callable[..., Any], config: LoraConfig) -> Callable[..., An
         return fn(merge(params, config), *args, **kwargs)
 
     return apply
+
+
+@functools.cache
+def _factored_class(cls: type) -> type:
+    """`cls` (an NNX Linear / LinearGeneral / Einsum) whose __call__ also adds the adapter held
+    beside its kernel: a plain subclass, as Flax's nnx.LoRALinear is one of nnx.Linear."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
+        plan = _plan(self, args, kwargs)
+        kernel, a, b = self.kernel[...], self.lora_a[...], self.lora_b[...]
+        _checked_rank(self.lora_path, plan, self, kernel, a, b)
+        y = cls.__call__(self, *args, **kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        m, bias = getattr(self, LORA_M, None), getattr(self, "bias", None)
+        m, bias = (None if v is None else v[...] for v in (m, bias))
+        path, scale = self.lora_path, self.lora_scale
+        return _with_adapter(plan, path, self, y, x, kernel, a, b, m, bias, scale)
+
+    doc = f"{cls.__name__} computing x·W0 + (α/r)·(x·A)·B without forming W0 + A·B (lj.nnx_adapt)."
+    return type(f"LoRA{cls.__name__}", (cls,), {"__call__": __call__, "__doc__": doc})
+
+
+def nnx_adapt(model: nnx.Module, params: Params, config: LoraConfig) -> nnx.Module:
+    """A copy of an NNX `model` holding `params` and computing y = x·W0 + (α/r)·(x·A)·B.
+
+    `params` is the model's pure dict (`nnx.to_pure_dict(nnx.state(model))`) with adapters
+    (`lj.init`, `lj.combine`, `lj.load_adapter`). Each adapted nnx.Linear / LinearGeneral /
+    Einsum holds its factors as `nnx.LoRAParam` beside its kernel, so `nnx.to_pure_dict` of
+    the copy's state gives the same tree back, `nnx.Optimizer(..., wrt=nnx.LoRAParam)` trains
+    the adapter alone and `nnx.scan` slices stacked adapters with their kernels. A module the
+    factored forward cannot run raises, naming its path; `model` itself is left unchanged.
+    """
+    if config.dropout:
+        raise ValueError("nnx_adapt: adapter dropout is not supported for NNX models (NNX modules "
+                         "carry no dropout rng here); set LoraConfig(dropout=0).")  # fmt: skip
+    found = sites(params, config, "nnx_adapt")
+    if not found:
+        raise ValueError("nnx_adapt: the tree holds no lora_a/lora_b leaves (see lj.init).")
+    model = nnx.clone(model)
+    flat = traverse_util.flatten_dict(params)
+    state = nnx.state(model)
+    base = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(base))
+    nnx.update(model, state)
+    modules = _nnx_modules(model)
+    for site in found:
+        module = modules.get(site.path)
+        try:
+            if module is None:
+                raise ValueError("the model has no module at this path")
+            n_in, n_out, *_ = _plan(module, (), {})
+        except ValueError as err:
+            raise ValueError(f"{site.path}: holds a LoRA adapter, but {err}") from None
+        if (n_in, n_out) != (site.n_in, site.n_out):
+            raise ValueError(
+                f"{site.path}: adapter laid out for {site.n_in} input / {site.n_out} output axes, "
+                f"but this {type(module).__name__} has {n_in} / {n_out}; give lj.init "
+                "layouts=lj.kernel_layouts(model)."
+            )
+        module.__class__ = _factored_class(type(module))
+        module.lora_path, module.lora_scale = site.path, site.scale
+        for name in ADAPTER_LEAVES:
+            if (*site.keys, name) in flat:
+                setattr(module, name, nnx.LoRAParam(flat[(*site.keys, name)]))
+    return model

@@ -32,7 +32,17 @@ from lora_jax.models.hub import (
     from_pretrained,
     naming_of,
 )
-from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_B, LORA_M, Params, combine, sites
+from lora_jax.tree import (
+    ADAPTER_LEAVES,
+    KERNEL,
+    LORA_A,
+    LORA_B,
+    LORA_M,
+    Layouts,
+    Params,
+    combine,
+    sites,
+)
 from lora_jax.variants import BASE_MODIFYING_INITS
 
 PREFIX = "base_model.model."
@@ -331,26 +341,35 @@ def _assemble(
     return flat, config
 
 
-def _check_factor(
-    name: str, keys: tuple, layer: int | None, kind: str, factor: np.ndarray, base: dict
-) -> None:
-    """A (in, r) or B (r, out) against the base kernel, before anything is stacked or attached.
-    A peft Linear's kernel is (in, out) per layer; a numbered layer is one slice of a stack."""
-    path = "/".join((*keys, LORA_A if kind == "lora_A" else LORA_B))
+def _fit_factor(
+    name: str, keys: tuple, layer: int | None, kind: str, factor: np.ndarray, base: dict,
+    layouts: Layouts | None,
+) -> np.ndarray:  # fmt: skip
+    """peft's A (in, r), B (r, out) or DoRA magnitude (out,), checked against the base kernel
+    before anything is stacked or attached, and shaped like it: a kernel of several input or
+    output axes (DenseGeneral, LinearGeneral) has them flattened row-major in peft's Linear."""
+    path = "/".join((*keys, {"lora_A": LORA_A, "lora_B": LORA_B}.get(kind, LORA_M)))
     if (*keys, KERNEL) not in base:
         raise ValueError(f"{name} ({path}): the base has no kernel at {'/'.join(keys)}.")
     kernel = tuple(base[(*keys, KERNEL)].shape)[int(layer is not None) :]
-    if len(kernel) != 2:
-        raise ValueError(f"{name} ({path}): the base kernel is {kernel} per layer; peft's "
-                         "Linear adapters fit (in, out) kernels only.")  # fmt: skip
-    fits = factor.ndim == 2 and (
-        factor.shape[0] == kernel[0] if kind == "lora_A" else factor.shape[1] == kernel[1]
+    n_in = 1 if len(kernel) == 2 else (layouts or {}).get("/".join(keys), (None,))[0]
+    if not isinstance(n_in, int):
+        raise ValueError(f"{name} ({path}): the base kernel is {kernel} per layer; say which "
+                         "axes are its inputs with layouts=lj.kernel_layouts(model).")  # fmt: skip
+    ins, outs = kernel[:n_in], kernel[n_in:]
+    want = {"lora_A": (math.prod(ins), None), "lora_B": (None, math.prod(outs))}.get(
+        kind, (math.prod(outs),)
     )
-    if not fits:
+    if factor.ndim != len(want) or any(
+        w not in (None, n) for w, n in zip(want, factor.shape, strict=True)
+    ):
         raise ValueError(
-            f"{name} ({path}): shape {factor.shape} does not fit the base kernel "
-            f"{kernel} (expected {'(in, r)' if kind == 'lora_A' else '(r, out)'})."
+            f"{name} ({path}): shape {factor.shape} does not fit the base kernel {kernel} "
+            f"(expected {({'lora_A': '(in, r)', 'lora_B': '(r, out)'}).get(kind, '(out,)')})."
         )
+    if kind == "lora_A":
+        return factor.reshape(*ins, -1)
+    return factor.reshape(-1, *outs) if kind == "lora_B" else factor.reshape(outs)
 
 
 def _stack(per_layer: dict[int | None, np.ndarray], what: str) -> np.ndarray:
@@ -363,8 +382,13 @@ def _stack(per_layer: dict[int | None, np.ndarray], what: str) -> np.ndarray:
     return np.stack([per_layer[i] for i in range(len(per_layer))])
 
 
-def load_adapter(directory: str | Path, base_params: Params) -> tuple[dict[str, Any], LoraConfig]:
+def load_adapter(
+    directory: str | Path, base_params: Params, layouts: Layouts | None = None
+) -> tuple[dict[str, Any], LoraConfig]:
     """(adapter tree, LoraConfig) from a peft LoRA directory, checked against `base_params`.
+
+    Kernels of more than two axes per layer (DenseGeneral, LinearGeneral, Einsum) need
+    `layouts` (`lj.kernel_layouts(model, ...)`) to unflatten peft's (in, out) factors.
 
     Every tensor's shape is checked against the base before anything is returned; the base is
     never modified. Put it on the base with `lj.combine(adapter, base_params)`.
@@ -377,11 +401,9 @@ def load_adapter(directory: str | Path, base_params: Params) -> tuple[dict[str, 
     full: dict[tuple, dict] = {}  # leaf -> layer -> array
     for name, tensor in tensors.items():
         kind, keys, layer, module_name = _parse(name)
-        if kind == LORA_M:
-            lora.setdefault(keys, {}).setdefault(LORA_M, {})[layer] = tensor
-        elif kind in ("lora_A", "lora_B"):
-            _check_factor(name, keys, layer, kind, tensor.T, base)
-            lora.setdefault(keys, {}).setdefault(kind, {})[layer] = tensor.T
+        if kind in ("lora_A", "lora_B", LORA_M):
+            factor = _fit_factor(name, keys, layer, kind, tensor.T, base, layouts)
+            lora.setdefault(keys, {}).setdefault(kind, {})[layer] = factor
             dotted.setdefault("/".join(keys), set()).add(module_name)
         else:
             saved = peft_config.get("modules_to_save") or []

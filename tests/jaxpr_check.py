@@ -6,7 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import jax
+import numpy as np
+from flax import traverse_util
 from jax.extend import core as jex_core
+
+import lora_jax as lj
 
 A, B, X = "A", "B", "X"
 
@@ -59,3 +63,24 @@ def materialised(fn, args, a_leaves: Iterable, b_leaves: Iterable, x_leaves: Ite
     found: list = []
     _walk(closed.jaxpr, taint, {tuple(s) for s in shapes}, found)
     return found
+
+
+def kernel_shapes(params):
+    """Each adapted kernel's shape, per layer and flattened to (fan_in, fan_out)."""
+    shapes, flat = set(), traverse_util.flatten_dict(params)
+    for keys, leaf in flat.items():
+        if keys[-1] != "lora_a":
+            continue
+        w, b = flat[(*keys[:-1], "kernel")], flat[(*keys[:-1], "lora_b")]
+        lead, n_in, *_ = lj.adapter_layout("", w.shape, leaf.shape, b.shape)
+        for drop in range(lead + 1):  # stacked, and per layer inside the scan
+            shape, k = w.shape[drop:], lead - drop
+            matrix = (int(np.prod(shape[k : k + n_in])), int(np.prod(shape[k + n_in :])))
+            shapes |= {shape, shape[:k] + matrix, matrix}
+    return shapes
+
+
+def leaves_named(tree, name):
+    return [
+        v for p, v in jax.tree_util.tree_leaves_with_path(tree) if name in jax.tree_util.keystr(p)
+    ]

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx, traverse_util
-from jaxpr_check import materialised
+from flax import nnx
+from jaxpr_check import kernel_shapes, leaves_named, materialised
 from small_models import CASES, D, Stack, randomize_adapters, tokens
 
 import lora_jax as lj
@@ -88,27 +88,6 @@ def test_gradients_match_merged_path(name):
     for f, m in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_m), strict=True):
         np.testing.assert_allclose(f, m, rtol=1e-4, atol=1e-5 * np.abs(m).max())
     assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(g_f))
-
-
-def kernel_shapes(params):
-    """Each adapted kernel's shape, per layer and flattened to (fan_in, fan_out)."""
-    shapes, flat = set(), traverse_util.flatten_dict(params)
-    for keys, leaf in flat.items():
-        if keys[-1] != "lora_a":
-            continue
-        w, b = flat[(*keys[:-1], "kernel")], flat[(*keys[:-1], "lora_b")]
-        lead, n_in, *_ = lj.adapter_layout("", w.shape, leaf.shape, b.shape)
-        for drop in range(lead + 1):  # stacked, and per layer inside the scan
-            shape, k = w.shape[drop:], lead - drop
-            matrix = (int(np.prod(shape[k : k + n_in])), int(np.prod(shape[k + n_in :])))
-            shapes |= {shape, shape[:k] + matrix, matrix}
-    return shapes
-
-
-def leaves_named(tree, name):
-    return [
-        v for p, v in jax.tree_util.tree_leaves_with_path(tree) if name in jax.tree_util.keystr(p)
-    ]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
