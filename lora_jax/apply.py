@@ -4,7 +4,9 @@
 `flax.linen.intercept_methods`) and adds (α/r)·((dropout(x)·A)·B) to the base output: two thin
 matmuls, never the kernel-shaped A·B (DoRA then rescales each output unit by a norm computed
 from thin matmuls too). The adapter leaves live in the module's own params, so `nn.scan`
-slices them per layer and `nn.remat` / `jax.grad` see ordinary arrays.
+slices them per layer and `nn.remat` / `jax.grad` see ordinary arrays. The thin products
+have their own backward (`_low_rank`), written so XLA never copies an activation into a
+transposed layout for a rank-r product (bench/RESULTS.md has the profile).
 
 `nnx_adapt` does the same for NNX: each adapted nnx.Linear / LinearGeneral / Einsum becomes an
 instance of a subclass of its own class whose __call__ adds the low-rank term, and holds its
@@ -83,9 +85,47 @@ def _as_tuple(x: int | tuple[int, ...]) -> tuple[int, ...]:
 
 def _contract(x: jax.Array, a: jax.Array, b: jax.Array, precision: Any, axis: tuple[int, ...]):
     """(x·A)·B where A's leading axes contract with x's `axis` (Dense, DenseGeneral)."""
-    axis = tuple(ax % x.ndim for ax in axis)
-    h = lax.dot_general(x, a, ((axis, tuple(range(len(axis)))), ((), ())), precision=precision)
+    return _low_rank(x, a, b, precision, tuple(ax % x.ndim for ax in axis))
+
+
+def _x_a(x: jax.Array, a: jax.Array, precision: Any, axis: tuple[int, ...]) -> jax.Array:
+    return lax.dot_general(x, a, ((axis, tuple(range(len(axis)))), ((), ())), precision=precision)
+
+
+def _h_b(h: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
     return lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _low_rank(x, a, b, precision, axis):
+    return _h_b(_x_a(x, a, precision, axis), b, precision)
+
+
+def _low_rank_fwd(x, a, b, precision, axis):
+    h = _x_a(x, a, precision, axis)
+    return _h_b(h, b, precision), (x, a, b, h)
+
+
+def _low_rank_bwd(precision, axis, residuals, g):
+    """The three thin products of the backward, each written with the activation-sized operand
+    (x, or the output gradient g) on the right, contracted over its leading (token) axes: the
+    layout XLA's dot takes as it is. Autodiff's own transpose puts x on the left, and XLA then
+    copies the whole activation into a transposed layout for a rank-r product."""
+    x, a, b, h = residuals
+    kept = tuple(i for i in range(x.ndim) if i not in axis)  # token axes, shared by h and g
+    tokens = tuple(range(len(kept)))
+    dot = functools.partial(lax.dot_general, precision=precision)
+    g_h = dot(g, b, ((tuple(range(len(kept), g.ndim)), tuple(range(1, b.ndim))), ((), ())))
+    g_b = dot(h, g, ((tokens, tokens), ((), ())))  # (r, *out)
+    g_a = dot(g_h, x, ((tokens, kept), ((), ())))  # (r, *x's contracted axes in x's order)
+    order = sorted(axis)
+    g_a = jnp.transpose(g_a, [1 + order.index(ax) for ax in axis] + [0])
+    g_x = dot(g_h, a, (((g_h.ndim - 1,), (a.ndim - 1,)), ((), ())))  # (*kept, *A's input axes)
+    where = {ax: i for i, ax in enumerate(kept + axis)}
+    return jnp.transpose(g_x, [where[i] for i in range(x.ndim)]), g_a, g_b
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def _einsum_plan(spec: str) -> Plan:

@@ -74,23 +74,26 @@ def token_terms(
     """(summed cross-entropy, summed weight, summed correct) of `targets` (B, T) given the
     final `hidden` states (B, T, D), applying `head` (hidden -> logits) to `chunk` tokens at a
     time under `jax.checkpoint`: float32 logits exist for one chunk only, forward and
-    backward, never for the whole batch x vocabulary."""
+    backward, never for the whole batch x vocabulary. A batch of one chunk is not
+    checkpointed: its logits are the last thing the forward computes and the first the
+    backward reads, so keeping them costs no peak memory and saves a second head matmul."""
     h, t, w = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), weights.reshape(-1)
     chunk = min(chunk, t.size)
     pad = -t.size % chunk  # padded tokens weigh 0
     h, t, w = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(t, (0, pad)), jnp.pad(w, (0, pad))
 
-    @jax.checkpoint
     def terms(h, t, w):
         logits = head(h).astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, t)
         correct = (jnp.argmax(logits, -1) == t).astype(jnp.float32)
         return jnp.stack([jnp.sum(losses * w), jnp.sum(w), jnp.sum(correct * w)])
 
-    def add(total, xs):
-        return total + terms(*xs), None
-
     chunks = (h.reshape(-1, chunk, h.shape[-1]), t.reshape(-1, chunk), w.reshape(-1, chunk))
+    per_chunk = terms if len(t) == chunk else jax.checkpoint(terms)
+
+    def add(total, xs):
+        return total + per_chunk(*xs), None
+
     sums, _ = jax.lax.scan(add, jnp.zeros(3, jnp.float32), chunks)
     return sums[0], sums[1], sums[2]
 

@@ -108,21 +108,23 @@ def test_chunked_token_loss_equals_the_full_one_and_never_holds_all_logits(check
         correct = (jnp.argmax(logits, -1) == ids[:, 1:]).astype(jnp.float32)
         return jnp.sum(losses * weights), (jnp.sum(weights), jnp.sum(correct * weights))
 
-    def chunked(a):  # 60 tokens in chunks of 16: the last one padded
+    def chunked(a, chunk=16):  # 60 tokens in chunks of 16: the last one padded
         p = lj.combine(a, base)
         hidden = apply(p, ids, method="hidden")[:, :-1]
         head = functools.partial(apply, p, method="head")
-        total, count, correct = token_terms(head, hidden, ids[:, 1:], weights, chunk=16)
+        total, count, correct = token_terms(head, hidden, ids[:, 1:], weights, chunk=chunk)
         return total, (count, correct)
 
     (want, want_aux), want_grads = jax.value_and_grad(full, has_aux=True)(adapter)
-    (got, got_aux), got_grads = jax.value_and_grad(chunked, has_aux=True)(adapter)
-    # float32, summed in another order: 1e-6 relative on the loss, and on the gradients 1e-5
-    # of each leaf's largest entry.
-    np.testing.assert_allclose(got, want, rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(got_aux), np.asarray(want_aux))
-    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
-        np.testing.assert_allclose(g, w, atol=1e-5 * np.abs(w).max())
+    # Several chunks (checkpointed), and the whole batch as one chunk (not checkpointed).
+    for got_fn in (chunked, functools.partial(chunked, chunk=1024)):
+        (got, got_aux), got_grads = jax.value_and_grad(got_fn, has_aux=True)(adapter)
+        # float32, summed in another order: 1e-6 relative on the loss, and on the gradients
+        # 1e-5 of each leaf's largest entry.
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(got_aux), np.asarray(want_aux))
+        for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-5 * np.abs(w).max())
     # The compiled forward and backward: no float32 logits for the batch's tokens at once.
     all_logits = 4 * 15 * 96
     compiled = {f: jax.jit(jax.value_and_grad(f, has_aux=True)).lower(adapter).compile()
