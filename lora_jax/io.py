@@ -41,6 +41,7 @@ from lora_jax.tree import (
     Layouts,
     Params,
     combine,
+    path_str,
     sites,
 )
 from lora_jax.variants import BASE_MODIFYING_INITS
@@ -272,6 +273,13 @@ def _our_keys(dotted: list[str]) -> tuple[tuple[str, ...], int | None]:
     return tuple(p for p in dotted if not p.isdigit()), layer
 
 
+def _listed(module_name: str, base: dict) -> tuple | None:
+    """Our keys for a module the base holds in a list (an NNX nnx.List of layers: int keys)
+    rather than in a scanned stack, or None."""
+    keys = tuple(int(p) if p.isdigit() else p for p in module_name.split("."))
+    return keys if any(k[: len(keys)] == keys for k in base) else None
+
+
 def _parse(name: str) -> tuple[str, tuple[str, ...], int | None, str]:
     """(kind, our module keys, layer, transformers module) of a peft tensor name. kind is
     lora_A, lora_B, LORA_M (DoRA's magnitude), or "weight"/"bias" of a fully trained module."""
@@ -314,7 +322,7 @@ def _assemble(
     dotted: module path -> its transformers names; full: fully trained leaf -> layer -> array."""
     flat, ranks, alphas = {}, {}, {}
     for keys, parts in lora.items():
-        path = "/".join(keys)
+        path = path_str(keys)
         if not all(n in parts for n in ("lora_A", "lora_B")):
             raise ValueError(f"{path}: the file holds {sorted(parts)}; lora_A and lora_B needed.")
         flat[(*keys, LORA_A)] = _stack(parts["lora_A"], f"{path}/lora_a")
@@ -325,7 +333,7 @@ def _assemble(
         alphas[path] = _peft_value(peft_config.get("alpha_pattern") or {}, min(dotted[path]),
                                    peft_config["lora_alpha"])  # fmt: skip
     for keys, per_layer in full.items():
-        flat[keys] = _stack(per_layer, "/".join(keys))
+        flat[keys] = _stack(per_layer, path_str(keys))
     rank, alpha = peft_config["r"], peft_config["lora_alpha"]
     config = LoraConfig(
         rank=rank,
@@ -348,11 +356,11 @@ def _fit_factor(
     """peft's A (in, r), B (r, out) or DoRA magnitude (out,), checked against the base kernel
     before anything is stacked or attached, and shaped like it: a kernel of several input or
     output axes (DenseGeneral, LinearGeneral) has them flattened row-major in peft's Linear."""
-    path = "/".join((*keys, {"lora_A": LORA_A, "lora_B": LORA_B}.get(kind, LORA_M)))
+    path = path_str((*keys, {"lora_A": LORA_A, "lora_B": LORA_B}.get(kind, LORA_M)))
     if (*keys, KERNEL) not in base:
-        raise ValueError(f"{name} ({path}): the base has no kernel at {'/'.join(keys)}.")
+        raise ValueError(f"{name} ({path}): the base has no kernel at {path_str(keys)}.")
     kernel = tuple(base[(*keys, KERNEL)].shape)[int(layer is not None) :]
-    n_in = 1 if len(kernel) == 2 else (layouts or {}).get("/".join(keys), (None,))[0]
+    n_in = 1 if len(kernel) == 2 else (layouts or {}).get(path_str(keys), (None,))[0]
     if not isinstance(n_in, int):
         raise ValueError(f"{name} ({path}): the base kernel is {kernel} per layer; say which "
                          "axes are its inputs with layouts=lj.kernel_layouts(model).")  # fmt: skip
@@ -401,10 +409,12 @@ def load_adapter(
     full: dict[tuple, dict] = {}  # leaf -> layer -> array
     for name, tensor in tensors.items():
         kind, keys, layer, module_name = _parse(name)
+        if layer is not None and (listed := _listed(module_name, base)):
+            keys, layer = listed, None
         if kind in ("lora_A", "lora_B", LORA_M):
             factor = _fit_factor(name, keys, layer, kind, tensor.T, base, layouts)
             lora.setdefault(keys, {}).setdefault(kind, {})[layer] = factor
-            dotted.setdefault("/".join(keys), set()).add(module_name)
+            dotted.setdefault(path_str(keys), set()).add(module_name)
         else:
             saved = peft_config.get("modules_to_save") or []
             if not any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", module_name) for m in saved):
@@ -442,7 +452,7 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], LoraConfig]:
         if kind in ("lora_A", "lora_B", LORA_M):
             factor = tensor if kind == LORA_M else tensor.T
             lora.setdefault(keys, {}).setdefault(kind, {})[layer] = factor
-            dotted.setdefault("/".join(keys), set()).add(module_name)
+            dotted.setdefault(path_str(keys), set()).add(module_name)
     if not lora:
         raise ValueError(f"{directory}: the file holds no lora_A/lora_B tensors.")
     flat, config = _assemble(lora, dotted, {}, peft_config)

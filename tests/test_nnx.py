@@ -1,6 +1,7 @@
 """The factored forward for Flax NNX models, against the merged model, the same model written
 with Linen, and peft on its torch twin; sharded over 8 devices like one."""
 
+import json
 import math
 
 import flax.linen as nn
@@ -350,3 +351,65 @@ def test_tree_functions_and_dora_serve_the_nnx_tree():
     assert isinstance(adapted.layers.o.lora_magnitude, nnx.LoRAParam)
     merged = run_merged(model, lj.merge(params, dora), tokens)
     np.testing.assert_allclose(adapted(tokens), merged, rtol=1e-5, atol=1e-5 * np.abs(merged).max())
+
+
+# Layers in an nnx.List (int keys, one module per layer) rather than a scanned stack: peft's
+# numbered names then map to list items, both ways.
+class ListBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.up, self.down = nnx.Linear(D, FF, rngs=rngs), nnx.Linear(FF, D, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(jax.nn.relu(self.up(x)))
+
+
+class ListModel(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.layers = nnx.List([ListBlock(rngs) for _ in range(LAYERS)])
+        self.head = nnx.Linear(D, 3, rngs=rngs)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class TorchListModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        block = lambda: torch.nn.ModuleDict({"up": torch.nn.Linear(D, FF),  # noqa: E731
+                                             "down": torch.nn.Linear(FF, D)})  # fmt: skip
+        self.layers = torch.nn.ModuleList([block() for _ in range(LAYERS)])
+        self.head = torch.nn.Linear(D, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer["down"](torch.relu(layer["up"](x)))
+        return self.head(x)
+
+
+def test_peft_adapters_both_ways_for_layers_in_an_nnx_list(tmp_path):
+    model, naming = ListModel(nnx.Rngs(0)), models.Naming()
+    base = nnx.to_pure_dict(nnx.state(model))
+    assert 0 in base["layers"]  # int keys
+    twin = TorchListModel().eval()
+    twin.load_state_dict({n: torch.tensor(np.asarray(t)) for n, t in naming.tensors(base)})
+    x = np.random.RandomState(0).randn(5, D).astype(np.float32)
+    config = lj.LoraConfig(rank=2, alpha=4.0, targets=("up", "down"))
+    params = randomize_adapters(lj.init(jax.random.key(1), base, config), jax.random.key(2), 0.3)
+    lj.save_adapter(tmp_path / "ours", lj.split(params, config)[0], config, naming=naming,
+                    base=base)  # fmt: skip
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert sorted(written["target_modules"]) == ["down", "up"]
+    peer = peft.PeftModel.from_pretrained(twin, tmp_path / "ours").eval()
+    with torch.no_grad():
+        theirs = peer(torch.tensor(x)).numpy()
+    ours = np.asarray(lj.nnx_adapt(model, params, config)(x))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert np.abs(ours - np.asarray(model(x))).max() > 1e-2
+    # peft's own adapter, read back onto the list.
+    peer.save_pretrained(tmp_path / "theirs")
+    adapter, loaded = lj.load_adapter(tmp_path / "theirs", base)
+    assert set(adapter["layers"]) == {0, 1}
+    got = np.asarray(lj.nnx_adapt(model, lj.combine(adapter, base), loaded)(x))
+    np.testing.assert_allclose(got, theirs, atol=1e-4)

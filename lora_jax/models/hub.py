@@ -86,15 +86,16 @@ class Naming:
 
     def modules(self, modules: tuple[str, ...], layers: int) -> list[str]:
         """torch's dotted module names for one of our module paths: one per layer if stacked."""
+        parts = [str(k) for k in modules]  # int keys: an NNX list of layers
         if not self.stacked(modules):
-            return [".".join(modules)]
+            return [".".join(parts)]
         i = modules.index(self.layers) + 1
-        return [".".join([*modules[:i], str(n), *modules[i:]]) for n in range(layers)]
+        return [".".join([*parts[:i], str(n), *parts[i:]]) for n in range(layers)]
 
     def names(self, keys: tuple[str, ...], layers: int) -> list[str]:
         """Checkpoint names of one leaf: one per layer for a stacked leaf, else one."""
         if keys[-1] not in LEAF_TO_HF:
-            raise ValueError(f"{'/'.join(keys)}: not a model parameter (an adapter leaf? "
+            raise ValueError(f"{'/'.join(map(str, keys))}: not a model parameter (an adapter leaf? "
                              "merge it first with lj.merge).")  # fmt: skip
         return [f"{m}.{LEAF_TO_HF[keys[-1]]}" for m in self.modules(keys[:-1], layers)]
 
