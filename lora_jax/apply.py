@@ -40,6 +40,7 @@ from lora_jax.tree import (
     Bank,
     Params,
     adapter_layout,
+    as_dict,
     merge,
     path_str,
     sites,
@@ -372,12 +373,13 @@ def _factored_class(cls: type) -> type:
 def nnx_adapt(model: nnx.Module, params: Params, config: LoraConfig) -> nnx.Module:
     """A copy of an NNX `model` holding `params` and computing y = x·W0 + (α/r)·(x·A)·B.
 
-    `params` is the model's pure dict (`nnx.to_pure_dict(nnx.state(model))`) with adapters
-    (`lj.init`, `lj.combine`, `lj.load_adapter`). Each adapted nnx.Linear / LinearGeneral /
-    Einsum holds its factors as `nnx.LoRAParam` beside its kernel, so `nnx.to_pure_dict` of
-    the copy's state gives the same tree back, `nnx.Optimizer(..., wrt=nnx.LoRAParam)` trains
-    the adapter alone and `nnx.scan` slices stacked adapters with their kernels. A module the
-    factored forward cannot run raises, naming its path; `model` itself is left unchanged.
+    `params` is the model's pure dict (`nnx.to_pure_dict(nnx.state(model))`, or the State)
+    with adapters (`lj.init`, `lj.combine`, `lj.load_adapter`). Each adapted nnx.Linear /
+    LinearGeneral / Einsum holds its factors as `nnx.LoRAParam` beside its kernel, so
+    `nnx.to_pure_dict` of the copy's state gives the same tree back, `nnx.Optimizer(...,
+    wrt=nnx.LoRAParam)` trains the adapter alone and `nnx.scan` slices stacked adapters with
+    their kernels. A module the factored forward cannot run raises, naming its path; `model`
+    itself is left unchanged.
     """
     if config.dropout:
         raise ValueError("nnx_adapt: adapter dropout is not supported for NNX models (NNX modules "
@@ -386,7 +388,7 @@ def nnx_adapt(model: nnx.Module, params: Params, config: LoraConfig) -> nnx.Modu
     if not found:
         raise ValueError("nnx_adapt: the tree holds no lora_a/lora_b leaves (see lj.init).")
     model = nnx.clone(model)
-    flat = traverse_util.flatten_dict(params)
+    flat = traverse_util.flatten_dict(as_dict(params))
     state = nnx.state(model)
     base = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(base))

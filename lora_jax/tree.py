@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct, traverse_util
+from flax import nnx, struct, traverse_util
 from flax.core import meta
 from jax.sharding import PartitionSpec
 
@@ -48,9 +48,15 @@ Layouts = Mapping[str, tuple[int, int] | str]
 # ----------------------------------------------------------------------------- paths
 
 
+def as_dict(params: Params) -> Params:
+    """`params` as nested dicts: an NNX State (`nnx.state(model)`) becomes its pure dict, with
+    the same paths and leaf names; any other tree is returned as it is."""
+    return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+
+
 def _flatten(params: Params) -> dict[Keys, Any]:
     # Empty dicts are kept so that `split` then `combine` restores the exact structure.
-    return traverse_util.flatten_dict(params, keep_empty_nodes=True)
+    return traverse_util.flatten_dict(as_dict(params), keep_empty_nodes=True)
 
 
 def _unflatten(flat: Mapping[Keys, Any]) -> dict[str, Any]:

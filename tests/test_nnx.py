@@ -185,6 +185,11 @@ def test_factored_forward_equals_merged_model_and_starts_at_the_base():
     fresh = lj.init(jax.random.key(1), nnx.to_pure_dict(nnx.state(model)), CONFIG,
                     lj.kernel_layouts(model))  # fmt: skip
     np.testing.assert_array_equal(lj.nnx_adapt(model, fresh, CONFIG)(tokens), base)
+    # The State itself serves as the tree too: it is read as its pure dict.
+    from_state = lj.init(jax.random.key(1), nnx.state(model), CONFIG, lj.kernel_layouts(model))
+    jax.tree.map(np.testing.assert_array_equal, from_state, fresh)
+    again = lj.nnx_adapt(model, nnx.state(adapted), CONFIG)(tokens)
+    np.testing.assert_array_equal(again, adapted(tokens))
 
 
 def test_no_kernel_shaped_product_and_gradients_equal_the_merged_formulation():
