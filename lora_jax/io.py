@@ -40,6 +40,7 @@ from lora_jax.tree import (
     LORA_M,
     Layouts,
     Params,
+    as_dict,
     combine,
     path_str,
     sites,
@@ -53,6 +54,7 @@ MAGNITUDE = "lora_magnitude_vector"  # peft's DoRA magnitude, one per output fea
 
 
 def _params(tree: Params) -> Params:
+    tree = as_dict(tree)  # an NNX State: its pure dict
     return tree.get("params", tree)
 
 
@@ -273,11 +275,11 @@ def _our_keys(dotted: list[str]) -> tuple[tuple[str, ...], int | None]:
     return tuple(p for p in dotted if not p.isdigit()), layer
 
 
-def _listed(module_name: str, base: dict) -> tuple | None:
+def _listed(module_name: str, modules: set[tuple]) -> tuple | None:
     """Our keys for a module the base holds in a list (an NNX nnx.List of layers: int keys)
-    rather than in a scanned stack, or None."""
+    rather than in a scanned stack, or None; `modules`: the base's module keys."""
     keys = tuple(int(p) if p.isdigit() else p for p in module_name.split("."))
-    return keys if any(k[: len(keys)] == keys for k in base) else None
+    return keys if keys in modules else None
 
 
 def _parse(name: str) -> tuple[str, tuple[str, ...], int | None, str]:
@@ -407,9 +409,10 @@ def load_adapter(
     lora: dict[tuple, dict[str, dict]] = {}  # module -> lora_A/lora_B -> layer -> array
     dotted: dict[str, set[str]] = {}  # our module path -> transformers module names
     full: dict[tuple, dict] = {}  # leaf -> layer -> array
+    modules = {k[:-1] for k in base}
     for name, tensor in tensors.items():
         kind, keys, layer, module_name = _parse(name)
-        if layer is not None and (listed := _listed(module_name, base)):
+        if layer is not None and (listed := _listed(module_name, modules)):
             keys, layer = listed, None
         if kind in ("lora_A", "lora_B", LORA_M):
             factor = _fit_factor(name, keys, layer, kind, tensor.T, base, layouts)

@@ -18,7 +18,7 @@ from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lora_jax.quant import QuantizedKernel
-from lora_jax.tree import ADAPTER_LEAVES, adapter_specs, path_str
+from lora_jax.tree import ADAPTER_LEAVES, adapter_specs, as_dict, path_str
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = PartitionSpec(("data", "fsdp"))
@@ -75,7 +75,7 @@ def _leaf_spec(path: str, leaf: Any, mesh: Mesh, rules) -> Any:
 def base_specs(params: Any, mesh: Mesh, rules: Rules) -> dict[str, Any]:
     """A PartitionSpec per leaf of a base params tree, from `rules` (path regex -> axes); a
     quantized kernel gets a box holding one spec per array."""
-    flat = traverse_util.flatten_dict(params)
+    flat = traverse_util.flatten_dict(as_dict(params))
     return traverse_util.unflatten_dict(
         {k: _leaf_spec(path_str(k), v, mesh, rules) for k, v in flat.items()}
     )
@@ -84,7 +84,7 @@ def base_specs(params: Any, mesh: Mesh, rules: Rules) -> dict[str, Any]:
 def param_shardings(params: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for a tree with or without adapters: the base's by `rules`, each
     adapter leaf's derived from its kernel's (rank axis replicated)."""
-    flat = traverse_util.flatten_dict(params)
+    flat = traverse_util.flatten_dict(as_dict(params))
     base = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
     specs = adapter_specs(params, base_specs(traverse_util.unflatten_dict(base), mesh, rules))
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)

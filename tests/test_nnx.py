@@ -287,6 +287,8 @@ def test_sharded_over_8_devices_adapters_follow_kernels_and_loss_equals_one_devi
     model, params, tokens = setup()
     mesh = sharding.make_mesh(fsdp=4, tensor=2)
     shardings = sharding.param_shardings(params, mesh, RULES)
+    base_shardings = sharding.param_shardings(nnx.state(model), mesh, RULES)  # a State too
+    assert base_shardings["layers"]["q"]["kernel"] == shardings["layers"]["q"]["kernel"]
     layers = shardings["layers"]
     # A: the kernel's layer and input axes, rank replicated; B: layer, rank, output axes.
     assert layers["q"]["lora_a"].spec == PartitionSpec(None, "fsdp", None)
@@ -416,5 +418,7 @@ def test_peft_adapters_both_ways_for_layers_in_an_nnx_list(tmp_path):
     peer.save_pretrained(tmp_path / "theirs")
     adapter, loaded = lj.load_adapter(tmp_path / "theirs", base)
     assert set(adapter["layers"]) == {0, 1}
+    from_state, _ = lj.load_adapter(tmp_path / "theirs", nnx.state(model))  # read as its dict
+    jax.tree.map(np.testing.assert_array_equal, from_state, adapter)
     got = np.asarray(lj.nnx_adapt(model, lj.combine(adapter, base), loaded)(x))
     np.testing.assert_allclose(got, theirs, atol=1e-4)
