@@ -9,6 +9,9 @@ Llama-architecture checkpoint that transformers writes:
 Also printed: forward and value_and_grad times of the LoRA loss, XLA's FLOPs of the LoRA and
 full steps, and (`--memory-1b`) XLA's memory analysis of the LoRA step compiled for the
 Llama-3.2-1B shape at 8 x 2048 in bfloat16, from abstract inputs (nothing allocated).
+Every side runs in the environment `lora-jax train` gives itself: on Linux, glibc's malloc
+in transparent huge pages (`lora_jax.cli.huge_pages_env`); `--no-huge-pages` runs all in 4
+KiB pages.
 
     python bench/train_throughput.py                 # CPU shapes (hidden 512, 4 layers)
     python bench/train_throughput.py --size 1b --batch 8 --seq 2048 --compile   # a GPU
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -239,11 +243,11 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def run_side(name: str, args: argparse.Namespace) -> dict:
+def run_side(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--ckpt", args.ckpt,
                "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
                "--dtype", args.dtype, "--remat", args.remat]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -261,6 +265,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--compile", action="store_true", help="also peft under torch.compile")
     p.add_argument("--memory-1b", action="store_true", help="XLA memory analysis, 1B shape")
+    p.add_argument("--no-huge-pages", action="store_true", help="malloc in 4 KiB pages")
     p.add_argument("--remat", default="full", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -273,6 +278,13 @@ def main() -> None:
     import torch
     import transformers
 
+    from lora_jax.cli import THP_MODE, huge_pages_env
+
+    env = dict(os.environ)
+    if args.no_huge_pages:
+        env.pop("GLIBC_TUNABLES", None)
+    else:
+        env = huge_pages_env(env) or env
     names = [n for n in SIDES if n != "peft compile" or args.compile]
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -282,13 +294,13 @@ def main() -> None:
         results: dict[str, dict] = {}
         for _ in range(args.rounds):
             for name in names:
-                got, best = run_side(name, args), results.get(name)
+                got, best = run_side(name, args, env), results.get(name)
                 if best is None or "error" in best or got.get("step", 1e9) < best["step"]:
                     results[name] = got
         memory = {}
         for remat in ("none", "full", "dots", "dots_no_batch") if args.memory_1b else ():
             args.remat = remat
-            memory[remat] = run_side("memory_1b", args)
+            memory[remat] = run_side("memory_1b", args, env)
 
     tokens = args.batch * args.seq
     hidden, layers, *_ = SIZES[args.size]
@@ -300,6 +312,8 @@ def main() -> None:
           f"{args.seq}, {args.dtype}, LoRA r={RANK} alpha={ALPHA:g} on {len(TARGETS)} "
           f"projections, AdamW; best of {args.rounds} alternating rounds, median of "
           f"{args.steps} steps")  # fmt: skip
+    print(f"every side: GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '')!r}, transparent huge "
+          f"pages {THP_MODE.read_text().strip() if THP_MODE.exists() else 'absent'}")  # fmt: skip
     peft_step = results.get("peft eager", {}).get("step")
     full_step = results.get("lora_jax full", {}).get("step")
     print("| run | step s | tokens/s | peak MiB | vs peft eager | vs lj full |")

@@ -3,10 +3,13 @@ and the offline quickstart, on real checkpoints (transformers-written) and real 
 
 import json
 import os
+import platform
 import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from transformers import AutoTokenizer
 import lora_jax as lj
 from lora_jax import data as data_lib
 from lora_jax import models
+from lora_jax.cli import HUGE_PAGES, huge_pages_env
 from lora_jax.cli import main as cli_main
 from lora_jax.io import base_for
 from lora_jax.settings import DataSettings, RunConfig, load_config
@@ -322,6 +326,64 @@ def test_quickstart_runs_offline_as_the_readme_says(tmp_path):
     plain = merged_model.apply(merged, *inputs)
     np.testing.assert_array_equal(np.argmax(plain, -1), np.argmax(factored, -1))
     np.testing.assert_allclose(plain, factored, atol=1e-4)
+
+
+ARENAS = "glibc.malloc.arena_max=2"  # another tunable a user may have set
+HUGE_PAGE_PROBE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+n = 64 * 2**20
+ctypes.memset(libc.malloc(n), 1, n)  # a buffer as XLA's CPU runtime gets one: glibc malloc
+huge = [line for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")]
+print(os.environ.get("GLIBC_TUNABLES"), int(huge[0].split()[1]) if huge else 0, flush=True)
+sys.argv = ["lora-jax", *sys.argv[1:]]
+from lora_jax import cli
+cli.entry()
+"""
+
+
+def test_train_restarts_once_with_its_buffers_in_huge_pages(tmp_path):
+    """The `lora-jax` entry restarts `train` once with glibc's hugetlb tunable where the
+    kernel gives transparent huge pages on request; malloc's large buffers then lie in them.
+    The restarted run is the same command: here, a missing config's one-line error."""
+    command = [sys.executable, "-c", HUGE_PAGE_PROBE, "train", "--config", "missing.py"]
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2 and run.stderr == (
+        "lora-jax train: config file missing.py does not exist.\n"
+    )
+    lines = [line.split() for line in run.stdout.splitlines()]
+    if huge_pages_env(env) is None:  # not glibc, or THP never / always on: no restart
+        assert lines == [["None", lines[0][1]]]
+        return
+    assert [tunables for tunables, _ in lines] == ["None", HUGE_PAGES]
+    assert int(lines[1][1]) >= 32 * 1024 > int(lines[0][1])  # KiB of the 64 MiB buffer
+
+
+@pytest.mark.parametrize(
+    ("mode", "tunables", "expected"),
+    [
+        ("always [madvise] never", None, HUGE_PAGES),
+        ("always [madvise] never", ARENAS, f"{ARENAS}:{HUGE_PAGES}"),
+        ("always [madvise] never", "glibc.malloc.hugetlb=0", None),  # the user's own choice
+        ("[always] madvise never", None, None),  # every large mapping has them already
+        ("always madvise [never]", None, None),
+        (None, None, None),  # no THP in this kernel (or not Linux)
+    ],
+)  # fmt: skip
+def test_huge_pages_are_asked_for_only_where_they_change_something(
+    tmp_path, mode, tunables, expected
+):
+    thp = tmp_path / "enabled"
+    if mode:
+        thp.write_text(mode + "\n")
+    environ = {"HOME": "/home/x"} | ({"GLIBC_TUNABLES": tunables} if tunables else {})
+    env = huge_pages_env(environ, thp)
+    if expected is None or platform.libc_ver()[0] != "glibc":
+        assert env is None
+    else:
+        assert env == {"HOME": "/home/x", "GLIBC_TUNABLES": expected}
 
 
 @pytest.mark.parametrize(
