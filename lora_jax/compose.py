@@ -72,7 +72,7 @@ def _checked(
                 continue
             if keys in saved:
                 raise ValueError(
-                    f"{'/'.join(map(str, keys))}: fully trained in several adapters "
+                    f"{path_str(keys)}: fully trained in several adapters "
                     "(modules_to_save), which cannot be combined."
                 )
             saved[keys] = leaf

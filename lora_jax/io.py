@@ -117,7 +117,7 @@ def _relative_to_original(
             out[keys] = value
             continue
         if keys not in first or first[keys].shape != value.shape:
-            raise ValueError(f"{'/'.join(keys)}: initial_adapter does not match the adapter.")
+            raise ValueError(f"{path_str(keys)}: initial_adapter does not match the adapter.")
         rank_axis = -1 if keys[-1] == LORA_A else leads[keys[:-1]]
         start = first[keys] if keys[-1] == LORA_A else -first[keys]
         out[keys] = jnp.concatenate([value, start.astype(value.dtype)], axis=rank_axis)
@@ -343,7 +343,7 @@ def _assemble(
         targets=("^(" + "|".join(re.escape(p) for p in ranks) + ")$",),
         rank_pattern={f"^{re.escape(p)}$": r for p, r in ranks.items() if r != rank},
         alpha_pattern={f"^{re.escape(p)}$": a for p, a in alphas.items() if a != alpha},
-        modules_to_save=tuple(f"^{re.escape('/'.join(k))}$" for k in full),
+        modules_to_save=tuple(f"^{re.escape(path_str(k))}$" for k in full),
         dropout=peft_config.get("lora_dropout") or 0.0,
         use_rslora=bool(peft_config.get("use_rslora")),
         use_dora=bool(peft_config.get("use_dora")),
@@ -463,7 +463,7 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], LoraConfig]:
         a, b = flat[(*keys, LORA_A)], flat[(*keys, LORA_B)]
         if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
             raise ValueError(
-                f"{directory}: {'/'.join(keys)}: lora_A {a.shape} and lora_B "
+                f"{directory}: {path_str(keys)}: lora_A {a.shape} and lora_B "
                 f"{b.shape} do not fit (expected (.., in, r) and (.., r, out))."
             )
         kernel_shape = (*a.shape[:-1], b.shape[-1])

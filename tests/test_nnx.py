@@ -422,3 +422,20 @@ def test_peft_adapters_both_ways_for_layers_in_an_nnx_list(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, from_state, adapter)
     got = np.asarray(lj.nnx_adapt(model, lj.combine(adapter, base), loaded)(x))
     np.testing.assert_allclose(got, theirs, atol=1e-4)
+    # A fully trained module inside the list (peft's modules_to_save) comes back onto its item.
+    twin = TorchListModel().eval()
+    twin.load_state_dict({n: torch.tensor(np.asarray(t)) for n, t in naming.tensors(base)})
+    peer = peft.get_peft_model(twin, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["up"],
+                                                     modules_to_save=["down"]))  # fmt: skip
+    with torch.no_grad():
+        for p in peer.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+        theirs = peer.eval()(torch.tensor(x)).numpy()
+    peer.save_pretrained(tmp_path / "saved")
+    adapter, loaded = lj.load_adapter(tmp_path / "saved", base)
+    assert set(adapter["layers"][1]) == {"up", "down"}
+    assert lj.partition(adapter, loaded)["layers"][1]["down"]["kernel"] == "lora"
+    got = np.asarray(lj.nnx_adapt(model, lj.combine(adapter, base), loaded)(x))
+    np.testing.assert_allclose(got, theirs, atol=1e-4)
+    assert np.abs(got - np.asarray(model(x))).max() > 1e-2

@@ -29,6 +29,7 @@ from lora_jax.models.bert import BertConfig, BertForSequenceClassification, Bert
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from lora_jax.sharding import Rules
+from lora_jax.tree import path_str
 
 LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 # dtype names as config files and command lines write them (model.dtype, --dtype).
@@ -95,7 +96,7 @@ class Naming:
     def names(self, keys: tuple[str, ...], layers: int) -> list[str]:
         """Checkpoint names of one leaf: one per layer for a stacked leaf, else one."""
         if keys[-1] not in LEAF_TO_HF:
-            raise ValueError(f"{'/'.join(map(str, keys))}: not a model parameter (an adapter leaf? "
+            raise ValueError(f"{path_str(keys)}: not a model parameter (an adapter leaf? "
                              "merge it first with lj.merge).")  # fmt: skip
         return [f"{m}.{LEAF_TO_HF[keys[-1]]}" for m in self.modules(keys[:-1], layers)]
 
