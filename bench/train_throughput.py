@@ -35,6 +35,7 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LR = 16, 32.0, 1e-4
+REMAT = ("none", "full", "projections", "dots", "dots_no_batch")  # lora_jax.models.REMAT_POLICIES
 
 
 def hf_config(size: str) -> dict:
@@ -298,7 +299,7 @@ def main() -> None:
                 if best is None or "error" in best or got.get("step", 1e9) < best["step"]:
                     results[name] = got
         memory = {}
-        for remat in ("none", "full", "dots", "dots_no_batch") if args.memory_1b else ():
+        for remat in REMAT if args.memory_1b else ():
             args.remat = remat
             memory[remat] = run_side("memory_1b", args, env)
 

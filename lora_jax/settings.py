@@ -271,8 +271,8 @@ def sft_config(path: str, template: str, output_dir: str) -> dict[str, Any]:
     `template` (the shipped arithmetic set until data.train / data.eval name yours), loss on
     the response only, params split over all devices (fsdp)."""
     config = default_config()
-    config["model"].update(path=path, dtype="bfloat16", compute_dtype="bfloat16", remat="dots",
-                           num_labels=None)  # fmt: skip
+    config["model"].update(path=path, dtype="bfloat16", compute_dtype="bfloat16",
+                           remat="projections", num_labels=None)  # fmt: skip
     config["lora"].update(rank=16, alpha=32.0, targets=["all-linear"], exclude=[],
                           modules_to_save=[], dropout=0.05)  # fmt: skip
     config["data"].update(task="sft", train=f"{SFT_DATA}/train.jsonl",

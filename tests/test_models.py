@@ -2,11 +2,15 @@
 
 import copy
 import dataclasses
+import functools
 import importlib.resources
+import math
 import os
+import re
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +23,8 @@ from small_models import randomize_adapters
 
 import lora_jax as lj
 from lora_jax import models
+from lora_jax.models import common
+from lora_jax.models.common import ATTENTION_BLOCK
 
 NAMES = sorted(PEERS)
 
@@ -132,6 +138,102 @@ def test_attention_implementation_is_chosen_per_device():
         "cudnn" if jax.default_backend() == "gpu" else "xla")  # fmt: skip
     assert implementation_for(None, jnp.float32) == "xla"  # cuDNN flash needs 16-bit inputs
     assert implementation_for("xla", jnp.bfloat16) == "xla"
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen3", "gemma2"])
+def test_long_sequences_attend_in_blocks_and_match_transformers(checkpoints, name):
+    """Past ATTENTION_BLOCK queries, attention in XLA runs a block at a time: still
+    transformers' outputs, with padding, Mistral's window, Qwen3's windowed layer and Gemma 2's
+    soft-capped alternating windows, on two blocks (the second one padded)."""
+    length = ATTENTION_BLOCK + 90
+    ids = np.random.RandomState(1).randint(3, 96, (2, length))
+    mask = np.ones_like(ids)
+    mask[1, length - 40 :] = 0
+    model, params, _ = models.from_pretrained(checkpoints / name)
+    want = reference_output(name, checkpoints / name, ids, mask)
+    compare(ours(model, params, ids, mask), want, mask, name)
+
+
+def dense_attention(q, k, v, mask, scale, softcap=None):
+    """The reference: every (query, key) score at once, float32."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -1e30), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(causal=True), dict(causal=True, window=64), dict(causal=False),
+     dict(causal=True, window=64, local=True, softcap=5.0)],
+    ids=["causal", "window", "bidirectional", "local-softcap"],
+)  # fmt: skip
+def test_blockwise_attention_values_gradients_and_memory(options):
+    """`attend` past ATTENTION_BLOCK queries against dense attention under the same mask (two
+    packed segments, then pads): values and gradients within 2e-5 (float32), and its compiled
+    backward holds no (N, T, S) array of scores: one block's at most."""
+    batch, length, heads, kv, dim = 1, ATTENTION_BLOCK + 100, 4, 2, 8
+    q, k, v = (jax.random.normal(jax.random.key(i), (batch, length, n, dim))
+               for i, n in enumerate((heads, kv, kv)))  # fmt: skip
+    padding = np.ones((batch, length), np.int32)
+    padding[0, 300:] = 2
+    padding[0, -30:] = 0
+    pos = np.arange(length)
+    seen = pos[None] <= pos[:, None] if options["causal"] else np.ones((length, length), bool)
+    if "window" in options:
+        seen &= pos[None] > pos[:, None] - options["window"]
+    queries, keys = padding[:, :, None], padding[:, None, :]
+    mask = jnp.asarray((keys > 0) & ((queries == keys) | (queries == 0)) & seen)
+    weights = jax.random.normal(jax.random.key(9), q.shape)
+
+    def loss(attention, q, k, v):
+        return jnp.sum(attention(q, k, v) * weights)
+
+    scale, local = dim**-0.5, jnp.asarray(options.pop("local", False))
+    ours = lambda q, k, v: common.attend(  # noqa: E731
+        q, k, v, jnp.asarray(padding), implementation="xla",
+        local=local if local else None, **options)  # fmt: skip
+    reference = lambda q, k, v: dense_attention(q, k, v, mask, scale, options.get("softcap"))  # noqa: E731
+    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=2e-5)
+    for got, want in zip(jax.grad(functools.partial(loss, ours), (0, 1, 2))(q, k, v),
+                         jax.grad(functools.partial(loss, reference), (0, 1, 2))(q, k, v),
+                         strict=True):  # fmt: skip
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    hlo = jax.jit(jax.grad(functools.partial(loss, ours))).lower(q, k, v).compile().as_text()
+    sizes = [math.prod(map(int, s.split(","))) for s in re.findall(r"f32\[([\d,]+)\]", hlo)]
+    assert heads * ATTENTION_BLOCK * length <= max(sizes) < heads * length * length
+
+
+def test_projections_policy_keeps_each_projection_output_and_no_adapter_product(
+    checkpoints, capsys
+):
+    """remat="projections" saves, per layer, its input and the projections' outputs the
+    backward reads (q, k, v, o, gate, up; adapter included); JAX's "dots_no_batch" also keeps
+    the adapters' thin products. Same loss and gradients as without remat."""
+    rank, ids = 5, jnp.asarray(batch()[0])
+    config = lj.LoraConfig(rank=rank, targets=("all-linear",))
+
+    def saved(policy):  # (last axis, ...) of the residuals stacked per layer, and the gradients
+        model, params, _ = models.from_pretrained(checkpoints / "llama", remat=policy)
+        params = lj.init(jax.random.key(0), params, config, lj.kernel_layouts(model, ids))
+        adapter, base = lj.split(randomize_adapters(params, jax.random.key(1)), config)
+        apply = lj.lora_apply(model.apply, config)
+        loss = lambda a: jnp.mean(apply(lj.combine(a, base), ids) ** 2)  # noqa: E731
+        jax.ad_checkpoint.print_saved_residuals(loss, adapter)
+        shapes = re.findall(r"^\w+\[([\d,]+)\]", capsys.readouterr().out, re.MULTILINE)
+        stacked = [tuple(map(int, s.split(","))) for s in shapes]
+        layers = model.config.num_hidden_layers
+        widths = sorted(s[-1] for s in stacked if s[:3] == (layers, *ids.shape))
+        return widths, jax.grad(loss)(adapter)
+
+    widths, grads = saved("projections")
+    hidden, kv = 32, 2 * 8  # q and o: hidden; k and v: 2 kv heads of 8
+    assert widths == sorted([hidden, hidden, kv, kv, hidden, 48, 48])  # x, q, k, v, o, gate, up
+    assert rank in saved("dots_no_batch")[0]
+    chex.assert_trees_all_close(grads, saved("none")[1], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)

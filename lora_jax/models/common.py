@@ -10,14 +10,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from jax.ad_checkpoint import checkpoint_name
 
-from lora_jax.apply import adapters_running
+from lora_jax.apply import FACTORED_TYPES, adapters_running
 from lora_jax.tree import ADAPTER_LEAVES
+
+# Queries per block where attention runs in XLA on sequences longer than this (`_blockwise`).
+ATTENTION_BLOCK = 512
+
+# The name every projection's output (adapter included) carries inside a zoo model.
+PROJECTION = "lora_jax.projection"
 
 # Named remat policies (`remat=` on every model): what the backward pass may keep.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
+    # Each projection's output, adapter included, and nothing else: the backward recomputes
+    # norms, attention and the adapters' rank-r products, never a projection's matmul. JAX's
+    # "dots" policies keep attention's scores and each adapter's (x·A)·B as well.
+    "projections": jax.checkpoint_policies.save_only_these_names(PROJECTION),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -60,7 +71,17 @@ class ZooModel(nn.Module):
                 f"{type(self).__name__}.apply: the params hold LoRA adapters, which the plain "
                 "model would ignore; run lj.lora_apply(model.apply, config), or lj.merge first."
             )
-        return super().apply(variables, *args, **kwargs)
+        with nn.intercept_methods(_name_projection):
+            return super().apply(variables, *args, **kwargs)
+
+
+def _name_projection(next_fun, args, kwargs, context):
+    """A projection's output named PROJECTION. Flax runs the interceptor pushed last outermost,
+    so inside lj.lora_apply this is the output with its adapter's term added."""
+    y = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and isinstance(context.module, FACTORED_TYPES):
+        return checkpoint_name(y, PROJECTION)
+    return y
 
 
 class CausalLM(ZooModel):
@@ -141,7 +162,8 @@ def attend(
     as Mistral) are passed structurally, so cuDNN skips the masked blocks. `local` (a traced
     bool, from a scanned per-layer flag): whether this layer uses the window (Gemma 2/3's
     alternating layers), then a dense mask. `scale` defaults to 1/sqrt(H); `softcap` (Gemma 2)
-    caps the scores at ±softcap by tanh, which no fused kernel takes: plain XLA then.
+    caps the scores at ±softcap by tanh, which no fused kernel takes: plain XLA then. In XLA,
+    a sequence longer than ATTENTION_BLOCK runs a block of queries at a time (`_blockwise`).
     """
     scale = scale or 1.0 / math.sqrt(q.shape[-1])
     if cache is not None and cache.is_mutable_collection("cache") and not cache.is_initializing():
@@ -157,7 +179,11 @@ def attend(
             mask = (keys > 0) & ((queries == keys) | (queries == 0))
         else:
             mask = keys > 0
-    if local is not None or softcap is not None:  # positions in a dense mask too
+    implementation = implementation_for(implementation, q.dtype)
+    dense = local is not None or softcap is not None  # no fused kernel takes these
+    if (dense or implementation == "xla") and q.shape[1] > ATTENTION_BLOCK:
+        return _blockwise(q, k, v, mask, scale, softcap, causal, window, local)
+    if dense:  # positions in a dense mask too
         seen = _positions_seen(jnp.arange(q.shape[1]), k.shape[1], causal, window, local)
         mask = seen[None, None] if mask is None else mask & seen
         return _scores(q, k, v, mask, scale, softcap, implementation="xla")
@@ -169,8 +195,36 @@ def attend(
         scale=scale,
         is_causal=causal,
         local_window_size=(window - 1, 0) if window else None,
-        implementation=implementation_for(implementation, q.dtype),
+        implementation=implementation,
     )
+
+
+def _blockwise(q, k, v, mask, scale: float, softcap: float | None, causal: bool, window, local):
+    """`_scores` for ATTENTION_BLOCK queries at a time against every key, each block's scores
+    recomputed in the backward: XLA keeps (B, N, block, S) float32 scores, not (B, N, T, S)
+    (at Llama-3.2-1B's 8 x 2048, 1 GiB per layer instead of 4, and four such buffers live in
+    attention's backward). A query's softmax reads its own row only, so blocks change nothing."""
+    length, block = q.shape[1], ATTENTION_BLOCK
+    pad = -length % block
+    blocks = (length + pad) // block
+
+    def rows(x, fill):  # (B, T, ...) -> (blocks, B, block, ...), the last block padded
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return x.reshape(x.shape[0], blocks, block, *x.shape[2:]).swapaxes(0, 1)
+
+    if mask is not None:  # (B, 1, T | 1, S) -> (blocks, B, 1, block, S)
+        mask = jnp.broadcast_to(mask, (q.shape[0], 1, length, k.shape[1]))
+        mask = rows(mask.swapaxes(1, 2), True).swapaxes(2, 3)
+
+    @jax.checkpoint
+    def attend_block(start, q, mask):
+        at = jnp.minimum(start + jnp.arange(block), length - 1)  # padded rows: the last query's
+        seen = _positions_seen(at, k.shape[1], causal, window, local)
+        mask = seen[None, None] if mask is None else mask & seen
+        return _scores(q, k, v, mask, scale, softcap, implementation="xla")
+
+    out = jax.lax.map(lambda xs: attend_block(*xs), (jnp.arange(blocks) * block, rows(q, 0), mask))
+    return out.swapaxes(0, 1).reshape(q.shape[0], blocks * block, *out.shape[3:])[:, :length]
 
 
 def _positions_seen(query_pos, keys: int, causal: bool, window: int | None, local) -> jax.Array:
