@@ -35,7 +35,6 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LR = 16, 32.0, 1e-4
-REMAT = ("none", "full", "projections", "dots", "dots_no_batch")  # lora_jax.models.REMAT_POLICIES
 
 
 def hf_config(size: str) -> dict:
@@ -280,6 +279,7 @@ def main() -> None:
     import transformers
 
     from lora_jax.cli import THP_MODE, huge_pages_env
+    from lora_jax.models import REMAT_POLICIES
 
     env = dict(os.environ)
     if args.no_huge_pages:
@@ -299,7 +299,7 @@ def main() -> None:
                 if best is None or "error" in best or got.get("step", 1e9) < best["step"]:
                     results[name] = got
         memory = {}
-        for remat in REMAT if args.memory_1b else ():
+        for remat in REMAT_POLICIES if args.memory_1b else ():
             args.remat = remat
             memory[remat] = run_side("memory_1b", args, env)
 

@@ -183,10 +183,9 @@ def attend(
     dense = local is not None or softcap is not None  # no fused kernel takes these
     if (dense or implementation == "xla") and q.shape[1] > ATTENTION_BLOCK:
         return _blockwise(q, k, v, mask, scale, softcap, causal, window, local)
-    if dense:  # positions in a dense mask too
-        seen = _positions_seen(jnp.arange(q.shape[1]), k.shape[1], causal, window, local)
-        mask = seen[None, None] if mask is None else mask & seen
-        return _scores(q, k, v, mask, scale, softcap, implementation="xla")
+    if dense:
+        queries = jnp.arange(q.shape[1])
+        return _dense(q, k, v, mask, queries, scale, softcap, causal, window, local)
     return jax.nn.dot_product_attention(
         q,
         k,
@@ -218,13 +217,19 @@ def _blockwise(q, k, v, mask, scale: float, softcap: float | None, causal: bool,
 
     @jax.checkpoint
     def attend_block(start, q, mask):
-        at = jnp.minimum(start + jnp.arange(block), length - 1)  # padded rows: the last query's
-        seen = _positions_seen(at, k.shape[1], causal, window, local)
-        mask = seen[None, None] if mask is None else mask & seen
-        return _scores(q, k, v, mask, scale, softcap, implementation="xla")
+        queries = jnp.minimum(start + jnp.arange(block), length - 1)  # padded: the last one's
+        return _dense(q, k, v, mask, queries, scale, softcap, causal, window, local)
 
     out = jax.lax.map(lambda xs: attend_block(*xs), (jnp.arange(blocks) * block, rows(q, 0), mask))
     return out.swapaxes(0, 1).reshape(q.shape[0], blocks * block, *out.shape[3:])[:, :length]
+
+
+def _dense(q, k, v, mask, queries, scale: float, softcap: float | None, causal, window, local):
+    """`_scores` where the padding `mask` (or None) and the positions each query (its position
+    in `queries`) sees both hold, in one dense mask."""
+    seen = _positions_seen(queries, k.shape[1], causal, window, local)
+    mask = seen[None, None] if mask is None else mask & seen
+    return _scores(q, k, v, mask, scale, softcap, implementation="xla")
 
 
 def _positions_seen(query_pos, keys: int, causal: bool, window: int | None, local) -> jax.Array:
