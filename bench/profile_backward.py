@@ -12,7 +12,6 @@ Then the backward's ten slowest ops, with shapes.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -20,7 +19,7 @@ import json
 import re
 import tempfile
 
-from train_throughput import ALPHA, RANK, SIZES, TARGETS, hf_config
+from train_throughput import ALPHA, RANK, SIZES, TARGETS, hf_config, shape_parser
 
 CONTAINERS = {"while", "call", "conditional"}
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
@@ -78,10 +77,7 @@ def profile(compiled, args, calls: int) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    p = shape_parser(__doc__)
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--top", type=int, default=10, help="slowest ops of the backward listed")
     args = p.parse_args()

@@ -2,7 +2,8 @@
 
 Each side runs in its own process, in alternating rounds (best round kept), on a random
 Llama-architecture checkpoint that transformers writes:
-  lora_jax step   `lora_jax.step.make_step` on the chunked causal-LM loss, as `lora-jax train`
+  lora_jax step   `lora_jax.step.make_step` on the chunked causal-LM loss, as `lora-jax train`,
+                  under the remat policy `settings.sft_config` gives
   lora_jax API    the public-API loop: lj.lora_apply, split/combine, optax.adamw, jax.jit
   lora_jax full   full fine-tuning of the same model
   peft eager      peft + torch, and `--compile` adds peft under torch.compile
@@ -43,6 +44,22 @@ def hf_config(size: str) -> dict:
                 hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=4096,
                 tie_word_embeddings=False)  # fmt: skip
+
+
+def shape_parser(doc: str) -> argparse.ArgumentParser:
+    """The argument parser of a bench script, with the model shape and batch options."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    return p
+
+
+def train_remat() -> str:
+    """The remat policy `lora-jax train` runs a decoder under (`settings.sft_config`'s)."""
+    from lora_jax.settings import sft_config
+
+    return sft_config("", "", "")["model"]["remat"]
 
 
 def timed(fn, steps: int) -> float:
@@ -90,7 +107,8 @@ def lora_jax_worker(kind: str, ckpt: str, batch: int, seq: int, steps: int, dtyp
     from lora_jax.step import make_step
 
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    model, params, _ = models.from_pretrained(ckpt, dt)
+    remat = train_remat() if kind == "step" else "none"  # "none": from_pretrained's default
+    model, params, _ = models.from_pretrained(ckpt, dt, remat=remat)
     ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, model.config.vocab_size)
     config = lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=tuple(TARGETS))
     tx = optax.adamw(LR)
@@ -256,10 +274,7 @@ def run_side(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    p = shape_parser(__doc__)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (median)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (best kept)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -312,7 +327,7 @@ def main() -> None:
     print(f"Llama shape '{args.size}' (hidden {hidden}, {layers} layers), batch {args.batch} x "
           f"{args.seq}, {args.dtype}, LoRA r={RANK} alpha={ALPHA:g} on {len(TARGETS)} "
           f"projections, AdamW; best of {args.rounds} alternating rounds, median of "
-          f"{args.steps} steps")  # fmt: skip
+          f"{args.steps} steps; remat {train_remat()!r} in lora_jax step, else none")  # fmt: skip
     print(f"every side: GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '')!r}, transparent huge "
           f"pages {THP_MODE.read_text().strip() if THP_MODE.exists() else 'absent'}")  # fmt: skip
     peft_step = results.get("peft eager", {}).get("step")
