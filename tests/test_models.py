@@ -155,14 +155,42 @@ def test_long_sequences_attend_in_blocks_and_match_transformers(checkpoints, nam
 
 
 def dense_attention(q, k, v, mask, scale, softcap=None):
-    """The reference: every (query, key) score at once, float32."""
+    """The reference: every (query, key) score at once, float32, under a (B, 1, T, S) mask."""
     groups = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     scores = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
     if softcap:
         scores = softcap * jnp.tanh(scores / softcap)
-    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -1e30), axis=-1)
+    probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
     return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def random_qkv(batch, length, heads, kv, dim, dtype=jnp.float32):
+    """Random (B, T, heads, H) queries and (B, T, kv, H) keys and values."""
+    return (jax.random.normal(jax.random.key(i), (batch, length, n, dim), dtype)
+            for i, n in enumerate((heads, kv, kv)))  # fmt: skip
+
+
+def padding_mask(padding):
+    """(B, 1, T, S) from segment ids (0: pad): a real token sees the keys of its own segment, a
+    pad every real key; written out here, not taken from `attend`."""
+    queries, keys = padding[:, None, :, None], padding[:, None, None, :]
+    return jnp.asarray((keys > 0) & ((queries == keys) | (queries == 0)))
+
+
+def weighted_sum(attention, q, k, v):
+    """A scalar that reads every entry of attention's output (fixed random weights)."""
+    weights = jax.random.normal(jax.random.key(9), q.shape)
+    return jnp.sum(attention(q, k, v).astype(jnp.float32) * weights)
+
+
+def assert_same_attention(ours, reference, q, k, v, atol, grad_atol):
+    """Outputs within `atol` and gradients (q, k, v) of `weighted_sum` within `grad_atol`."""
+    np.testing.assert_allclose(*(np.float32(f(q, k, v)) for f in (ours, reference)), atol=atol)
+    grads = [jax.grad(functools.partial(weighted_sum, f), (0, 1, 2))(q, k, v)
+             for f in (ours, reference)]  # fmt: skip
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(np.float32(got), np.float32(want), atol=grad_atol)
 
 
 @pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
@@ -173,29 +201,16 @@ def test_xla_attention_matches_jax_dot_product_attention(dtype, atol, options):
     under grouped-query heads, a padding mask and causality: values within 1e-6 in float32
     and 1e-2 in bfloat16 (a few bfloat16 ulps of values near 1), gradients within ten times
     that (sums over 40 keys)."""
-    batch, length, heads, kv, dim = 2, 40, 6, 2, 8
-    q, k, v = (jax.random.normal(jax.random.key(i), (batch, length, n, dim), dtype)
-               for i, n in enumerate((heads, kv, kv)))  # fmt: skip
-    padding = np.ones((batch, length), np.int32)
+    q, k, v = random_qkv(batch=2, length=40, heads=6, kv=2, dim=8, dtype=dtype)
+    padding = np.ones(q.shape[:2], np.int32)
     padding[1, -9:] = 0
-    keys, queries = padding[:, None, None, :], padding[:, None, :, None]
-    mask = jnp.asarray((keys > 0) & ((queries == keys) | (queries == 0)))
-    weights = jax.random.normal(jax.random.key(9), q.shape)
-
-    def loss(attention, q, k, v):
-        return jnp.sum(attention(q, k, v).astype(jnp.float32) * weights)
-
     ours = lambda q, k, v: common.attend(  # noqa: E731
         q, k, v, jnp.asarray(padding), causal=options["is_causal"], implementation="xla"
     )
     reference = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-        q, k, v, mask=mask, implementation="xla", **options
+        q, k, v, mask=padding_mask(padding), implementation="xla", **options
     )
-    np.testing.assert_allclose(*(np.float32(f(q, k, v)) for f in (ours, reference)), atol=atol)
-    for got, want in zip(jax.grad(functools.partial(loss, ours), (0, 1, 2))(q, k, v),
-                         jax.grad(functools.partial(loss, reference), (0, 1, 2))(q, k, v),
-                         strict=True):  # fmt: skip
-        np.testing.assert_allclose(np.float32(got), np.float32(want), atol=atol * 10)
+    assert_same_attention(ours, reference, q, k, v, atol=atol, grad_atol=atol * 10)
 
 
 @pytest.mark.parametrize(
@@ -208,35 +223,25 @@ def test_blockwise_attention_values_gradients_and_memory(options):
     """`attend` past ATTENTION_BLOCK queries against dense attention under the same mask (two
     packed segments, then pads): values and gradients within 2e-5 (float32), and its compiled
     backward holds no (N, T, S) array of scores: one block's at most."""
-    batch, length, heads, kv, dim = 1, ATTENTION_BLOCK + 100, 4, 2, 8
-    q, k, v = (jax.random.normal(jax.random.key(i), (batch, length, n, dim))
-               for i, n in enumerate((heads, kv, kv)))  # fmt: skip
-    padding = np.ones((batch, length), np.int32)
+    length, heads, dim = ATTENTION_BLOCK + 100, 4, 8
+    q, k, v = random_qkv(batch=1, length=length, heads=heads, kv=2, dim=dim)
+    padding = np.ones((1, length), np.int32)
     padding[0, 300:] = 2
     padding[0, -30:] = 0
     pos = np.arange(length)
     seen = pos[None] <= pos[:, None] if options["causal"] else np.ones((length, length), bool)
     if "window" in options:
         seen &= pos[None] > pos[:, None] - options["window"]
-    queries, keys = padding[:, :, None], padding[:, None, :]
-    mask = jnp.asarray((keys > 0) & ((queries == keys) | (queries == 0)) & seen)
-    weights = jax.random.normal(jax.random.key(9), q.shape)
-
-    def loss(attention, q, k, v):
-        return jnp.sum(attention(q, k, v) * weights)
-
+    mask = padding_mask(padding) & seen
     scale, local = dim**-0.5, jnp.asarray(options.pop("local", False))
     ours = lambda q, k, v: common.attend(  # noqa: E731
         q, k, v, jnp.asarray(padding), implementation="xla",
         local=local if local else None, **options)  # fmt: skip
     reference = lambda q, k, v: dense_attention(q, k, v, mask, scale, options.get("softcap"))  # noqa: E731
-    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=2e-5)
-    for got, want in zip(jax.grad(functools.partial(loss, ours), (0, 1, 2))(q, k, v),
-                         jax.grad(functools.partial(loss, reference), (0, 1, 2))(q, k, v),
-                         strict=True):  # fmt: skip
-        np.testing.assert_allclose(got, want, atol=2e-5)
-    hlo = jax.jit(jax.grad(functools.partial(loss, ours))).lower(q, k, v).compile().as_text()
-    sizes = [math.prod(map(int, s.split(","))) for s in re.findall(r"f32\[([\d,]+)\]", hlo)]
+    assert_same_attention(ours, reference, q, k, v, atol=2e-5, grad_atol=2e-5)
+    backward = jax.jit(jax.grad(functools.partial(weighted_sum, ours))).lower(q, k, v).compile()
+    arrays = re.findall(r"f32\[([\d,]+)\]", backward.as_text())
+    sizes = [math.prod(map(int, s.split(","))) for s in arrays]
     assert heads * ATTENTION_BLOCK * length <= max(sizes) < heads * length * length
 
 
