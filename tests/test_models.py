@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import functools
 import importlib.resources
+import json
 import math
 import os
 import re
@@ -335,6 +336,14 @@ def test_unknown_model_type_lists_supported(tmp_path):
     supported = r"\['bert', 'gemma', 'gemma2', 'gemma3_text', 'gpt2', 'llama'"
     with pytest.raises(ValueError, match=rf"'t5' is not supported; supported: {supported}"):
         models.from_pretrained(tmp_path)
+
+
+def test_query_heads_not_a_multiple_of_key_heads_is_refused(checkpoints):
+    hf_config = json.loads((checkpoints / "llama" / "config.json").read_text())
+    hf_config["num_key_value_heads"] = hf_config["num_attention_heads"] + 1
+    with pytest.raises(ValueError, match=r"num_attention_heads \(\d+\) is not a multiple of "
+                                         r"num_key_value_heads \(\d+\)\.$"):  # fmt: skip
+        models.build(hf_config)
 
 
 @pytest.fixture

@@ -86,6 +86,10 @@ class LlamaConfig:
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope type {rope_type!r} is not supported (default, linear, llama3).")
         heads = hf["num_attention_heads"]
+        kv_heads = hf.get("num_key_value_heads") or heads
+        if heads % kv_heads:  # attention stacks each key head's group of query heads
+            raise ValueError(f"num_attention_heads ({heads}) is not a multiple of "
+                             f"num_key_value_heads ({kv_heads}).")  # fmt: skip
         window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         gemma2, gemma3 = kind == "gemma2", kind == "gemma3_text"
         return cls(
@@ -94,7 +98,7 @@ class LlamaConfig:
             intermediate_size=hf["intermediate_size"],
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            num_key_value_heads=kv_heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
