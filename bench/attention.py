@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
-from train_throughput import SIZES, shape_parser, timed
+from train_throughput import SIZES, run_worker, shape_parser, timed
 
 SIDES = ("jax.nn", "lora_jax", "torch SDPA")
 
@@ -96,9 +95,8 @@ def main() -> None:
             command = [sys.executable, __file__, "--worker", side, "--size", args.size,
                        "--batch", str(args.batch), "--seq", str(args.seq),
                        "--calls", str(args.calls)]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-            got = json.loads(done.stdout.split("RESULT ", 1)[1])
-            if side not in best or got["backward"] < best[side]["backward"]:
+            got, kept = run_worker(command, env), best.get(side)
+            if kept is None or "error" in kept or got.get("backward", 1e9) < kept["backward"]:
                 best[side] = got
     print(
         f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}, torch "
@@ -109,9 +107,13 @@ def main() -> None:
           f"median of {args.calls} calls")  # fmt: skip
     print("| side | forward ms | forward + backward ms | vs jax.nn (fwd + bwd) |")
     print("| --- | ---: | ---: | ---: |")
+    reference = best["jax.nn"].get("backward")
     for side, r in best.items():
-        ratio = best["jax.nn"]["backward"] / r["backward"]
-        print(f"| {side} | {r['forward'] * 1e3:.2f} | {r['backward'] * 1e3:.2f} | {ratio:.2f}x |")
+        if "error" in r:
+            print(f"| {side} | failed: {r['error']} | | |")
+            continue
+        ratio = f"{reference / r['backward']:.2f}x" if reference else "-"
+        print(f"| {side} | {r['forward'] * 1e3:.2f} | {r['backward'] * 1e3:.2f} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -265,6 +265,11 @@ def run_side(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--ckpt", args.ckpt,
                "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
                "--dtype", args.dtype, "--remat", args.remat]  # fmt: skip
+    return run_worker(command, env)
+
+
+def run_worker(command: list[str], env: dict[str, str]) -> dict:
+    """A worker process's "RESULT {json}" line, or {"error": its last line} if it failed."""
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
