@@ -253,7 +253,7 @@ def _scores(q, k, v, mask, scale: float, softcap: float | None, implementation: 
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                             implementation=implementation)  # fmt: skip
     batch, length, heads, dim = q.shape
-    kv_heads = k.shape[2]
+    keys, kv_heads = k.shape[1:3]
     groups = heads // kv_heads
     q = q.reshape(batch, length, kv_heads, groups, dim).transpose(0, 2, 1, 3, 4)
     q = q.reshape(batch, kv_heads, length * groups, dim)
@@ -261,11 +261,11 @@ def _scores(q, k, v, mask, scale: float, softcap: float | None, implementation: 
     scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
-    scores = scores.reshape(batch, kv_heads, length, groups, -1)
+    scores = scores.reshape(batch, kv_heads, length, groups, keys)
     if mask is not None:  # jax.nn.dot_product_attention's fill, so its values are ours
         scores = jnp.where(mask[:, :, :, None], scores, -0.7 * jnp.finfo(jnp.float32).max)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(batch, kv_heads, length * groups, -1), v)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(batch, kv_heads, length * groups, keys), v)
     out = out.reshape(batch, kv_heads, length, groups, dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, length, heads, dim)
 
