@@ -7,6 +7,7 @@ example). The prompt runs once (prefill), then one jitted step per token reuses 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,17 @@ def _choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, t
     return jax.random.categorical(key, logits, axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn", "temperature", "top_k", "top_p"))
+def _step(params, cache, tokens, token_mask, positions, key, *, apply_fn, temperature, top_k,
+          top_p):  # fmt: skip
+    """Runs `tokens` through the model on its cache and picks each row's next token. At module
+    level, so that a later `generate` with the same apply function and sampling settings
+    reuses the compiled prefill and decode steps."""
+    logits, state = apply_fn({**params, "cache": cache}, tokens, token_mask, positions,
+                             mutable=["cache"])  # fmt: skip
+    return state["cache"], _choose(logits[:, -1], key, temperature, top_k, top_p)
+
+
 def generate(
     model: Any,
     params: Any,
@@ -53,7 +65,9 @@ def generate(
 
     `apply_fn(variables, ids, mask, positions, mutable=...)` runs the model; default
     `model.apply`. Pass `lj.lora_apply(model.apply, config)`, or
-    `functools.partial(lj.routed_apply(model.apply, config), adapter_ids=ids)`.
+    `functools.partial(lj.routed_apply(model.apply, config), adapter_ids=ids)`. The prefill
+    and decode steps compile once per apply function, sampling settings and shapes: keep
+    the apply function and call again, and nothing recompiles.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens is {max_new_tokens}; must be >= 1.")
@@ -79,12 +93,8 @@ def generate(
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract["cache"])
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # left padding, as transformers
 
-    @jax.jit
-    def step(params, cache, tokens, token_mask, positions, key):
-        logits, state = apply_fn({**params, "cache": cache}, tokens, token_mask, positions,
-                                 mutable=["cache"])  # fmt: skip
-        return state["cache"], _choose(logits[:, -1], key, temperature, top_k, top_p)
-
+    step = functools.partial(_step, apply_fn=apply_fn, temperature=temperature, top_k=top_k,
+                             top_p=top_p)  # fmt: skip
     key = jax.random.key(0) if key is None else key
     cache, token = step(params, cache, ids, mask, positions, jax.random.fold_in(key, 0))
     position = positions[:, -1]

@@ -14,6 +14,23 @@ settings.register_profile("dev", max_examples=10, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture
+def compilations():
+    """The compile-stage events (jax.monitoring's: tracing, lowering, backend_compile) that
+    happen during the test, to assert that a program is compiled once, then reused."""
+    import jax
+
+    events = []
+
+    def count(event, duration, **kwargs):
+        if "/compile/" in event:
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(count)
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """Directory of tiny random transformers checkpoints, one per model family."""

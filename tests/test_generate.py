@@ -136,6 +136,24 @@ def test_sampling_is_seeded_and_respects_top_k(lively):
         lj.generate(model, params, PROMPTS, max_new_tokens=60)
 
 
+def test_generate_again_reuses_its_compiled_steps(lively, compilations):
+    """The prefill and decode steps compile on the first call only: new prompts of the same
+    shape, or another sampling key, run the programs already compiled."""
+    model, params, _ = models.from_pretrained(lively / "llama")
+    backend_compiles = lambda: sum("backend_compile" in e for e in compilations)  # noqa: E731
+    first = lj.generate(model, params, PROMPTS, max_new_tokens=NEW)
+    compiled = backend_compiles()
+    assert compiled >= 2  # the prefill and decode steps at least
+    again = lj.generate(model, params, PROMPTS[::-1], max_new_tokens=NEW)
+    assert backend_compiles() == compiled
+    np.testing.assert_array_equal(again, first[::-1])  # each row decodes on its own
+    sample = functools.partial(lj.generate, model, params, PROMPTS, max_new_tokens=NEW,
+                               temperature=1.0)  # fmt: skip
+    a = sample(key=jax.random.key(0))
+    compiled = backend_compiles()
+    assert (sample(key=jax.random.key(1)) != a).any() and backend_compiles() == compiled
+
+
 def test_cli_generate_prints_what_generate_writes(lively, capsys):
     write_word_tokenizer(lively / "llama")
     prompts = ["w3 w17 w40 w8", "w61 w5"]

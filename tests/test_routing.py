@@ -44,17 +44,9 @@ def test_routed_batch_equals_each_example_alone_with_its_adapter_merged(llama):
     assert np.abs(got[0] - base[0]).max() > 1e-2  # the adapters matter
 
 
-def compile_counter():
-    events = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: events.append(event) if "backend_compile" in event else None
-    )
-    return events
-
-
-def test_swapping_adapters_and_ids_never_recompiles(llama):
+def test_swapping_adapters_and_ids_never_recompiles(llama, compilations):
     model, params, adapters = llama
-    compiled = compile_counter()
+    compiled = compilations
     # Single adapters of ranks 2, 4 and 3, each padded to rank 4: one compiled function.
     apply = jax.jit(lj.lora_apply(model.apply, lj.LoraConfig(rank=4, alpha=4.0)))
     outputs = []

@@ -214,15 +214,6 @@ def test_compiled_step_has_no_weight_gradient_for_frozen_kernels(sft, tmp_path):
     assert kernels & set(full_dots)
 
 
-@pytest.fixture
-def compilations():
-    events = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: events.append(event) if "compile" in event else None
-    )
-    return events
-
-
 def test_bad_input_fails_before_compiling(sft, tmp_path, compilations):
     def run(**changes):
         Run(load_config(LLAMA_SFT, overrides(sft, tmp_path, **changes)))
