@@ -93,8 +93,8 @@ def generate(
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract["cache"])
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # left padding, as transformers
 
-    step = functools.partial(_step, apply_fn=apply_fn, temperature=temperature, top_k=top_k,
-                             top_p=top_p)  # fmt: skip
+    step = functools.partial(_step, apply_fn=apply_fn, temperature=float(temperature),
+                             top_k=int(top_k), top_p=float(top_p))  # fmt: skip
     key = jax.random.key(0) if key is None else key
     cache, token = step(params, cache, ids, mask, positions, jax.random.fold_in(key, 0))
     position = positions[:, -1]

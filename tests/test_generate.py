@@ -5,6 +5,7 @@ import copy
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -126,6 +127,9 @@ def test_sampling_is_seeded_and_respects_top_k(lively):
                                temperature=1.0)  # fmt: skip
     a, b = sample(key=jax.random.key(0)), sample(key=jax.random.key(0))
     np.testing.assert_array_equal(a, b)
+    # Settings as numpy or JAX scalars are the same settings (they key the compiled step).
+    same = sample(key=jax.random.key(0), temperature=jnp.float32(1.0), top_k=np.int64(0))
+    np.testing.assert_array_equal(same, a)
     assert (a != sample(key=jax.random.key(1))).any()
     greedy = lj.generate(model, params, PROMPTS, max_new_tokens=NEW)
     np.testing.assert_array_equal(sample(key=jax.random.key(2), top_k=1), greedy)
