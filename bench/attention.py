@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from train_throughput import SIZES, run_worker, shape_parser, timed
+from train_throughput import SIZES, keep_best, run_worker, shape_parser, timed
 
 SIDES = ("jax.nn", "lora_jax", "torch SDPA")
 
@@ -95,9 +95,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--worker", side, "--size", args.size,
                        "--batch", str(args.batch), "--seq", str(args.seq),
                        "--calls", str(args.calls)]  # fmt: skip
-            got, kept = run_worker(command, env), best.get(side)
-            if kept is None or "error" in kept or got.get("backward", 1e9) < kept["backward"]:
-                best[side] = got
+            keep_best(best, side, run_worker(command, env), "backward")
     print(
         f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}, torch "
         f"{torch.__version__}; GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '')!r}"

@@ -278,6 +278,14 @@ def run_worker(command: list[str], env: dict[str, str]) -> dict:
     return json.loads(lines[0][len("RESULT ") :])
 
 
+def keep_best(results: dict[str, dict], side: str, got: dict, time_key: str) -> None:
+    """Keeps in `results[side]` the faster of its round so far and `got` by `time_key`, a
+    measured round over a failed one."""
+    kept = results.get(side)
+    if kept is None or "error" in kept or got.get(time_key, 1e9) < kept[time_key]:
+        results[side] = got
+
+
 def main() -> None:
     p = shape_parser(__doc__)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (median)")
@@ -315,9 +323,7 @@ def main() -> None:
         results: dict[str, dict] = {}
         for _ in range(args.rounds):
             for name in names:
-                got, best = run_side(name, args, env), results.get(name)
-                if best is None or "error" in best or got.get("step", 1e9) < best["step"]:
-                    results[name] = got
+                keep_best(results, name, run_side(name, args, env), "step")
         memory = {}
         for remat in REMAT_POLICIES if args.memory_1b else ():
             args.remat = remat
