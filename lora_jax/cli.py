@@ -219,13 +219,17 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one command; bad input ends with its message on stderr and exit status 2."""
+    """Runs one command; bad input ends with its message on stderr and exit status 2, Ctrl-C
+    (a second one, for `train`, which checkpoints on the first) with "interrupted" and 130."""
     args = parser().parse_args(argv)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, OSError, ImportError, FloatingPointError) as err:
         print(f"lora-jax {args.command}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every file is written atomically: nothing half-written remains
+        print(f"lora-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -249,6 +249,24 @@ def test_rerunning_in_a_directory_starts_fresh_and_a_stale_step_is_replaced(sft,
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+INTERRUPT_PROBE = """
+import os, signal, sys, threading
+from lora_jax import cli
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C, mid-command
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_mid_command_is_one_line_and_exit_130(sft):
+    """Ctrl-C while a command runs (here `generate`, loading and compiling, after the imports)
+    ends with one line and the shell's status for SIGINT, not a KeyboardInterrupt traceback."""
+    command = [sys.executable, "-c", INTERRUPT_PROBE, "generate", "--model", str(sft / "llama"),
+               "--prompt", "w3 w5", "--max-new-tokens", "40"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 130, run.stderr
+    assert one_line(run.stderr) == "lora-jax generate: interrupted"
+
+
 def test_generate_on_an_encoder_says_it_needs_a_decoder(checkpoints):
     model, params, _ = models.from_pretrained(checkpoints / "bert")
     with pytest.raises(ValueError, match="BertModel keeps no KV cache: generate runs decoders"):
