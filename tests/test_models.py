@@ -223,7 +223,8 @@ def test_xla_attention_matches_jax_dot_product_attention(dtype, atol, options):
 def test_blockwise_attention_values_gradients_and_memory(options):
     """`attend` past ATTENTION_BLOCK queries against dense attention under the same mask (two
     packed segments, then pads): values and gradients within 2e-5 (float32), and its compiled
-    backward holds no (N, T, S) array of scores: one block's at most."""
+    backward holds no (N, T, S) array of scores: one block's at most, and under causality
+    only the key blocks its query blocks see."""
     length, heads, dim = ATTENTION_BLOCK + 100, 4, 8
     q, k, v = random_qkv(batch=1, length=length, heads=heads, kv=2, dim=dim)
     padding = np.ones((1, length), np.int32)
@@ -242,8 +243,13 @@ def test_blockwise_attention_values_gradients_and_memory(options):
     assert_same_attention(ours, reference, q, k, v, atol=2e-5, grad_atol=2e-5)
     backward = jax.jit(jax.grad(functools.partial(weighted_sum, ours))).lower(q, k, v).compile()
     arrays = re.findall(r"f32\[([\d,]+)\]", backward.as_text())
-    sizes = [math.prod(map(int, s.split(","))) for s in arrays]
-    assert heads * ATTENTION_BLOCK * length <= max(sizes) < heads * length * length
+    largest = max(math.prod(map(int, s.split(","))) for s in arrays)
+    if options["causal"]:  # one pair of blocks' n + 1 products: (n + 1) / 2n of dense work
+        blocks = 2 * math.ceil(length / ATTENTION_BLOCK)
+        size = math.ceil(length / blocks)
+        assert largest == heads * (blocks + 1) * size * size
+    else:  # one block of queries against every key
+        assert largest == heads * ATTENTION_BLOCK * length
 
 
 def test_projections_policy_keeps_each_projection_output_and_no_adapter_product(

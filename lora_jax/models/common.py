@@ -15,7 +15,8 @@ from jax.ad_checkpoint import checkpoint_name
 from lora_jax.apply import FACTORED_TYPES, adapters_running
 from lora_jax.tree import ADAPTER_LEAVES
 
-# Queries per block where attention runs in XLA on sequences longer than this (`_blockwise`).
+# Queries per block where attention runs in XLA on sequences longer than this (`_blockwise`;
+# `_causal_blockwise` runs pairs of blocks of up to half this many).
 ATTENTION_BLOCK = 512
 
 # The name every projection's output (adapter included) carries inside a zoo model.
@@ -163,7 +164,8 @@ def attend(
     bool, from a scanned per-layer flag): whether this layer uses the window (Gemma 2/3's
     alternating layers), then a dense mask. `scale` defaults to 1/sqrt(H); `softcap` (Gemma 2)
     caps the scores at ±softcap by tanh, which no fused kernel takes: plain XLA then. In XLA,
-    a sequence longer than ATTENTION_BLOCK runs a block of queries at a time (`_blockwise`).
+    a sequence longer than ATTENTION_BLOCK runs a block of queries at a time, under causality
+    against only the key blocks it sees (`_blockwise`, `_causal_blockwise`).
     """
     scale = scale or 1.0 / math.sqrt(q.shape[-1])
     if cache is not None and cache.is_mutable_collection("cache") and not cache.is_initializing():
@@ -171,19 +173,20 @@ def attend(
         # A one-token query against a dense cache mask: XLA's kernel, unless one was chosen
         # (cuDNN's flash path wants structural masks and long queries).
         return _scores(q, k, v, mask, scale, softcap, implementation=implementation or "xla")
+    implementation = implementation_for(implementation, q.dtype)
+    xla = local is not None or softcap is not None or implementation == "xla"
+    if xla and causal and q.shape[1] == k.shape[1] > ATTENTION_BLOCK:
+        return _causal_blockwise(q, k, v, padding, scale, softcap, window, local)
     mask = None
     if padding is not None:
-        keys = padding[:, None, None, :]
-        if q.shape[1] == k.shape[1]:  # self-attention: pads (id 0) still see every real key
-            queries = padding[:, None, :, None]
-            mask = (keys > 0) & ((queries == keys) | (queries == 0))
+        if q.shape[1] == k.shape[1]:  # self-attention
+            mask = _segment_mask(padding, padding)
         else:
-            mask = keys > 0
-    implementation = implementation_for(implementation, q.dtype)
+            mask = padding[:, None, None, :] > 0
     # cuDNN takes neither a per-layer window flag nor soft-capping: those run in XLA.
-    if local is not None or softcap is not None or implementation == "xla":
+    if xla:
         if q.shape[1] > ATTENTION_BLOCK:
-            return _blockwise(q, k, v, mask, scale, softcap, causal, window, local)
+            return _blockwise(q, k, v, mask, scale, softcap, window, local)
         queries = jnp.arange(q.shape[1])
         return _dense(q, k, v, mask, queries, scale, softcap, causal, window, local)
     return jax.nn.dot_product_attention(
@@ -198,45 +201,110 @@ def attend(
     )
 
 
-def _blockwise(q, k, v, mask, scale: float, softcap: float | None, causal: bool, window, local):
-    """`_scores` for ATTENTION_BLOCK queries at a time against every key, each block's scores
-    recomputed in the backward: XLA keeps (B, N, block, S) float32 scores, not (B, N, T, S)
-    (at Llama-3.2-1B's 8 x 2048, 1 GiB per layer instead of 4, and four such buffers live in
-    attention's backward). A query's softmax reads its own row only, so blocks change nothing."""
+def _blocks(x: jax.Array, blocks: int, size: int, fill) -> jax.Array:
+    """(B, T, ...) -> (blocks, B, size, ...), the tokens past T (up to blocks·size) `fill`."""
+    x = jnp.pad(x, [(0, 0), (0, blocks * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2),
+                constant_values=fill)  # fmt: skip
+    return x.reshape(x.shape[0], blocks, size, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _unblock(x: jax.Array, length: int) -> jax.Array:
+    """(blocks, B, size, ...) -> (B, length, ...): `_blocks` undone."""
+    return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :length]
+
+
+def _blockwise(q, k, v, mask, scale: float, softcap: float | None, window, local):
+    """Bidirectional `_scores` for ATTENTION_BLOCK queries at a time against every key, each
+    block's scores recomputed in the backward: XLA keeps (B, N, block, S) float32 scores, not
+    (B, N, T, S). A query's softmax reads its own row only, so blocks change nothing."""
     length, block = q.shape[1], ATTENTION_BLOCK
-    pad = -length % block
-    blocks = (length + pad) // block
-
-    def rows(x, fill):  # (B, T, ...) -> (blocks, B, block, ...), the last block padded
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return x.reshape(x.shape[0], blocks, block, *x.shape[2:]).swapaxes(0, 1)
-
+    blocks = -(-length // block)
     if mask is not None:  # (B, 1, T | 1, S) -> (blocks, B, 1, block, S)
         mask = jnp.broadcast_to(mask, (q.shape[0], 1, length, k.shape[1]))
-        mask = rows(mask.swapaxes(1, 2), True).swapaxes(2, 3)
+        mask = _blocks(mask.swapaxes(1, 2), blocks, block, True).swapaxes(2, 3)
 
     @jax.checkpoint
     def attend_block(start, q, mask):
         queries = jnp.minimum(start + jnp.arange(block), length - 1)  # padded: the last one's
-        return _dense(q, k, v, mask, queries, scale, softcap, causal, window, local)
+        return _dense(q, k, v, mask, queries, scale, softcap, False, window, local)
 
-    out = jax.lax.map(lambda xs: attend_block(*xs), (jnp.arange(blocks) * block, rows(q, 0), mask))
-    return out.swapaxes(0, 1).reshape(q.shape[0], blocks * block, *out.shape[3:])[:, :length]
+    xs = (jnp.arange(blocks) * block, _blocks(q, blocks, block, 0), mask)
+    return _unblock(jax.lax.map(lambda xs: attend_block(*xs), xs), length)
+
+
+def _causal_blockwise(q, k, v, padding, scale: float, softcap: float | None, window, local):
+    """Causal self-attention in XLA past ATTENTION_BLOCK queries, computing only the key
+    blocks causality lets a query block see, in fixed shapes, each pair's scores recomputed
+    in the backward.
+
+    The sequence is cut into n = 2P blocks, P = ceil(T / ATTENTION_BLOCK). Query block i
+    sees key blocks 0..i, so pairing block i with block n-1-i gives every pair n + 1 (query
+    block, key block) products: P iterations of `lax.map` of one shape, (n + 1) / 2n of the
+    dense work (5/8 at 1024 tokens, 9/16 at 2048), and per pair (n + 1)·b² scores, b = T/n,
+    that fraction of a 512-query block's against every key. The two blocks' softmaxes are
+    combined from each product's row maxima and sums (as flash attention does). A query that
+    sees no key (a left pad) averages the values of its block's products, where dense
+    attention averages every value: meaningless either way, and no real token reads it."""
+    batch, length = q.shape[:2]
+    pairs = -(-length // ATTENTION_BLOCK)
+    n = 2 * pairs
+    size = -(-length // n)
+    ids = jnp.ones((batch, length), jnp.int32) if padding is None else padding
+    q_blocks, k_blocks, v_blocks = (_blocks(x, n, size, 0) for x in (q, k, v))
+    id_blocks = _blocks(ids, n, size, 0)  # padded tokens are pads: seen by no real query
+    pair_q = jnp.stack([q_blocks[:pairs], q_blocks[::-1][:pairs]], axis=1)  # (P, 2, B, b, N, H)
+
+    @jax.checkpoint
+    def attend_pair(i, q):
+        product = jnp.arange(n + 1)
+        second = product > i  # products 0..i: block i's, then n - i of block n-1-i
+        side = second.astype(jnp.int32)
+        key_block = jnp.where(second, product - i - 1, product)
+        query_block = jnp.where(second, n - 1 - i, i)
+        within = jnp.arange(size)
+        queries, keys = query_block[:, None] * size + within, key_block[:, None] * size + within
+        seen = _positions_seen(queries, keys, True, window, local)
+        mask = _segment_mask(id_blocks[query_block], id_blocks[key_block]) & seen[:, None, None]
+        logits = jax.vmap(_logits, (0, 0, 0, None, None))(
+            q[side], k_blocks[key_block], mask, scale, softcap
+        )  # (n + 1, B, K, b, G, b)
+        # Each query's maximum over the products of its block; the shift cancels, so no gradient.
+        peak = jax.lax.stop_gradient(logits.max(-1))
+        later = second.reshape(-1, 1, 1, 1, 1)
+        peak = jnp.stack([jnp.where(later, -jnp.inf, peak).max(0),
+                          jnp.where(later, peak, -jnp.inf).max(0)])  # fmt: skip
+        weights = jnp.exp(logits - peak[side][..., None])
+        owner = jax.nn.one_hot(side, 2, dtype=jnp.float32)  # (n + 1, 2): product -> block
+        totals = jnp.einsum("pi,pbkqg->ibqkg", owner, weights.sum(-1))
+        mixed = jax.vmap(_mix)(weights.astype(v.dtype), v_blocks[key_block])
+        out = jnp.einsum("pi,pbqnh->ibqnh", owner, mixed.astype(jnp.float32))
+        totals = totals.reshape(*totals.shape[:3], -1)[..., None]  # (2, B, b, N, 1)
+        return (out / totals).astype(v.dtype)
+
+    out = jax.lax.map(lambda xs: attend_pair(*xs), (jnp.arange(pairs), pair_q))  # (P, 2, ...)
+    return _unblock(jnp.concatenate([out[:, 0], out[::-1, 1]]), length)
+
+
+def _segment_mask(queries: jax.Array, keys: jax.Array) -> jax.Array:
+    """(..., B, 1, T, S) from segment ids (0: pad) of self-attention's queries and keys: a real
+    token sees its own segment's keys, a pad every real key."""
+    keys, queries = keys[..., None, None, :], queries[..., None, :, None]
+    return (keys > 0) & ((queries == keys) | (queries == 0))
 
 
 def _dense(q, k, v, mask, queries, scale: float, softcap: float | None, causal, window, local):
     """`_scores` where the padding `mask` (or None) and the positions each query (its position
     in `queries`) sees both hold, in one dense mask."""
-    seen = _positions_seen(queries, k.shape[1], causal, window, local)
+    seen = _positions_seen(queries, jnp.arange(k.shape[1]), causal, window, local)
     mask = seen[None, None] if mask is None else mask & seen
     return _scores(q, k, v, mask, scale, softcap, implementation="xla")
 
 
-def _positions_seen(query_pos, keys: int, causal: bool, window: int | None, local) -> jax.Array:
-    """(T, S): which key positions each query position sees: causal, within the window where
-    it applies (always, or where the traced `local` is true)."""
-    query_pos, key_pos = query_pos[:, None], jnp.arange(keys)[None, :]
-    seen = key_pos <= query_pos if causal else jnp.ones((query_pos.size, keys), bool)
+def _positions_seen(query_pos, key_pos, causal: bool, window: int | None, local) -> jax.Array:
+    """(..., T, S): which key positions (..., S) each query position (..., T) sees: causal,
+    within the window where it applies (always, or where the traced `local` is true)."""
+    query_pos, key_pos = query_pos[..., :, None], key_pos[..., None, :]
+    seen = key_pos <= query_pos if causal else (key_pos >= 0) | (query_pos >= 0)
     if window:
         near = key_pos > query_pos - window
         seen &= near if local is None else near | ~local
@@ -244,30 +312,44 @@ def _positions_seen(query_pos, keys: int, causal: bool, window: int | None, loca
 
 
 def _scores(q, k, v, mask, scale: float, softcap: float | None, implementation: str):
-    """Softmax attention under a dense (B | 1, 1, T | 1, S) mask; with `softcap`, the scores
-    capped by tanh. In XLA, the G query heads that share a key head are stacked with the
-    tokens, (B, K, T·G, H) against (B, K, S, H): one matmul per key head over T·G rows, which
-    runs 1.2-1.4x faster on the CPU (forward and backward; bench/attention.py) than the
-    (B, N, T, S) einsums of jax.nn.dot_product_attention, k and v never repeated per head."""
+    """Softmax attention under a dense (B | 1, 1, T | 1, S) mask; in XLA, `_logits` and
+    `_mix` around a float32 softmax."""
     if implementation != "xla" and softcap is None:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                             implementation=implementation)  # fmt: skip
+    probs = jax.nn.softmax(_logits(q, k, mask, scale, softcap), axis=-1)
+    return _mix(probs.astype(v.dtype), v)
+
+
+def _logits(q, k, mask, scale: float, softcap: float | None) -> jax.Array:
+    """(B, K, T, G, S) float32 scores of (B, T, K·G, H) queries against (B, S, K, H) keys,
+    capped by tanh with `softcap`, jax.nn.dot_product_attention's fill where `mask` is
+    false (so its values are ours). The G query heads that share a key head are stacked
+    with the tokens, (B, K, T·G, H) against (B, K, S, H): one matmul per key head over T·G
+    rows, which runs 1.2-1.4x faster on the CPU (forward and backward; bench/attention.py)
+    than the (B, N, T, S) einsums of jax.nn.dot_product_attention, k never repeated per head."""
     batch, length, heads, dim = q.shape
     keys, kv_heads = k.shape[1:3]
     groups = heads // kv_heads
     q = q.reshape(batch, length, kv_heads, groups, dim).transpose(0, 2, 1, 3, 4)
     q = q.reshape(batch, kv_heads, length * groups, dim)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, H)
+    k = k.transpose(0, 2, 1, 3)  # (B, K, S, H)
     scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     scores = scores.reshape(batch, kv_heads, length, groups, keys)
-    if mask is not None:  # jax.nn.dot_product_attention's fill, so its values are ours
+    if mask is not None:
         scores = jnp.where(mask[:, :, :, None], scores, -0.7 * jnp.finfo(jnp.float32).max)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(batch, kv_heads, length * groups, keys), v)
-    out = out.reshape(batch, kv_heads, length, groups, dim).transpose(0, 2, 1, 3, 4)
-    return out.reshape(batch, length, heads, dim)
+    return scores
+
+
+def _mix(weights: jax.Array, v: jax.Array) -> jax.Array:
+    """(B, K, T, G, S) attention weights times (B, S, K, H) values -> (B, T, K·G, H)."""
+    batch, kv_heads, length, groups, keys = weights.shape
+    v = v.transpose(0, 2, 1, 3)  # (B, K, S, H)
+    out = jnp.einsum("bkqs,bksh->bkqh", weights.reshape(batch, kv_heads, length * groups, keys), v)
+    out = out.reshape(batch, kv_heads, length, groups, -1).transpose(0, 2, 1, 3, 4)
+    return out.reshape(batch, length, kv_heads * groups, -1)
 
 
 def _kv_cache(module: nn.Module, k: jax.Array, v: jax.Array, padding, window: int | None, local):
