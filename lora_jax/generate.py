@@ -22,6 +22,8 @@ def _choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, t
         return jnp.argmax(logits, axis=-1)
     logits = logits.astype(jnp.float32) / temperature
     if top_k:
+        if top_k > logits.shape[-1]:
+            raise ValueError(f"top_k {top_k} exceeds the model's {logits.shape[-1]} tokens.")
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
@@ -71,6 +73,10 @@ def generate(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens is {max_new_tokens}; must be >= 1.")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature {temperature}, top_k {top_k}, top_p {top_p}: want "
+                         "temperature >= 0 (0: greedy), top_k >= 0 (0: off), "
+                         "0 < top_p <= 1.")  # fmt: skip
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key.")
     apply_fn = apply_fn or model.apply

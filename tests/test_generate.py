@@ -136,6 +136,11 @@ def test_sampling_is_seeded_and_respects_top_k(lively):
     np.testing.assert_array_equal(sample(key=jax.random.key(3), top_p=1e-6), greedy)
     with pytest.raises(ValueError, match="needs a PRNG key"):
         sample()
+    for bad in (dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-0.5)):
+        with pytest.raises(ValueError, match=r"want temperature >= 0 .* 0 < top_p <= 1"):
+            sample(key=jax.random.key(0), **bad)
+    with pytest.raises(ValueError, match="top_k 100000 exceeds the model's 96 tokens"):
+        sample(key=jax.random.key(0), top_k=100_000)
     with pytest.raises(ValueError, match="6 prompt \\+ 60 new tokens exceed the model's 64"):
         lj.generate(model, params, PROMPTS, max_new_tokens=60)
 

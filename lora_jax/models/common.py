@@ -370,9 +370,10 @@ def _kv_cache(module: nn.Module, k: jax.Array, v: jax.Array, padding, window: in
     real.value = jax.lax.dynamic_update_slice(real.value, new, (0, i))
     index.value = i + steps
     query_pos = i + jnp.arange(steps)
-    seen = _positions_seen(query_pos, keys.value.shape[1], True, window, local)
+    key_pos = jnp.arange(keys.value.shape[1])
+    seen = _positions_seen(query_pos, key_pos, True, window, local)
     # A padding query sees itself at least, so no softmax row is empty.
-    itself = query_pos[:, None] == jnp.arange(keys.value.shape[1])[None, :]
+    itself = query_pos[:, None] == key_pos[None, :]
     mask = (seen[None] & real.value[:, None, :]) | itself[None]
     return keys.value, values.value, mask[:, None]
 
