@@ -286,15 +286,40 @@ def train(
     `resume` continues only a run with the same settings; without it, an earlier run there
     is replaced."""
     settings = RunConfig.from_dict(config)
-    rundir = RunDir(settings, resume, main=settings.distributed.process_id == 0)
     # Joined first: jax.distributed installs its own SIGTERM handler, which ours replaces.
     start_distributed(settings.distributed)
+    rundir = open_rundir(settings, resume)
     stop = _Stop()
     try:
         return _train(Run(settings), resume, log, stop)
     finally:
         stop.restore()
         rundir.close()
+
+
+def open_rundir(settings: RunConfig, resume: bool) -> RunDir:
+    """The run's directory, locked by process 0 (`RunDir`). With several processes, its
+    refusal (a held lock, other settings on --resume) is raised on every process, which
+    would otherwise wait for process 0 in their first collective."""
+    refusal, error = "", None
+    try:
+        rundir = RunDir(settings, resume, main=jax.process_index() == 0)
+    except (ValueError, OSError) as err:
+        refusal, error = str(err), err
+    if jax.process_count() > 1:
+        refusal = _process_0_text(refusal)
+    if error is not None:
+        raise error
+    if refusal:
+        raise ValueError(f"process 0: {refusal}")
+    return rundir
+
+
+def _process_0_text(text: str, size: int = 2048) -> str:
+    """Process 0's `text` on every process (collectives move arrays: bytes, zero-padded)."""
+    raw = np.frombuffer(text.encode()[:size].ljust(size, b"\0"), np.uint8)
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(raw), np.uint8)
+    return shared.tobytes().rstrip(b"\0").decode(errors="replace")
 
 
 def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:

@@ -107,7 +107,7 @@ def logged(metrics):
 def test_two_processes_agree_with_one_and_stop_together(sft, tmp_path):
     """Two jax.distributed processes give the one-process losses; SIGTERM to process 1 alone
     stops both after the same step with one checkpoint, and --resume on both finishes the
-    uninterrupted curve."""
+    uninterrupted curve; a --resume with other settings stops both with process 0's reason."""
     port, mesh = _free_port(), {"mesh.fsdp": 4, "mesh.tensor": 2, "mesh.devices": -1}
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     common = {"train.steps": 20, "checkpoint.every": 5, **mesh}
@@ -135,6 +135,15 @@ def test_two_processes_agree_with_one_and_stop_together(sft, tmp_path):
     for p in start("--resume"):
         _, err = p.communicate(timeout=400)
         assert p.returncode == 0, err[-3000:]
+    # Process 0 refuses a --resume with other settings; process 1 hears why and stops too.
+    port, common["train.learning_rate"] = _free_port(), 1e-3
+    for pid, p in enumerate(start("--resume")):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err[-3000:]
+        said = f"lora-jax train: {'process 0: ' if pid else ''}--resume: "
+        assert err.splitlines()[-1].startswith(said) and "Traceback" not in err, err[-3000:]
+        assert re.search(r"train.learning_rate [\d.]+ -> 0.001\)", err), err[-3000:]
+    del common["train.learning_rate"]
     single = overrides(sft, tmp_path / "single", **{**common, "mesh.devices": 8})
     train(load_config(LLAMA_SFT, single), log=quiet)
     np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), rtol=1e-5)
