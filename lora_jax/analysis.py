@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 from flax.core import meta
+from tqdm.auto import tqdm
 
 from lora_jax.config import LoraConfig
 from lora_jax.tree import Params, Site, sites
@@ -141,13 +142,17 @@ def amplification(
     """How ΔW relates to W, per adapted module and layer: {path: Amplification}. `params` is the
     adapted tree with its real base kernels; k directions (default: the module's rank)."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for site, scale in _each(params, config):
+    out, found = {}, list(_each(params, config))
+    for site, _ in found:
         if isinstance(site.kernel, jax.ShapeDtypeStruct):
             raise ValueError(
                 f"{site.path}: amplification needs the base kernel's values, and "
                 "this tree holds only its shape; combine the adapter with the base."
             )
+    # A full SVD of every layer's base kernel: minutes for a 1B model on a CPU host.
+    layers = sum(math.prod(np.shape(meta.unbox(site.kernel))[: site.lead]) for site, _ in found)
+    bar = tqdm(total=layers, desc="amplification", unit="layer", disable=None, leave=False)
+    for site, scale in found:
         a, b = _factors(site)
         w = _layers(site.kernel, site.lead, site.n_in)
         rows = {f.name: [] for f in dataclasses.fields(Amplification)}
@@ -162,5 +167,7 @@ def amplification(
             rows["on_delta"].append(np.linalg.norm(p[:, :n].T @ w_l @ q[:, :n]))
             rows["on_w"].append(np.linalg.norm(w_sigma[:n]))
             rows["on_random"].append(np.linalg.norm(r_in.T @ w_l @ r_out))
+            bar.update()
         out[site.path] = Amplification(**{name: np.array(v) for name, v in rows.items()})
+    bar.close()
     return out
