@@ -155,6 +155,29 @@ def test_long_sequences_attend_in_blocks_and_match_transformers(checkpoints, nam
     compare(ours(model, params, ids, mask), want, mask, name)
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_long_prefill_into_the_kv_cache_runs_in_blocks(checkpoints, name):
+    """A prompt longer than ATTENTION_BLOCK written into a KV cache (generate's prefill) gives
+    the cache-free forward's logits (real tokens, float32 within 1e-4), and its compiled
+    step holds one block's float32 scores against the cache, never (N, T, S)."""
+    length, room = ATTENTION_BLOCK + 90, 8
+    ids = np.random.RandomState(2).randint(3, 96, (2, length))
+    mask = np.ones_like(ids)
+    mask[1, length - 40 :] = 0
+    model, params, _ = models.from_pretrained(checkpoints / name)
+    cache = jax.eval_shape(
+        lambda: model.apply(params, jnp.zeros((2, length + room), jnp.int32), mutable=["cache"])
+    )[1]["cache"]
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
+    prefill = jax.jit(lambda p, c, i, m: model.apply({**p, "cache": c}, i, m, mutable=["cache"]))
+    got = prefill(params, cache, jnp.asarray(ids), jnp.asarray(mask))[0]
+    compare(np.asarray(got), ours(model, params, ids, mask), mask, name)
+    text = prefill.lower(params, cache, jnp.asarray(ids), jnp.asarray(mask)).compile().as_text()
+    sizes = [math.prod(map(int, s.split(","))) for s in re.findall(r"f32\[([\d,]+)\]", text)]
+    scores = 2 * model.config.num_attention_heads * (length + room)  # per query, (B, N, S)
+    assert scores * ATTENTION_BLOCK in sizes and max(sizes) < scores * length
+
+
 def dense_attention(q, k, v, mask, scale, softcap=None):
     """The reference: every (query, key) score at once, float32, under a (B, 1, T, S) mask."""
     groups = q.shape[2] // k.shape[2]

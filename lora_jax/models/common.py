@@ -170,9 +170,12 @@ def attend(
     scale = scale or 1.0 / math.sqrt(q.shape[-1])
     if cache is not None and cache.is_mutable_collection("cache") and not cache.is_initializing():
         k, v, mask = _kv_cache(cache, k, v, padding, window, local)
-        # A one-token query against a dense cache mask: XLA's kernel, unless one was chosen
-        # (cuDNN's flash path wants structural masks and long queries).
-        return _scores(q, k, v, mask, scale, softcap, implementation=implementation or "xla")
+        # Queries against a dense cache mask: XLA's kernel, unless one was chosen (cuDNN's
+        # flash path wants structural masks); a long prompt's prefill a block at a time.
+        implementation = implementation or "xla"
+        if implementation == "xla" and q.shape[1] > ATTENTION_BLOCK:
+            return _blockwise(q, k, v, mask, scale, softcap, None, None)
+        return _scores(q, k, v, mask, scale, softcap, implementation=implementation)
     implementation = implementation_for(implementation, q.dtype)
     xla = local is not None or softcap is not None or implementation == "xla"
     if xla and causal and q.shape[1] == k.shape[1] > ATTENTION_BLOCK:
@@ -214,9 +217,10 @@ def _unblock(x: jax.Array, length: int) -> jax.Array:
 
 
 def _blockwise(q, k, v, mask, scale: float, softcap: float | None, window, local):
-    """Bidirectional `_scores` for ATTENTION_BLOCK queries at a time against every key, each
-    block's scores recomputed in the backward: XLA keeps (B, N, block, S) float32 scores, not
-    (B, N, T, S). A query's softmax reads its own row only, so blocks change nothing."""
+    """`_scores` for ATTENTION_BLOCK queries at a time against every key under a dense `mask`
+    (bidirectional attention, or a KV cache's prefill), each block's scores recomputed in the
+    backward: XLA keeps (B, N, block, S) float32 scores, not (B, N, T, S). A query's softmax
+    reads its own row only, so blocks change nothing."""
     length, block = q.shape[1], ATTENTION_BLOCK
     blocks = -(-length // block)
     if mask is not None:  # (B, 1, T | 1, S) -> (blocks, B, 1, block, S)
