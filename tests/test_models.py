@@ -275,6 +275,17 @@ def test_blockwise_attention_values_gradients_and_memory(options):
         assert largest == heads * ATTENTION_BLOCK * length
 
 
+def test_causal_blockwise_attention_between_unequal_lengths_stays_causal():
+    """Past ATTENTION_BLOCK queries against more keys (no pairing applies), `attend` with
+    causal=True still masks key j > query i, as dense attention does (float32, 2e-5)."""
+    queries, keys, dim = ATTENTION_BLOCK + 88, ATTENTION_BLOCK + 138, 8
+    q, _, _ = random_qkv(batch=1, length=queries, heads=4, kv=2, dim=dim)
+    _, k, v = random_qkv(batch=1, length=keys, heads=4, kv=2, dim=dim)
+    mask = jnp.asarray(np.arange(keys)[None] <= np.arange(queries)[:, None])
+    got = common.attend(q, k, v, None, causal=True, implementation="xla")
+    np.testing.assert_allclose(got, dense_attention(q, k, v, mask, dim**-0.5), atol=2e-5)
+
+
 def test_projections_policy_keeps_each_projection_output_and_no_adapter_product(
     checkpoints, capsys
 ):

@@ -174,7 +174,7 @@ def attend(
         # flash path wants structural masks); a long prompt's prefill a block at a time.
         implementation = implementation or "xla"
         if implementation == "xla" and q.shape[1] > ATTENTION_BLOCK:
-            return _blockwise(q, k, v, mask, scale, softcap, None, None)
+            return _blockwise(q, k, v, mask, scale, softcap, False, None, None)
         return _scores(q, k, v, mask, scale, softcap, implementation=implementation)
     implementation = implementation_for(implementation, q.dtype)
     xla = local is not None or softcap is not None or implementation == "xla"
@@ -189,7 +189,7 @@ def attend(
     # cuDNN takes neither a per-layer window flag nor soft-capping: those run in XLA.
     if xla:
         if q.shape[1] > ATTENTION_BLOCK:
-            return _blockwise(q, k, v, mask, scale, softcap, window, local)
+            return _blockwise(q, k, v, mask, scale, softcap, causal, window, local)
         queries = jnp.arange(q.shape[1])
         return _dense(q, k, v, mask, queries, scale, softcap, causal, window, local)
     return jax.nn.dot_product_attention(
@@ -216,11 +216,11 @@ def _unblock(x: jax.Array, length: int) -> jax.Array:
     return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :length]
 
 
-def _blockwise(q, k, v, mask, scale: float, softcap: float | None, window, local):
-    """`_scores` for ATTENTION_BLOCK queries at a time against every key under a dense `mask`
-    (bidirectional attention, or a KV cache's prefill), each block's scores recomputed in the
-    backward: XLA keeps (B, N, block, S) float32 scores, not (B, N, T, S). A query's softmax
-    reads its own row only, so blocks change nothing."""
+def _blockwise(q, k, v, mask, scale: float, softcap: float | None, causal: bool, window, local):
+    """`_dense` for ATTENTION_BLOCK queries at a time against every key (bidirectional
+    attention, a KV cache's prefill, causal attention between unequal lengths), each block's
+    scores recomputed in the backward: XLA keeps (B, N, block, S) float32 scores, not
+    (B, N, T, S). A query's softmax reads its own row only, so blocks change nothing."""
     length, block = q.shape[1], ATTENTION_BLOCK
     blocks = -(-length // block)
     if mask is not None:  # (B, 1, T | 1, S) -> (blocks, B, 1, block, S)
@@ -230,7 +230,7 @@ def _blockwise(q, k, v, mask, scale: float, softcap: float | None, window, local
     @jax.checkpoint
     def attend_block(start, q, mask):
         queries = jnp.minimum(start + jnp.arange(block), length - 1)  # padded: the last one's
-        return _dense(q, k, v, mask, queries, scale, softcap, False, window, local)
+        return _dense(q, k, v, mask, queries, scale, softcap, causal, window, local)
 
     xs = (jnp.arange(blocks) * block, _blocks(q, blocks, block, 0), mask)
     return _unblock(jax.lax.map(lambda xs: attend_block(*xs), xs), length)
@@ -308,7 +308,8 @@ def _positions_seen(query_pos, key_pos, causal: bool, window: int | None, local)
     """(..., T, S): which key positions (..., S) each query position (..., T) sees: causal,
     within the window where it applies (always, or where the traced `local` is true)."""
     query_pos, key_pos = query_pos[..., :, None], key_pos[..., None, :]
-    seen = key_pos <= query_pos if causal else (key_pos >= 0) | (query_pos >= 0)
+    shape = jnp.broadcast_shapes(query_pos.shape, key_pos.shape)
+    seen = key_pos <= query_pos if causal else jnp.ones(shape, bool)
     if window:
         near = key_pos > query_pos - window
         seen &= near if local is None else near | ~local
