@@ -15,6 +15,7 @@ in transparent huge pages (`lora_jax.cli.huge_pages_env`); `--no-huge-pages` run
 KiB pages.
 
     python bench/train_throughput.py                 # CPU shapes (hidden 512, 4 layers)
+    python bench/train_throughput.py --cores 1       # every side on one CPU
     python bench/train_throughput.py --size 1b --batch 8 --seq 2048 --compile   # a GPU
 """
 
@@ -250,6 +251,8 @@ SIDES = {
 
 
 def worker(args: argparse.Namespace) -> None:
+    if args.cores:  # before jax or torch sizes its thread pools
+        os.sched_setaffinity(0, range(args.cores))
     lib, kind = SIDES.get(args.worker, (args.worker, ""))
     common = (args.ckpt, args.batch, args.seq, args.steps, args.dtype)
     if lib == "lora_jax":
@@ -264,7 +267,8 @@ def worker(args: argparse.Namespace) -> None:
 def run_side(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--ckpt", args.ckpt,
                "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-               "--dtype", args.dtype, "--remat", args.remat]  # fmt: skip
+               "--dtype", args.dtype, "--remat", args.remat,
+               "--cores", str(args.cores)]  # fmt: skip
     return run_worker(command, env)
 
 
@@ -294,10 +298,14 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also peft under torch.compile")
     p.add_argument("--memory-1b", action="store_true", help="XLA memory analysis, 1B shape")
     p.add_argument("--no-huge-pages", action="store_true", help="malloc in 4 KiB pages")
+    p.add_argument("--cores", type=int, default=0,
+                   help="run every side on the first N CPUs only (default: all)")  # fmt: skip
     p.add_argument("--remat", default="full", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not 0 <= args.cores <= len(os.sched_getaffinity(0)):
+        p.error(f"--cores {args.cores}: this process may run on {len(os.sched_getaffinity(0))}")
     if args.worker:
         return worker(args)
 
@@ -340,7 +348,8 @@ def main() -> None:
           f"projections, AdamW; best of {args.rounds} alternating rounds, median of "
           f"{args.steps} steps; remat {train_remat()!r} in lora_jax step, else none")  # fmt: skip
     print(f"every side: GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '')!r}, transparent huge "
-          f"pages {THP_MODE.read_text().strip() if THP_MODE.exists() else 'absent'}")  # fmt: skip
+          f"pages {THP_MODE.read_text().strip() if THP_MODE.exists() else 'absent'}, "
+          f"{args.cores or len(os.sched_getaffinity(0))} CPUs")  # fmt: skip
     peft_step = results.get("peft eager", {}).get("step")
     full_step = results.get("lora_jax full", {}).get("step")
     print("| run | step s | tokens/s | peak MiB | vs peft eager | vs lj full |")

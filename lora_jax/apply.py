@@ -119,6 +119,9 @@ def _low_rank_bwd(precision, axis, residuals, g):
     g_h = dot(g, b, ((tuple(range(len(kept), g.ndim)), tuple(range(1, b.ndim))), ((), ())))
     g_b = dot(h, g, ((tokens, tokens), ((), ())))  # (r, *out)
     g_a = dot(g_h, x, ((tokens, kept), ((), ())))  # (r, *x's contracted axes in x's order)
+    # XLA folds a transpose of a dot's output into the dot by swapping its operands, which
+    # puts x back on the left: the barrier keeps the transpose on the small (r, in) result.
+    g_a = lax.optimization_barrier(g_a)
     order = sorted(axis)
     g_a = jnp.transpose(g_a, [1 + order.index(ax) for ax in axis] + [0])
     g_x = dot(g_h, a, (((g_h.ndim - 1,), (a.ndim - 1,)), ((), ())))  # (*kept, *A's input axes)

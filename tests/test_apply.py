@@ -268,3 +268,17 @@ def test_low_rank_backward_equals_autodiff(x_shape, axis):
     ours = jax.grad(lambda x, a, b: jnp.sum(_contract(x, a, b, None, axis) * w), (0, 1, 2))
     for got, want in zip(ours(x, a, b), jax.grad(reference, (0, 1, 2))(x, a, b), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_low_rank_backward_keeps_the_activation_off_the_left_of_its_dot():
+    # dA = xᵀ·(g·Bᵀ) is computed as (r, in) and transposed after: XLA folds a transpose of a
+    # dot's output into the dot by swapping its operands, and XLA's CPU dot then contracts
+    # the activation over its leading (token) axes, about 8x slower (bench/RESULTS.md).
+    from lora_jax.apply import _contract
+
+    x, a, b = jnp.ones((2, 64, 96)), jnp.ones((96, 4)), jnp.ones((4, 80))
+    grad = jax.jit(jax.grad(lambda x, a, b: jnp.sum(_contract(x, a, b, None, (2,))), (0, 1, 2)))
+    dots = [line for line in grad.lower(x, a, b).compile().as_text().splitlines()
+            if " dot(" in line]  # fmt: skip
+    assert any("f32[4,96]" in line.split("=")[1] for line in dots), dots
+    assert not any("f32[96,4]" in line.split("=")[1] for line in dots), dots

@@ -237,6 +237,19 @@ def test_xla_attention_matches_jax_dot_product_attention(dtype, atol, options):
     assert_same_attention(ours, reference, q, k, v, atol=atol, grad_atol=atol * 10)
 
 
+def test_xla_attention_backward_computes_key_gradients_transposed():
+    """dk = dsᵀ·q comes from a dot with (..., H, S) output, transposed after: a dot that writes
+    (..., S, H) contracts the scores over their leading (query) axis, which XLA's CPU dot runs
+    about 2x slower (bench/RESULTS.md)."""
+    q, k, v = random_qkv(batch=2, length=64, heads=4, kv=2, dim=16, dtype=jnp.float32)
+    attention = functools.partial(common.attend, padding=None, causal=True, implementation="xla")
+    grad = jax.jit(jax.grad(functools.partial(weighted_sum, attention), (0, 1, 2)))
+    dots = [line.split("=")[1] for line in grad.lower(q, k, v).compile().as_text().splitlines()
+            if " dot(" in line]  # fmt: skip
+    assert any("f32[2,2,16,64]" in dot for dot in dots), dots
+    assert not any("f32[2,2,64,16]" in dot for dot in dots), dots
+
+
 @pytest.mark.parametrize(
     "options",
     [dict(causal=True), dict(causal=True, window=64), dict(causal=False),

@@ -339,13 +339,38 @@ def _logits(q, k, mask, scale: float, softcap: float | None) -> jax.Array:
     q = q.reshape(batch, length, kv_heads, groups, dim).transpose(0, 2, 1, 3, 4)
     q = q.reshape(batch, kv_heads, length * groups, dim)
     k = k.transpose(0, 2, 1, 3)  # (B, K, S, H)
-    scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = _query_key(q, k) * scale
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     scores = scores.reshape(batch, kv_heads, length, groups, keys)
     if mask is not None:
         scores = jnp.where(mask[:, :, :, None], scores, -0.7 * jnp.finfo(jnp.float32).max)
     return scores
+
+
+@jax.custom_vjp
+def _query_key(q: jax.Array, k: jax.Array) -> jax.Array:
+    """(..., Q, H) queries against (..., S, H) keys: (..., Q, S) float32 scores."""
+    return jnp.einsum("...qh,...sh->...qs", q, k, preferred_element_type=jnp.float32)
+
+
+def _query_key_fwd(q, k):
+    return _query_key(q, k), (q, k)
+
+
+def _query_key_bwd(residuals, g):
+    """dk = gᵀ·q is computed as (qᵀ·g)ᵀ: XLA's CPU dot runs about 2x slower contracting the
+    scores over their leading (query) axis, and would fold a plain transpose of its output
+    back into that form, hence the barrier (bench/RESULTS.md)."""
+    q, k = residuals
+    g_q = jnp.einsum("...qs,...sh->...qh", g, k, preferred_element_type=jnp.float32)
+    g_k = jax.lax.optimization_barrier(
+        jnp.einsum("...qh,...qs->...hs", q, g, preferred_element_type=jnp.float32)
+    )
+    return g_q.astype(q.dtype), jnp.swapaxes(g_k, -1, -2).astype(k.dtype)
+
+
+_query_key.defvjp(_query_key_fwd, _query_key_bwd)
 
 
 def _mix(weights: jax.Array, v: jax.Array) -> jax.Array:
