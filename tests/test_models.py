@@ -240,7 +240,7 @@ def test_xla_attention_matches_jax_dot_product_attention(dtype, atol, options):
 def test_xla_attention_backward_computes_key_gradients_transposed():
     """dk = dsᵀ·q comes from a dot with (..., H, S) output, transposed after: a dot that writes
     (..., S, H) contracts the scores over their leading (query) axis, which XLA's CPU dot runs
-    about 2x slower (bench/RESULTS.md)."""
+    about 2x slower (bench/RESULTS.md). Forward mode still works through it."""
     q, k, v = random_qkv(batch=2, length=64, heads=4, kv=2, dim=16, dtype=jnp.float32)
     attention = functools.partial(common.attend, padding=None, causal=True, implementation="xla")
     grad = jax.jit(jax.grad(functools.partial(weighted_sum, attention), (0, 1, 2)))
@@ -248,6 +248,12 @@ def test_xla_attention_backward_computes_key_gradients_transposed():
             if " dot(" in line]  # fmt: skip
     assert any("f32[2,2,16,64]" in dot for dot in dots), dots
     assert not any("f32[2,2,64,16]" in dot for dot in dots), dots
+    # That layout lives in a derivative of the forward (custom_jvp), so forward mode works:
+    # jax.jvp equals jax.nn.dot_product_attention's within 1e-5.
+    reference = functools.partial(jax.nn.dot_product_attention, is_causal=True)
+    tangents = tuple(jnp.ones_like(x) for x in (q, k, v))
+    got, want = (jax.jvp(f, (q, k, v), tangents)[1] for f in (attention, reference))
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize(
