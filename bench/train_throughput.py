@@ -56,6 +56,11 @@ def shape_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def cpus() -> int:
+    """How many CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def train_remat() -> str:
     """The remat policy `lora-jax train` runs a decoder under (`settings.sft_config`'s)."""
     from lora_jax.settings import sft_config
@@ -252,7 +257,7 @@ SIDES = {
 
 def worker(args: argparse.Namespace) -> None:
     if args.cores:  # before jax or torch sizes its thread pools
-        os.sched_setaffinity(0, range(args.cores))
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     lib, kind = SIDES.get(args.worker, (args.worker, ""))
     common = (args.ckpt, args.batch, args.seq, args.steps, args.dtype)
     if lib == "lora_jax":
@@ -299,13 +304,15 @@ def main() -> None:
     p.add_argument("--memory-1b", action="store_true", help="XLA memory analysis, 1B shape")
     p.add_argument("--no-huge-pages", action="store_true", help="malloc in 4 KiB pages")
     p.add_argument("--cores", type=int, default=0,
-                   help="run every side on the first N CPUs only (default: all)")  # fmt: skip
+                   help="run every side on N of this process's CPUs (default: all)")  # fmt: skip
     p.add_argument("--remat", default="full", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if not 0 <= args.cores <= len(os.sched_getaffinity(0)):
-        p.error(f"--cores {args.cores}: this process may run on {len(os.sched_getaffinity(0))}")
+    if args.cores and not hasattr(os, "sched_setaffinity"):
+        p.error("--cores needs os.sched_setaffinity (Linux)")
+    if not 0 <= args.cores <= cpus():
+        p.error(f"--cores {args.cores}: this process may run on {cpus()} CPUs")
     if args.worker:
         return worker(args)
 
@@ -349,7 +356,7 @@ def main() -> None:
           f"{args.steps} steps; remat {train_remat()!r} in lora_jax step, else none")  # fmt: skip
     print(f"every side: GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '')!r}, transparent huge "
           f"pages {THP_MODE.read_text().strip() if THP_MODE.exists() else 'absent'}, "
-          f"{args.cores or len(os.sched_getaffinity(0))} CPUs")  # fmt: skip
+          f"{args.cores or cpus()} CPUs")  # fmt: skip
     peft_step = results.get("peft eager", {}).get("step")
     full_step = results.get("lora_jax full", {}).get("step")
     print("| run | step s | tokens/s | peak MiB | vs peft eager | vs lj full |")
