@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -361,11 +362,13 @@ def _query_key_jvp(primals, tangents):
     scores over their leading (query) axis, and would fold a plain transpose back into that
     form (bench/RESULTS.md). A derivative of the forward, so forward mode works too."""
     (q, k), (t_q, t_k) = primals, tangents
-    terms = [] if isinstance(t_q, SymbolicZero) else [_query_key(t_q, k)]
+    terms = []  # JAX calls this rule only when q's or k's tangent is nonzero
+    if not isinstance(t_q, SymbolicZero):
+        terms.append(_query_key(t_q, k))
     if not isinstance(t_k, SymbolicZero):
         t_kt = jax.lax.optimization_barrier(jnp.swapaxes(t_k, -1, -2))
         terms.append(jnp.einsum("...qh,...hs->...qs", q, t_kt, preferred_element_type=jnp.float32))
-    return _query_key(q, k), sum(terms[1:], terms[0])
+    return _query_key(q, k), functools.reduce(jnp.add, terms)
 
 
 _query_key.defjvp(_query_key_jvp, symbolic_zeros=True)
