@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from train_throughput import SIZES, keep_best, run_worker, shape_parser, timed
+from train_throughput import SIZES, keep_best, run_script, run_worker, shape_parser, timed
 
 SIDES = ("jax.nn", "lora_jax", "torch SDPA")
 
@@ -115,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -19,7 +19,15 @@ import json
 import re
 import tempfile
 
-from train_throughput import ALPHA, RANK, SIZES, TARGETS, hf_config, shape_parser
+from train_throughput import (
+    ALPHA,
+    RANK,
+    SIZES,
+    TARGETS,
+    hf_config,
+    run_script,
+    shape_parser,
+)
 
 CONTAINERS = {"while", "call", "conditional"}
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
@@ -139,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -25,10 +25,12 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "cpu": (512, 4, 8, 2, 1344, 8192),
@@ -54,6 +56,18 @@ def shape_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     return p
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Runs a bench script's `main`. SIGTERM unwinds as Ctrl-C does (`subprocess.run` stops
+    the running side, temporary checkpoints are removed); either ends with "interrupted" and
+    exit status 130, not a traceback."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def cpus() -> int:
@@ -394,4 +408,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
