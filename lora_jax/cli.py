@@ -52,7 +52,7 @@ def eval_command(args: argparse.Namespace) -> None:
     from lora_jax.train import Run, evaluate
 
     config = load_config(args.config, args.set)
-    run = Run(config)
+    run = Run.start(config)
     adapter_dir = Path(args.adapter or Path(config["output_dir"]) / "adapter")
     adapter, _ = load_adapter(adapter_dir, jax.device_get(run.base))
     adapter = jax.device_put(adapter, run.adapter_shardings)
@@ -79,6 +79,48 @@ def generate_command(args: argparse.Namespace) -> None:
                           apply_fn=apply_fn)  # fmt: skip
     for prompt, text in zip(args.prompt, texts, strict=True):
         print(prompt + text)
+
+
+def compile_command(args: argparse.Namespace) -> int:
+    """Exit 0 when the step fits a chip's HBM, 1 when it does not (the report printed)."""
+    import dataclasses
+
+    from lora_jax import aot
+    from lora_jax.models.hub import config_of
+    from lora_jax.settings import load_config
+    from lora_jax.train import resolve
+
+    aot.topology_name(args.topology)  # a bad name is refused before anything loads
+    # Nothing runs here, it is only compiled: this machine's backend is its CPU, even where
+    # libtpu is installed (or the TPU of a VM is busy training). libtpu, loading, looks for
+    # the TPU VM it runs on and warns on stderr where it finds none; a compile needs none.
+    jax.config.update("jax_platforms", "cpu")
+    for name, value in (
+        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
+        ("TPU_WORKER_HOSTNAMES", "localhost"),
+    ):
+        os.environ.setdefault(name, value)
+    config = load_config(args.config, args.set)
+    hf_config = config_of(resolve(config["model"]["path"]))
+    log = (lambda *_: None) if args.json else print
+    print(f"compiling for {args.topology} with the TPU compiler (minutes for a large model)...",
+          file=sys.stderr)  # fmt: skip
+    if args.search:
+        best, tried = aot.search(config, hf_config, args.topology, log=log)
+        if args.json:
+            plain = dataclasses.asdict
+            print(json.dumps({**(plain(best) if best else {"topology": args.topology,
+                                                          "fits": False}),
+                              "tried": [plain(r) for r in tried]}, indent=1))  # fmt: skip
+        elif best:
+            print(f"largest that fits: {best.micro_batch} rows a micro-batch "
+                  f"({best.tokens_per_chip} tokens a chip), remat {best.remat!r}")  # fmt: skip
+        else:
+            print("nothing fits, not even one row a chip under remat 'full'.")
+        return 0 if best else 1
+    report = aot.compile_step(config, hf_config, args.topology)
+    print(json.dumps(dataclasses.asdict(report), indent=1) if args.json else report.line())
+    return 0 if report.fits else 1
 
 
 def _on_base(adapter: Params, base: Params, adapter_dir: str, base_dir: str) -> dict:
@@ -186,6 +228,21 @@ def parser() -> argparse.ArgumentParser:
     inspect_p.add_argument("--out", help="directory for the PNGs (default: the adapter's)")
     inspect_p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect_p.set_defaults(run=inspect_command)
+    compile_p = commands.add_parser(
+        "compile",
+        help="compile a config's train step for a TPU slice, here, with libtpu: does it fit?",
+    )
+    _config_args(compile_p)
+    compile_p.add_argument(
+        "--topology", required=True, help="a TPU slice: v5e:4x4 (chip:shape) or v5e-16, v4-32"
+    )
+    compile_p.add_argument(
+        "--search",
+        action="store_true",
+        help="find the largest micro-batch a chip holds, and under which remat policy",
+    )
+    compile_p.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    compile_p.set_defaults(run=compile_command)
     return root
 
 
@@ -223,14 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     (a second one, for `train`, which checkpoints on the first) with "interrupted" and 130."""
     args = parser().parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except (ValueError, FileNotFoundError, OSError, ImportError, FloatingPointError) as err:
         print(f"lora-jax {args.command}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # every file is written atomically: nothing half-written remains
         print(f"lora-jax {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

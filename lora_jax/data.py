@@ -154,6 +154,16 @@ def check_rows(
                              "not a string.")  # fmt: skip
 
 
+def batch_shapes(data: DataSettings, rows: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{name: (shape, dtype)} of the arrays `encode` gives `rows` rows of, for a step
+    compiled before any data is read (`lora-jax compile`)."""
+    tokens = ((rows, data.max_length), np.dtype(np.int32))
+    if data.task == "classify":
+        return {"input_ids": tokens, "attention_mask": tokens,
+                "labels": ((rows,), np.dtype(np.int32))}  # fmt: skip
+    return dict.fromkeys(("input_ids", "attention_mask", "positions", "loss_mask"), tokens)
+
+
 def encode(rows: list[dict[str, Any]], tokenizer: Tokenizer, data: DataSettings) -> Batch:
     """Token arrays for `rows`: input_ids, attention_mask, and labels (classify) or
     loss_mask (sft: 1 on response tokens), every row padded or cut to data.max_length."""

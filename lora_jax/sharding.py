@@ -18,7 +18,7 @@ from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lora_jax.quant import QuantizedKernel
-from lora_jax.tree import ADAPTER_LEAVES, adapter_specs, as_dict, path_str
+from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, adapter_specs, as_dict, path_str
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = PartitionSpec(("data", "fsdp"))
@@ -87,7 +87,50 @@ def param_shardings(params: Any, mesh: Mesh, rules: Rules) -> Any:
     flat = traverse_util.flatten_dict(as_dict(params))
     base = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
     specs = adapter_specs(params, base_specs(traverse_util.unflatten_dict(base), mesh, rules))
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    specs = traverse_util.flatten_dict(specs)
+    for keys in specs.keys() & {k for k in flat if k[-1] in (LORA_A, LORA_B)}:
+        specs[keys] = _factor_over_fsdp(specs[keys], np.shape(flat[keys]), keys[-1], mesh)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), traverse_util.unflatten_dict(specs))
+
+
+def _factor_over_fsdp(spec: PartitionSpec, shape, leaf: str, mesh: Mesh) -> PartitionSpec:
+    """A LoRA factor split over fsdp on its kernel-facing axis (A's last input axis, B's last
+    output axis) where its kernel's spec leaves it whole there: fsdp holds every trained
+    leaf and its optimizer state split (ZeRO-3). A column kernel's B, split like its output
+    axis (over tensor), and a row kernel's A would otherwise be whole on every chip: 1.7 GiB
+    a chip of a 70B model's factors and Adam moments."""
+    size = mesh.shape["fsdp"]
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    axis = len(shape) - (2 if leaf == LORA_A else 1)
+    names = [a for e in entries for a in ((e,) if isinstance(e, str) else e or ())]
+    held = math.prod(mesh.shape[a] for a in _as_axes(entries[axis]))
+    if size == 1 or "fsdp" in names or shape[axis] % (held * size):
+        return spec
+    entries[axis] = (*_as_axes(entries[axis]), "fsdp")
+    return PartitionSpec(*entries)
+
+
+def _as_axes(entry: Any) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def batch_shards() -> int:
+    """How many ways the mesh set for the current trace (`jax.sharding.use_abstract_mesh`,
+    as `make_step` sets its shardings' mesh) splits a batch: data x fsdp; 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in BATCH[0] if a in mesh.axis_names)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """`x` with its leading (batch) axis split over data x fsdp, where the current trace has a
+    mesh (else `x` as is). The zoo pins its activations so: left to itself, XLA's propagation
+    follows the embedding table's split (hidden axis over fsdp), so every chip then holds
+    every example's activations; on a TPU slice that cost 77 GiB a chip of an 8B step."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in BATCH[0] if a in mesh.axis_names)
+    if not axes or x.shape[0] % batch_shards():
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -9,13 +9,14 @@ kernel, the batch over (data, fsdp).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.resources
 import json
 import math
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from lora_jax import data as data_lib
 from lora_jax import sharding
 from lora_jax.apply import kernel_layouts, lora_apply
 from lora_jax.checkpoint import Checkpoints
+from lora_jax.config import LoraConfig
 from lora_jax.quant import quantize
 from lora_jax.rundir import RunDir
 from lora_jax.settings import (
@@ -83,9 +85,13 @@ def read_splits(data: DataSettings, classes: int | None) -> dict[str, list[dict[
     return splits
 
 
-def run_mesh(mesh: MeshSettings, train: TrainSettings) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor) mesh, checked to split each micro-batch evenly."""
-    devices = jax.devices()[: None if mesh.devices < 0 else mesh.devices]
+def run_mesh(
+    mesh: MeshSettings, train: TrainSettings, devices: Sequence[Any] | None = None
+) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: this run's, `jax.devices()`),
+    checked to split each micro-batch evenly."""
+    devices = list(jax.devices() if devices is None else devices)
+    devices = devices[: None if mesh.devices < 0 else mesh.devices]
     made = sharding.make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices=devices)
     split_over = made.shape["data"] * made.shape["fsdp"]
     if (train.batch_size // train.grad_accum) % split_over:
@@ -96,13 +102,11 @@ def run_mesh(mesh: MeshSettings, train: TrainSettings) -> jax.sharding.Mesh:
     return made
 
 
-def load_base(cfg: RunConfig, model_dir: str) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, params, hf_config) of the base checkpoint, the task and sequence length checked
-    against it first (before any weight is read), the params quantized for QLoRA."""
+def check_base(cfg: RunConfig, hf_config: dict[str, Any], model_dir: str) -> None:
+    """The task and sequence length checked against the checkpoint's config.json."""
     from lora_jax.models.common import CausalLM  # the zoo: only when training
-    from lora_jax.models.hub import DTYPES, family_of, from_pretrained, max_positions
+    from lora_jax.models.hub import family_of, max_positions
 
-    hf_config = json.loads((Path(model_dir) / "config.json").read_text())
     family, arch = family_of(hf_config)
     if cfg.data.task == "sft" and not issubclass(family.architectures[arch], CausalLM):
         raise ValueError(f"data.task 'sft' trains a decoder (a causal LM); {model_dir} holds "
@@ -110,52 +114,98 @@ def load_base(cfg: RunConfig, model_dir: str) -> tuple[Any, Any, dict[str, Any]]
     if cfg.data.max_length > (limit := max_positions(hf_config)):
         raise ValueError(f"data.max_length {cfg.data.max_length} exceeds the model's {limit} "
                          f"positions ({model_dir}/config.json).")  # fmt: skip
-    model, params, hf_config = from_pretrained(
-        model_dir,
-        DTYPES[cfg.model.dtype],
+
+
+def model_options(cfg: RunConfig) -> dict[str, Any]:
+    """`from_pretrained` / `abstract_pretrained`'s settings for the run's base."""
+    from lora_jax.models.hub import DTYPES
+
+    return dict(
+        dtype=DTYPES[cfg.model.dtype],
         compute_dtype=DTYPES.get(cfg.model.compute_dtype),
         remat=cfg.model.remat,
         num_labels=cfg.model.num_labels if cfg.data.task == "classify" else None,
     )
-    if cfg.model.quantize:  # QLoRA: the frozen base as nf4 / int8 codes
+
+
+def load_base(cfg: RunConfig, model_dir: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, params, hf_config) of the base checkpoint, the task and sequence length checked
+    against it first (before any weight is read)."""
+    from lora_jax.models.hub import from_pretrained
+
+    check_base(cfg, json.loads((Path(model_dir) / "config.json").read_text()), model_dir)
+    return from_pretrained(model_dir, **model_options(cfg))
+
+
+def adapted(cfg: RunConfig, model: Any, params: Any, example: Any) -> Any:
+    """The base quantized where model.quantize asks (QLoRA's nf4 / int8 codes), with LoRA
+    leaves added (seeded by train.seed); `example` is an input batch the model takes."""
+    if cfg.model.quantize:
         params = quantize(params, cfg.lora, cfg.model.quantize, cfg.model.quantize_block)
-    return model, params, hf_config
+    return init(jax.random.key(cfg.train.seed), params, cfg.lora, kernel_layouts(model, example))
 
 
-def add_adapter(
-    cfg: RunConfig, model: Any, params: Any, example: jax.Array, mesh: jax.sharding.Mesh,
-    rules: sharding.Rules,
-) -> tuple[Any, Any]:  # fmt: skip
-    """LoRA leaves added to the base (seeded by train.seed), everything placed on the mesh:
-    (params, their shardings)."""
-    key = jax.random.key(cfg.train.seed)
-    params = init(key, params, cfg.lora, kernel_layouts(model, example))
-    shardings = sharding.param_shardings(params, mesh, rules)
-    return jax.device_put(params, shardings), shardings
+@dataclasses.dataclass(frozen=True, eq=False)
+class Setup:
+    """What the train step is built from: the settings, the mesh, the model, its adapted
+    params split into the trained adapter and the frozen base, and their shardings. Arrays
+    in a `Run`; shapes only (`jax.ShapeDtypeStruct`) for `lora-jax compile`."""
+
+    config: RunConfig
+    mesh: jax.sharding.Mesh
+    model: Any
+    adapter: Any
+    base: Any
+    adapter_shardings: Any
+    base_shardings: Any
+
+    @property
+    def lora(self) -> LoraConfig:
+        return self.config.lora
+
+    @property
+    def classify(self) -> bool:
+        return self.config.data.task == "classify"
+
+    @functools.cached_property
+    def apply(self) -> Callable:
+        """The model's apply with the adapters run factored (`lj.lora_apply`)."""
+        return lora_apply(self.model.apply, self.lora)
 
 
-class Run:
-    """Everything a config builds before the first step: model, data, sharded params."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run(Setup):
+    """Everything a config builds before the first step (`Run.start`): a `Setup` of real
+    arrays on the mesh, the checkpoint it came from, and the tokenized splits."""
 
-    def __init__(self, config: Mapping[str, Any] | RunConfig):
+    hf_config: dict[str, Any]
+    model_dir: str
+    data: dict[str, data_lib.Batch]
+    rows: slice  # this process's rows of each global batch
+
+    @classmethod
+    def start(cls, config: Mapping[str, Any] | RunConfig) -> Run:
+        """Reads the splits (every row checked), builds the mesh, loads and shards the base,
+        adds the adapter: the named setup steps, in the order that checks inputs first."""
         from lora_jax.models.hub import checkpoint_dir, family_of
 
-        self.config = cfg = RunConfig.from_dict(config)
+        cfg = RunConfig.from_dict(config)
         start_distributed(cfg.distributed)
-        self.lora, self.classify = cfg.lora, cfg.data.task == "classify"
-        self.model_dir = str(checkpoint_dir(resolve(cfg.model.path)))
+        model_dir = str(checkpoint_dir(resolve(cfg.model.path)))
         rows = read_splits(cfg.data, len(cfg.data.labels) or cfg.model.num_labels)
-        self.mesh = run_mesh(cfg.mesh, cfg.train)
-        self.model, params, self.hf_config = load_base(cfg, self.model_dir)
-        tokenizer = data_lib.Tokenizer(self.model_dir, self.hf_config)
-        self.data = {s: data_lib.encode(r, tokenizer, cfg.data) for s, r in rows.items()}
-        example = jnp.asarray(self.data["train"]["input_ids"][:1])
-        rules = family_of(self.hf_config)[0].rules
-        params, shardings = add_adapter(cfg, self.model, params, example, self.mesh, rules)
-        self.adapter, self.base = split(params, self.lora)
-        self.adapter_shardings, self.base_shardings = split(shardings, self.lora)
-        self.rows = sharding.local_rows(self.mesh, cfg.train.batch_size)
-        self.apply = lora_apply(self.model.apply, self.lora)
+        mesh = run_mesh(cfg.mesh, cfg.train)
+        model, params, hf_config = load_base(cfg, model_dir)
+        tokenizer = data_lib.Tokenizer(model_dir, hf_config)
+        data = {s: data_lib.encode(r, tokenizer, cfg.data) for s, r in rows.items()}
+        example = jnp.asarray(data["train"]["input_ids"][:1])
+        rules = family_of(hf_config)[0].rules
+        params = adapted(cfg, model, params, example)
+        shardings = sharding.param_shardings(params, mesh, rules)
+        adapter, base = split(jax.device_put(params, shardings), cfg.lora)
+        adapter_shardings, base_shardings = split(shardings, cfg.lora)
+        return cls(cfg, mesh, model, adapter, base, adapter_shardings, base_shardings,
+                   hf_config, model_dir, data,
+                   sharding.local_rows(mesh, cfg.train.batch_size))  # fmt: skip
 
     def batch(self, local: data_lib.Batch, size: int) -> dict[str, jax.Array]:
         return sharding.global_batch(self.mesh, local, size)
@@ -185,7 +235,7 @@ def adamw(train: TrainSettings) -> optax.GradientTransformation:
     )
 
 
-def loss_terms(run: Run, params: Any, batch: Mapping[str, jax.Array], rngs: Any = None):
+def loss_terms(run: Setup, params: Any, batch: Mapping[str, jax.Array], rngs: Any = None):
     """(summed loss, count, summed correct) of a batch: per example for classification, per
     response token (targets shifted by one) for SFT, the LM head applied a chunk of tokens at
     a time (`lora_jax.step.token_terms`). Logits and loss in float32."""
@@ -204,12 +254,12 @@ def loss_terms(run: Run, params: Any, batch: Mapping[str, jax.Array], rngs: Any 
     return token_terms(head, hidden[:, :-1], batch["input_ids"][:, 1:], mask)
 
 
-def run_tx(run: Run, head_only: bool) -> optax.GradientTransformation:
+def run_tx(run: Setup, head_only: bool) -> optax.GradientTransformation:
     """The run's AdamW, with the LoRA factors frozen in the head-only phase (same state)."""
     return factors_only(adamw(run.config.train), run.adapter, run.lora, frozen=head_only)
 
 
-def step_shardings(run: Run, tx: optax.GradientTransformation) -> StepShardings:
+def step_shardings(run: Setup, tx: optax.GradientTransformation) -> StepShardings:
     """Adapter leaves like their kernels, the optimizer state like the adapter, the base by
     the family's rules, the batch over (data, fsdp), scalars replicated."""
     scalar = sharding.replicated(run.mesh)
@@ -218,7 +268,7 @@ def step_shardings(run: Run, tx: optax.GradientTransformation) -> StepShardings:
                          sharding.batch_sharding(run.mesh), scalar)  # fmt: skip
 
 
-def make_train_step(run: Run, tx: optax.GradientTransformation, shardings: StepShardings):
+def make_train_step(run: Setup, tx: optax.GradientTransformation, shardings: StepShardings):
     """The run's step (`lora_jax.step.make_step`) on its loss, with the learning rate and
     the tokens seen as extra metrics."""
     train, lr = run.config.train, schedule(run.config.train)
@@ -291,7 +341,7 @@ def train(
     rundir = open_rundir(settings, resume)
     stop = _Stop()
     try:
-        return _train(Run(settings), resume, log, stop)
+        return _train(Run.start(settings), resume, log, stop)
     finally:
         stop.restore()
         rundir.close()

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sharded_run_matches_one_device_and_splits_the_base(sft, tmp_path, capsys):
     mesh = {"mesh.fsdp": 4, "mesh.tensor": 2, "mesh.devices": 8}
     config = load_config(LLAMA_SFT, overrides(sft, tmp_path / "sharded", **mesh))
-    run = Run(config)
+    run = Run.start(config)
     q = run.base["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     assert q.addressable_shards[0].data.shape == (2, 32 // 4, 32 // 2)  # really split
@@ -81,7 +81,7 @@ def test_qlora_run_is_sharded_and_matches_one_device(sft, tmp_path):
     qlora = {"model.quantize": "nf4", "model.quantize_block": 16}
     mesh = {"mesh.fsdp": 4, "mesh.tensor": 2, "mesh.devices": 8}
     config = load_config(LLAMA_SFT, overrides(sft, tmp_path / "sharded", **qlora, **mesh))
-    run = Run(config)
+    run = Run.start(config)
     q = run.base["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert isinstance(q, lj.QuantizedKernel) and q.codes.dtype == jnp.uint8
     assert q.codes.sharding.spec == PartitionSpec(None, "fsdp", None)
@@ -186,7 +186,7 @@ def test_sigterm_then_resume_replays_the_uninterrupted_curve(sft, tmp_path):
 
 def test_packed_rows_give_the_loss_of_one_example_per_row(sft, tmp_path):
     plain, packed = (
-        Run(load_config(LLAMA_SFT, overrides(sft, tmp_path, **{"data.max_length": 32,
+        Run.start(load_config(LLAMA_SFT, overrides(sft, tmp_path, **{"data.max_length": 32,
                                                                "data.pack": pack})))
         for pack in (False, True)
     )  # fmt: skip
@@ -206,7 +206,7 @@ def test_compiled_step_has_no_weight_gradient_for_frozen_kernels(sft, tmp_path):
     from lora_jax.train import make_train_step, run_tx, step_shardings
 
     config = load_config(LLAMA_SFT, overrides(sft, tmp_path, **{"lora.rank": 4}))
-    run = Run(config)
+    run = Run.start(config)
     tx = run_tx(run, head_only=False)
     state = jax.eval_shape(tx.init, run.adapter)
     step = make_train_step(run, tx, step_shardings(run, tx))
@@ -225,7 +225,7 @@ def test_compiled_step_has_no_weight_gradient_for_frozen_kernels(sft, tmp_path):
 
 def test_bad_input_fails_before_compiling(sft, tmp_path, compilations):
     def run(**changes):
-        Run(load_config(LLAMA_SFT, overrides(sft, tmp_path, **changes)))
+        Run.start(load_config(LLAMA_SFT, overrides(sft, tmp_path, **changes)))
 
     with pytest.raises(FileNotFoundError, match=r"nope\.jsonl does not exist"):
         run(**{"data.train": tmp_path / "nope.jsonl"})

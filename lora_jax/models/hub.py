@@ -265,9 +265,9 @@ def load_params(
     return traverse_util.unflatten_dict(params)
 
 
-def checkpoint_dir(path_or_repo_id: str | Path) -> Path:
+def checkpoint_dir(path_or_repo_id: str | Path, patterns: list[str] | None = None) -> Path:
     """A local checkpoint directory, or a hub id fetched into the local cache (clear error
-    offline)."""
+    offline): its configs, weights and tokenizer, or the files `patterns` match."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
@@ -282,13 +282,35 @@ def checkpoint_dir(path_or_repo_id: str | Path) -> Path:
         ) from err
     try:
         return Path(
-            snapshot_download(text, allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES])
+            snapshot_download(
+                text, allow_patterns=patterns or ["*.json", "*.safetensors", *TOKENIZER_FILES]
+            )
         )
     except Exception as err:
         raise OSError(
             f"could not fetch {text!r} from the Hugging Face hub ({type(err).__name__}); "
             "offline? Pass a local directory holding config.json and model.safetensors."
         ) from err
+
+
+def config_of(path_or_repo_id: str | Path) -> dict[str, Any]:
+    """A checkpoint's config.json, alone: from a local directory (no weights needed there), or
+    just that file of a hub id (clear error offline). What sizing a model needs."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        file = path / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: no config.json.")
+    else:
+        directory = checkpoint_dir(path_or_repo_id, patterns=["config.json"])
+        file = directory / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: not a JSON config ({err}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: not a JSON object.")
+    return config
 
 
 def from_pretrained(
@@ -308,12 +330,36 @@ def from_pretrained(
     """
     directory = checkpoint_dir(path_or_repo_id)
     hf_config = json.loads((directory / "config.json").read_text())
-    new_head = num_labels is not None
-    if new_head:
-        hf_config = _with_classifier(hf_config, num_labels)
-    model = build(hf_config, dtype=compute_dtype, remat=remat, attention_impl=attention_impl)
-    params = load_params(model, directory, hf_config, dtype, new_head)
+    model, hf_config = _model(hf_config, num_labels, compute_dtype, remat, attention_impl)
+    params = load_params(model, directory, hf_config, dtype, num_labels is not None)
     return model, {"params": params}, hf_config
+
+
+def abstract_pretrained(
+    hf_config: dict[str, Any],
+    dtype: Any = jnp.float32,
+    *,
+    compute_dtype: Any = None,
+    remat: str = "none",
+    attention_impl: str | None = None,
+    num_labels: int | None = None,
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """What `from_pretrained` gives for a checkpoint with this config.json, its params as
+    shapes only (`jax.ShapeDtypeStruct`): nothing read, nothing allocated, so a 70B model's
+    step can be compiled ahead of time on a laptop (`lora-jax compile`)."""
+    model, hf_config = _model(hf_config, num_labels, compute_dtype, remat, attention_impl)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes["params"])
+    return model, {"params": params}, hf_config
+
+
+def _model(hf_config: dict, num_labels: int | None, *options: Any) -> tuple[nn.Module, dict]:
+    """The model for a config.json, with a new classifier of `num_labels` where one is asked."""
+    if num_labels is not None:
+        hf_config = _with_classifier(hf_config, num_labels)
+    compute_dtype, remat, attention_impl = options
+    return build(hf_config, dtype=compute_dtype, remat=remat,
+                 attention_impl=attention_impl), hf_config  # fmt: skip
 
 
 def _with_classifier(hf_config: dict[str, Any], num_labels: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models import common
+from lora_jax.sharding import constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +257,7 @@ class LlamaDecoderLayer(common.Layer):
         c = self.config
         attn = LlamaAttention(c, self.dtype, self.attention_impl, name="self_attn")
         mlp = LlamaMLP(c, self.dtype, name="mlp")
+        x = constrain_batch(x)  # the carry between scanned layers: each chip its own rows
         h = attn(norm(c, self.dtype, "input_layernorm")(x), padding, positions, local)
         if not c.sandwich_norms:
             x = x + h
@@ -280,7 +282,7 @@ class LlamaModel(common.ZooModel):
     def __call__(self, input_ids, attention_mask=None, positions=None):
         c = self.config
         positions = common.positions_or_default(input_ids, positions)
-        x = self.embed_tokens(input_ids)
+        x = constrain_batch(self.embed_tokens(input_ids))  # not split like the table
         if c.gemma:  # in the embedding's dtype, as transformers rounds it
             x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
         local = jnp.asarray(c.local_layers or (False,) * c.num_hidden_layers)

@@ -1,0 +1,149 @@
+"""Per-chip HBM of lora_jax's LoRA train step on TPU slices, from the real TPU compiler run
+here ahead of time (libtpu, no TPU): one table, model shapes x slices x tokens a chip x remat.
+
+Each row runs `lora-jax compile --json` on a shipped config in its own process, with the
+model's real config.json (written here: no weights, no network). Beside it:
+  bound   an analytical lower bound (`lower_bound`): the sharded base and adapter state,
+          the activations the remat policy saves, one layer's least working set and one
+          loss chunk
+  probe   the plain-JAX FSDP LoRA step of ../shared/bench/tpu_probe.py (no Flax) at the same
+          shape, slice, tokens and remat ("projections" against its "dots"), if present
+
+    python bench/tpu_compile.py                  # every row (about 20 minutes on 2 cores)
+    python bench/tpu_compile.py --rows 8b-full   # rows whose name contains this
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from train_throughput import run_script
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = ROOT.parent / "shared" / "bench" / "tpu_probe.py"
+GIB = 2**30
+LLAMA3 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
+              max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+              tie_word_embeddings=False,
+              rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                high_freq_factor=4.0,
+                                original_max_position_embeddings=8192))  # fmt: skip
+MODELS = {  # config.json of each shape, as the hub has it
+    "8b": dict(LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8),
+    "70b": dict(LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8),
+    "qwen3-32b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936,
+                      hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                      num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                      max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                      tie_word_embeddings=False),
+}  # fmt: skip
+CONFIGS = {"8b": "llama3_8b_sft.py", "70b": "llama3_70b_sft.py", "qwen3-32b": "qwen3_32b_sft.py"}
+# (model, topology, rows a chip, tokens a row, remat); the shipped configs' own settings first.
+ROWS = [
+    ("8b", "v5e:4x4", 4, 2048, "full"),
+    ("8b", "v5e:4x4", 1, 2048, "full"),
+    ("8b", "v5e:4x4", 1, 2048, "projections"),
+    ("70b", "v5e:8x8", 1, 2048, "full"),
+    ("qwen3-32b", "v5e:4x8", 1, 2048, "full"),
+    ("8b", "v5e:2x2", 32, 2048, "full"),  # oversized: must not fit
+]
+PROBE_REMAT = {"full": "full", "projections": "dots"}
+
+
+def chips(topology: str) -> int:
+    n = 1
+    for side in topology.split(":")[1].split("x"):
+        n *= int(side)
+    return n
+
+
+def lower_bound(hf: dict, n: int, rows: int, length: int, remat: str, rank: int = 16) -> float:
+    """Bytes a chip cannot do without, bfloat16 base and float32 adapter: its shard of the
+    base, of the adapter, its gradient and AdamW's two moments; the activations the remat
+    policy saves (each layer's input; under "projections" each projection's output too);
+    while a layer runs, its largest kernel gathered whole and its projections' outputs for
+    the chip's tokens; one loss chunk's float32 logits (1024 tokens a chip)."""
+    d, f, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
+    vocab = hf["vocab_size"]
+    hd = hf.get("head_dim") or d // hf["num_attention_heads"]
+    q, kv = hf["num_attention_heads"] * hd, hf["num_key_value_heads"] * hd
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+    base = (layers * (sum(i * o for i, o in shapes) + 2 * d) + 2 * vocab * d + d) * 2 / n
+    trained = layers * sum(rank * (i + o) for i, o in shapes) * 4 * 4 / n
+    tokens = rows * length
+    outputs = sum(o for _, o in shapes)  # each projection's output, per token
+    saved = layers * tokens * (d + (outputs if remat == "projections" else 0)) * 2
+    layer = max(i * o for i, o in shapes) * 2 + tokens * outputs * 2
+    return base + trained + saved + layer + 1024 * vocab * 4
+
+
+def ours(model: str, topology: str, rows: int, length: int, remat: str, config_dir: Path) -> dict:
+    """`lora-jax compile --json` of the model's shipped config at this shape, or its error."""
+    sets = {"model.path": config_dir, "model.remat": remat, "data.max_length": length,
+            "train.batch_size": rows * chips(topology), "train.grad_accum": 1}  # fmt: skip
+    command = [sys.executable, "-m", "lora_jax.cli", "compile", "--json", "--topology", topology,
+               "--config", str(ROOT / "configs" / CONFIGS[model])]  # fmt: skip
+    command += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode not in (0, 1):
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:120]}
+    return json.loads(done.stdout)
+
+
+def probe(model: str, topology: str, rows: int, length: int, remat: str) -> str:
+    """The plain-JAX probe's per-chip total (GiB), or why there is none."""
+    if not PROBE.exists() or model not in ("8b", "70b") or remat not in PROBE_REMAT:
+        return "-"
+    command = [sys.executable, str(PROBE), topology, model, str(rows), str(length),
+               PROBE_REMAT[remat]]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+               TPU_ACCELERATOR_TYPE="v5litepod-4", TPU_WORKER_HOSTNAMES="localhost")  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, env=env).stdout
+    if "COMPILE FAILED" in out:
+        return "no fit"
+    return out.split(" total ")[1].split()[0] if " total " in out else "failed"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rows", default="", help="only rows whose name contains this")
+    p.add_argument("--no-probe", action="store_true", help="skip the plain-JAX probe")
+    args = p.parse_args()
+    header = ("row", "chips", "tokens/chip", "args GiB", "temp GiB", "total GiB", "HBM GiB",
+              "fits", "bound GiB", "x bound", "probe GiB", "x probe", "compile s")  # fmt: skip
+    print(" | ".join(header))
+    print(" | ".join("---" for _ in header))
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, topology, rows, length, remat in ROWS:
+            name = f"{model}-{remat} {topology} {rows}x{length}"
+            if args.rows not in name:
+                continue
+            config_dir = Path(tmp) / model
+            config_dir.mkdir(exist_ok=True)
+            (config_dir / "config.json").write_text(json.dumps(MODELS[model]))
+            got = ours(model, topology, rows, length, remat, config_dir)
+            if "error" in got:
+                print(f"{name} | failed: {got['error']}")
+                continue
+            bound = lower_bound(MODELS[model], got["chips"], rows, length, remat)
+            plain = "-" if args.no_probe else probe(model, topology, rows, length, remat)
+            total = got["bytes"] / GIB
+            against = f"{total / float(plain):.2f}" if plain.replace(".", "").isdigit() else "-"
+            args_gib = (got["bytes"] - got["temp_bytes"]) / GIB
+            print(" | ".join([name, str(got["chips"]), str(got["tokens_per_chip"]),
+                              f"{args_gib:.2f}", f"{got['temp_bytes'] / GIB:.2f}", f"{total:.2f}",
+                              f"{got['hbm_bytes'] / GIB:.2f}", "yes" if got["fits"] else "NO",
+                              f"{bound / GIB:.2f}", f"{got['bytes'] / bound:.2f}", plain, against,
+                              f"{got['compile_s']:.0f}"]), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_script(main)

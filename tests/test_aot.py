@@ -1,0 +1,105 @@
+"""`lora-jax compile`: the train step compiled ahead of time by the real TPU compiler (libtpu,
+no TPU), its per-chip report, and the sharding that makes it fit."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from sft_runs import LLAMA_SFT, as_args
+
+from lora_jax import aot
+from lora_jax import data as data_lib
+from lora_jax.settings import DataSettings, load_config
+
+GIB = 2**30
+# A small decoder whose step compiles in seconds.
+SMALL = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=512,
+             hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
+
+
+def compile_cli(config_dir, topology, **sets):
+    """`lora-jax compile --json` on the shipped Llama SFT config, as a user runs it."""
+    settings = {"model.path": str(config_dir), "model.remat": "projections",
+                "train.grad_accum": 1, **sets}  # fmt: skip
+    args = as_args(f"{k}={v}" for k, v in settings.items())
+    command = [sys.executable, "-m", "lora_jax.cli", "compile", "--config", LLAMA_SFT,
+               "--topology", topology, "--json", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+    """A checkpoint directory holding config.json alone: compiling reads nothing else."""
+    directory = tmp_path_factory.mktemp("config_only")
+    (directory / "config.json").write_text(json.dumps(SMALL))
+    return directory
+
+
+def test_compile_reports_a_step_that_fits_a_v5e_slice(small_config):
+    done = compile_cli(small_config, "v5e:2x2", **{"data.max_length": 256,
+                                                    "train.batch_size": 8})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    report = json.loads(done.stdout)
+    assert report["topology"] == "v5e:2x2" and report["chips"] == 4
+    assert report["fits"] is True
+    # The compiler's own HBM figure for a v5e chip (16 GiB, 15.75 usable).
+    assert report["hbm_bytes"] == round(15.75 * GIB)
+    assert 0 < report["bytes"] < report["hbm_bytes"]
+    assert report["base_bytes"] > 0 and report["trained_bytes"] > 0
+    assert report["tokens_per_chip"] == 8 * 256 // 4
+    assert report["remat"] == "projections" and report["micro_batch"] == 8
+
+
+def test_an_oversized_batch_reports_no_fit_with_exit_1(small_config):
+    # 1024 rows of 512 tokens a chip, nothing rematerialised: tens of GiB of activations.
+    done = compile_cli(small_config, "v5e-4", **{"data.max_length": 512,
+                                                  "train.batch_size": 4096,
+                                                  "model.remat": "none"})  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    report = json.loads(done.stdout)
+    assert report["fits"] is False and report["topology"] == "v5e-4" and report["chips"] == 4
+    assert report["bytes"] > report["hbm_bytes"]
+
+
+def test_a_bad_topology_is_one_line_naming_the_accepted_forms(small_config):
+    done = compile_cli(small_config, "v5e-7", **{"train.batch_size": 8})
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'v5e-7'" in lines[0] and "v5e:4x4" in lines[0]
+    assert "v4-N" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("given", "jax_name"),
+    [("v5e:4x4", "v5e:4x4"), ("v5e-16", "v5e:4x4"), ("v5litepod-64", "v5e:8x8"),
+     ("v6e-8", "v6e:2x4"), ("v4-32", "v4:2x2x4"), ("v5p-8", "v5p:2x2x1"), ("v5e-1", "v5e:1x1")],
+)  # fmt: skip
+def test_topology_names_in_both_forms(given, jax_name):
+    assert aot.topology_name(given) == jax_name
+
+
+def test_the_batch_is_split_over_chips_not_replicated(small_config):
+    """The same global batch on twice the chips needs about half the temporaries a chip:
+    the zoo pins its activations to the batch's split (`sharding.constrain_batch`). Left to
+    XLA, every chip held every row's activations (the 8B step needed 77 GiB a chip)."""
+    config = load_config(LLAMA_SFT, [f"model.path={small_config}", "model.remat=projections",
+                                     "data.max_length=512", "train.batch_size=32",
+                                     "train.grad_accum=1"])  # fmt: skip
+    four, eight = (aot.compile_step(config, SMALL, t) for t in ("v5e:2x2", "v5e:2x4"))
+    assert four.fits and eight.fits
+    assert four.tokens_per_chip == 2 * eight.tokens_per_chip
+    assert eight.temp_bytes < 0.65 * four.temp_bytes, (four, eight)
+
+
+@pytest.mark.parametrize("task", ["classify", "sft"])
+def test_batch_shapes_are_what_encode_gives(task, sft):
+    model_dir = sft / "llama"
+    tokenizer = data_lib.Tokenizer(model_dir, json.loads((model_dir / "config.json").read_text()))
+    data = DataSettings(task=task, max_length=8, template="{prompt}")
+    rows = [{"text": "w3 w4", "label": 1, "prompt": "w5 w6", "response": "w7"}] * 3
+    encoded = data_lib.encode(rows, tokenizer, data)
+    assert {k: (v.shape, v.dtype) for k, v in encoded.items()} == data_lib.batch_shapes(data, 3)
