@@ -69,8 +69,9 @@ def lower_bound(hf: dict, n: int, rows: int, length: int, remat: str, rank: int 
     """Bytes a chip cannot do without, bfloat16 base and float32 adapter: its shard of the
     base, of the adapter, its gradient and AdamW's two moments; the activations the remat
     policy saves (each layer's input; under "projections" each projection's output too);
-    while a layer runs, its largest kernel gathered whole and its projections' outputs for
-    the chip's tokens; one loss chunk's float32 logits (1024 tokens a chip)."""
+    while a layer's backward runs, its largest kernel gathered whole and its projections'
+    outputs for the chip's tokens with their gradients; one loss chunk's float32 logits
+    (1024 tokens a chip) with their gradient."""
     d, f, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
     vocab = hf["vocab_size"]
     hd = hf.get("head_dim") or d // hf["num_attention_heads"]
@@ -81,8 +82,8 @@ def lower_bound(hf: dict, n: int, rows: int, length: int, remat: str, rank: int 
     tokens = rows * length
     outputs = sum(o for _, o in shapes)  # each projection's output, per token
     saved = layers * tokens * (d + (outputs if remat == "projections" else 0)) * 2
-    layer = max(i * o for i, o in shapes) * 2 + tokens * outputs * 2
-    return base + trained + saved + layer + 1024 * vocab * 4
+    layer = max(i * o for i, o in shapes) * 2 + tokens * outputs * 2 * 2
+    return base + trained + saved + layer + 1024 * vocab * 4 * 2
 
 
 def ours(model: str, topology: str, rows: int, length: int, remat: str, config_dir: Path) -> dict:

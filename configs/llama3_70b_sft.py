@@ -2,7 +2,7 @@
 r=16 on every projection, bfloat16 base split over all chips (fsdp), 1 x 2048 tokens a chip,
 2 micro-batches a step (128 sequences).
 
-Sized with the TPU compiler before renting the slice (docs/tpu.md):
+Sized with the TPU compiler before renting the slice (README, "Before you rent a pod"):
   lora-jax compile --config configs/llama3_70b_sft.py --topology v5e-64
 Remat "full": each layer is recomputed in the backward. Data: JSONL prompt/response rows, as
 llama3_1b_sft.py. The model id needs network once and Meta's licence accepted on the hub.

@@ -1,7 +1,7 @@
 """Supervised fine-tuning of Llama-3.1-8B on a TPU v5e-16 slice (16 chips, 4 hosts): LoRA
 r=16 on every projection, bfloat16 base split over all chips (fsdp), 4 x 2048 tokens a chip.
 
-Sized with the TPU compiler before renting the slice (docs/tpu.md):
+Sized with the TPU compiler before renting the slice (README, "Before you rent a pod"):
   lora-jax compile --config configs/llama3_8b_sft.py --topology v5e-16
 Remat "full" (each layer recomputed in the backward): saving the projections' outputs
 instead fits only 1 x 2048 tokens a chip. Data: JSONL prompt/response rows, as

@@ -2,7 +2,7 @@
 hosts): LoRA r=16 on every projection, bfloat16 base split over all chips (fsdp), 1 x 2048
 tokens a chip, 2 micro-batches a step (64 sequences).
 
-Sized with the TPU compiler before renting the slice (docs/tpu.md):
+Sized with the TPU compiler before renting the slice (README, "Before you rent a pod"):
   lora-jax compile --config configs/qwen3_32b_sft.py --topology v5e-32
 Remat "full": each layer is recomputed in the backward. Data: JSONL prompt/response rows, as
 llama3_1b_sft.py.

@@ -103,3 +103,15 @@ def test_batch_shapes_are_what_encode_gives(task, sft):
     rows = [{"text": "w3 w4", "label": 1, "prompt": "w5 w6", "response": "w7"}] * 3
     encoded = data_lib.encode(rows, tokenizer, data)
     assert {k: (v.shape, v.dtype) for k, v in encoded.items()} == data_lib.batch_shapes(data, 3)
+
+
+def test_search_finds_the_largest_micro_batch_that_fits(tmp_path):
+    # 64 thin layers of 4096 tokens, nothing rematerialised: about 5 GiB a row a chip, so
+    # the search tries 1, 2 and 4 rows a chip (scanned layers compile once, in seconds).
+    deep = dict(SMALL, num_hidden_layers=64)
+    (tmp_path / "config.json").write_text(json.dumps(deep))
+    config = load_config(LLAMA_SFT, [f"model.path={tmp_path}", "data.max_length=4096",
+                                     "train.batch_size=4", "train.grad_accum=1"])  # fmt: skip
+    best, tried = aot.search(config, deep, "v5e:2x2", policies=("none",), log=lambda _: None)
+    assert [(r.micro_batch // 4, r.fits) for r in tried] == [(1, True), (2, True), (4, False)]
+    assert best == tried[1] and best.remat == "none" and best.tokens_per_chip == 2 * 4096

@@ -19,7 +19,7 @@ DEVICES = {"quickstart": 1, "llm_sft_tpu": 8, "compose_adapters": 1}
 # How the README spells each module a notebook may use.
 MODULES = {
     "lora_jax": "lj",
-    **{f"lora_jax.{m}": m for m in ("compose", "data", "models", "settings", "train")},
+    **{f"lora_jax.{m}": m for m in ("aot", "compose", "data", "models", "settings", "train")},
 }
 
 
