@@ -10,7 +10,7 @@ model's real config.json (written here: no weights, no network). Beside it:
           shape, slice, tokens and remat ("projections" against its "dots"), if present
 
     python bench/tpu_compile.py                  # every row (about 20 minutes on 2 cores)
-    python bench/tpu_compile.py --rows 8b-full   # rows whose name contains this
+    python bench/tpu_compile.py --rows 70b       # rows whose name contains this
 """
 
 from __future__ import annotations
@@ -45,15 +45,16 @@ MODELS = {  # config.json of each shape, as the hub has it
                       max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
                       tie_word_embeddings=False),
 }  # fmt: skip
-CONFIGS = {"8b": "llama3_8b_sft.py", "70b": "llama3_70b_sft.py", "qwen3-32b": "qwen3_32b_sft.py"}
-# (model, topology, rows a chip, tokens a row, remat); the shipped configs' own settings first.
+# (model, shipped config, topology, rows a chip, tokens a row, remat); the configs' own
+# settings first.
 ROWS = [
-    ("8b", "v5e:4x4", 4, 2048, "full"),
-    ("8b", "v5e:4x4", 1, 2048, "full"),
-    ("8b", "v5e:4x4", 1, 2048, "projections"),
-    ("70b", "v5e:8x8", 1, 2048, "full"),
-    ("qwen3-32b", "v5e:4x8", 1, 2048, "full"),
-    ("8b", "v5e:2x2", 32, 2048, "full"),  # oversized: must not fit
+    ("8b", "llama3_8b_sft.py", "v5e:4x4", 4, 2048, "full"),
+    ("8b", "llama3_8b_sft.py", "v5e:4x4", 1, 2048, "full"),
+    ("8b", "llama3_8b_sft.py", "v5e:4x4", 1, 2048, "projections"),
+    ("70b", "llama3_70b_sft.py", "v5e:8x8", 1, 2048, "full"),
+    ("70b", "llama3_70b_qlora.py", "v5e:2x4", 1, 2048, "full"),
+    ("qwen3-32b", "qwen3_32b_sft.py", "v5e:4x8", 1, 2048, "full"),
+    ("8b", "llama3_8b_sft.py", "v5e:2x2", 32, 2048, "full"),  # oversized: must not fit
 ]
 PROBE_REMAT = {"full": "full", "projections": "dots"}
 
@@ -65,19 +66,22 @@ def chips(topology: str) -> int:
     return n
 
 
-def lower_bound(hf: dict, n: int, rows: int, length: int, remat: str, rank: int = 16) -> float:
+def lower_bound(hf: dict, n: int, rows: int, length: int, remat: str, nf4: bool = False,
+                rank: int = 16) -> float:  # fmt: skip
     """Bytes a chip cannot do without, bfloat16 base and float32 adapter: its shard of the
     base, of the adapter, its gradient and AdamW's two moments; the activations the remat
     policy saves (each layer's input; under "projections" each projection's output too);
     while a layer's backward runs, its largest kernel gathered whole and its projections'
     outputs for the chip's tokens with their gradients; one loss chunk's float32 logits
-    (1024 tokens a chip) with their gradient."""
+    (1024 tokens a chip) with their gradient. `nf4`: QLoRA's 4-bit kernels and tables
+    (their block scales left out)."""
     d, f, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
     vocab = hf["vocab_size"]
     hd = hf.get("head_dim") or d // hf["num_attention_heads"]
     q, kv = hf["num_attention_heads"] * hd, hf["num_key_value_heads"] * hd
     shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
-    base = (layers * (sum(i * o for i, o in shapes) + 2 * d) + 2 * vocab * d + d) * 2 / n
+    weights = layers * sum(i * o for i, o in shapes) + 2 * vocab * d
+    base = (weights * (0.5 if nf4 else 2) + (2 * layers + 1) * d * 2) / n  # NF4: 4 bits
     trained = layers * sum(rank * (i + o) for i, o in shapes) * 4 * 4 / n
     tokens = rows * length
     outputs = sum(o for _, o in shapes)  # each projection's output, per token
@@ -86,12 +90,12 @@ def lower_bound(hf: dict, n: int, rows: int, length: int, remat: str, rank: int 
     return base + trained + saved + layer + 1024 * vocab * 4 * 2
 
 
-def ours(model: str, topology: str, rows: int, length: int, remat: str, config_dir: Path) -> dict:
-    """`lora-jax compile --json` of the model's shipped config at this shape, or its error."""
+def ours(config: str, topology: str, rows: int, length: int, remat: str, config_dir: Path) -> dict:
+    """`lora-jax compile --json` of a shipped config at this shape, or its error."""
     sets = {"model.path": config_dir, "model.remat": remat, "data.max_length": length,
             "train.batch_size": rows * chips(topology), "train.grad_accum": 1}  # fmt: skip
     command = [sys.executable, "-m", "lora_jax.cli", "compile", "--json", "--topology", topology,
-               "--config", str(ROOT / "configs" / CONFIGS[model])]  # fmt: skip
+               "--config", str(ROOT / "configs" / config)]  # fmt: skip
     command += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode not in (0, 1):
@@ -123,19 +127,22 @@ def main() -> None:
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     with tempfile.TemporaryDirectory() as tmp:
-        for model, topology, rows, length, remat in ROWS:
-            name = f"{model}-{remat} {topology} {rows}x{length}"
+        for model, config, topology, rows, length, remat in ROWS:
+            name = f"{config[:-3]} {remat} {topology} {rows}x{length}"
             if args.rows not in name:
                 continue
             config_dir = Path(tmp) / model
             config_dir.mkdir(exist_ok=True)
             (config_dir / "config.json").write_text(json.dumps(MODELS[model]))
-            got = ours(model, topology, rows, length, remat, config_dir)
+            got = ours(config, topology, rows, length, remat, config_dir)
+            quantized = "qlora" in config
             if "error" in got:
                 print(f"{name} | failed: {got['error']}")
                 continue
-            bound = lower_bound(MODELS[model], got["chips"], rows, length, remat)
-            plain = "-" if args.no_probe else probe(model, topology, rows, length, remat)
+            bound = lower_bound(MODELS[model], got["chips"], rows, length, remat, quantized)
+            plain = (
+                "-" if args.no_probe or quantized else probe(model, topology, rows, length, remat)
+            )
             total = got["bytes"] / GIB
             against = f"{total / float(plain):.2f}" if plain.replace(".", "").isdigit() else "-"
             args_gib = (got["bytes"] - got["temp_bytes"]) / GIB

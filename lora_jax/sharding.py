@@ -65,11 +65,16 @@ def _spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules) -> PartitionSpec
 def _leaf_spec(path: str, leaf: Any, mesh: Mesh, rules) -> Any:
     if not isinstance(leaf, QuantizedKernel):
         return _spec(path, np.shape(leaf), mesh, rules)
-    # QLoRA: codes and block scales keep the kernel's leading axes and are split like it
-    # there; their last axes (packed codes, blocks) stay whole.
+    # QLoRA: codes and block scales keep the kernel's axes and are split like it, the last
+    # (packed codes, blocks) too where each shard then holds whole blocks: left whole, a row
+    # kernel's fsdp axis was lost, and a 70B base took 16 GiB a chip of a v5e-8, not 5.
+    # The per-row scales of double quantization (last axis 1) stay whole there.
     kernel = tuple(_spec(path, leaf.shape, mesh, rules))
     kernel += (None,) * (len(leaf.shape) - len(kernel))
-    return jax.tree.map(lambda _: PartitionSpec(*kernel[:-1], None), leaf)
+    last = kernel[-1] if leaf.scales.shape[-1] % _size(mesh, kernel[-1]) == 0 else None
+    return jax.tree.map(
+        lambda x: PartitionSpec(*kernel[:-1], last if x.shape[-1] > 1 else None), leaf
+    )
 
 
 def base_specs(params: Any, mesh: Mesh, rules: Rules) -> dict[str, Any]:
@@ -103,8 +108,7 @@ def _factor_over_fsdp(spec: PartitionSpec, shape, leaf: str, mesh: Mesh) -> Part
     entries = list(spec) + [None] * (len(shape) - len(spec))
     axis = len(shape) - (2 if leaf == LORA_A else 1)
     names = [a for e in entries for a in ((e,) if isinstance(e, str) else e or ())]
-    held = math.prod(mesh.shape[a] for a in _as_axes(entries[axis]))
-    if size == 1 or "fsdp" in names or shape[axis] % (held * size):
+    if size == 1 or "fsdp" in names or shape[axis] % (_size(mesh, entries[axis]) * size):
         return spec
     entries[axis] = (*_as_axes(entries[axis]), "fsdp")
     return PartitionSpec(*entries)
@@ -112,6 +116,11 @@ def _factor_over_fsdp(spec: PartitionSpec, shape, leaf: str, mesh: Mesh) -> Part
 
 def _as_axes(entry: Any) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _size(mesh: Mesh, entry: Any) -> int:
+    """How many ways a PartitionSpec entry (None, an axis or axes) splits its axis."""
+    return math.prod(mesh.shape[a] for a in _as_axes(entry))
 
 
 def batch_shards() -> int:

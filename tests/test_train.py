@@ -84,8 +84,10 @@ def test_qlora_run_is_sharded_and_matches_one_device(sft, tmp_path):
     run = Run.start(config)
     q = run.base["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert isinstance(q, lj.QuantizedKernel) and q.codes.dtype == jnp.uint8
-    assert q.codes.sharding.spec == PartitionSpec(None, "fsdp", None)
-    assert q.codes.addressable_shards[0].data.shape == (2, 32 // 4, 32 // 2)  # two codes a byte
+    # Split like the kernel, the last axis too: each shard holds whole blocks of 16.
+    assert q.codes.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert q.codes.addressable_shards[0].data.shape == (2, 32 // 4, 32 // 2 // 2)  # 2 a byte
+    assert q.scales.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     train(config, log=quiet)
     train(load_config(LLAMA_SFT, overrides(sft, tmp_path / "one", **qlora)), log=quiet)
     got, want = losses(tmp_path / "sharded"), losses(tmp_path / "one")
