@@ -35,6 +35,9 @@ LLAMA3 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size
                                 high_freq_factor=4.0,
                                 original_max_position_embeddings=8192))  # fmt: skip
 MODELS = {  # config.json of each shape, as the hub has it
+    "1b": dict(LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+               rope_scaling=dict(LLAMA3["rope_scaling"], factor=32.0)),
     "8b": dict(LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8),
     "70b": dict(LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
@@ -55,6 +58,8 @@ ROWS = [
     ("70b", "llama3_70b_qlora.py", "v5e:2x4", 1, 2048, "full"),
     ("qwen3-32b", "qwen3_32b_sft.py", "v5e:4x8", 1, 2048, "full"),
     ("8b", "llama3_8b_sft.py", "v5e:2x2", 32, 2048, "full"),  # oversized: must not fit
+    ("1b", "llama3_1b_sft.py", "v5e:2x2", 2, 1024, "projections"),
+    ("1b", "llama3_1b_sft.py", "v5e:1x1", 8, 1024, "projections"),
 ]
 PROBE_REMAT = {"full": "full", "projections": "dots"}
 
@@ -80,7 +85,8 @@ def lower_bound(hf: dict, n: int, rows: int, length: int, remat: str, nf4: bool 
     hd = hf.get("head_dim") or d // hf["num_attention_heads"]
     q, kv = hf["num_attention_heads"] * hd, hf["num_key_value_heads"] * hd
     shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
-    weights = layers * sum(i * o for i, o in shapes) + 2 * vocab * d
+    tables = 1 if hf.get("tie_word_embeddings") else 2  # the embedding, and the LM head
+    weights = layers * sum(i * o for i, o in shapes) + tables * vocab * d
     base = (weights * (0.5 if nf4 else 2) + (2 * layers + 1) * d * 2) / n  # NF4: 4 bits
     trained = layers * sum(rank * (i + o) for i, o in shapes) * 4 * 4 / n
     tokens = rows * length

@@ -70,6 +70,13 @@ def topology_devices(name: str) -> list[Any]:
     from jax.experimental import topologies
 
     jax_name = topology_name(name)
+    try:
+        import libtpu  # noqa: F401 (the TPU compiler, which jax loads itself)
+    except ImportError:
+        raise ImportError(
+            "compiling for a TPU needs libtpu at jax's version: pip install "
+            '"lora_jax[tpu]" (or "jax[tpu]"); no TPU is needed.'
+        ) from None
     # Compiling needs no TPU: several processes may hold libtpu at once (the tests do).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     shape = [int(n) for n in jax_name.split(":")[1].split("x")]
@@ -80,13 +87,7 @@ def topology_devices(name: str) -> list[Any]:
     try:
         desc = topologies.get_topology_desc(topology_name=jax_name, platform="tpu", **hosts)
         return list(desc.devices)
-    except (RuntimeError, ValueError) as err:  # libtpu missing, or a shape it refuses
-        missing = "libtpu" in str(err).lower() or "plugin" in str(err).lower()
-        if missing:
-            raise ImportError(
-                "compiling for a TPU needs libtpu at jax's version: pip install "
-                '"lora_jax[tpu]" (or "jax[tpu]"); no TPU is needed.'
-            ) from None
+    except (RuntimeError, ValueError) as err:  # a shape the compiler refuses
         raise ValueError(f"topology {name!r} ({jax_name}): {str(err).splitlines()[0]}") from None
 
 

@@ -73,6 +73,20 @@ def test_a_bad_topology_is_one_line_naming_the_accepted_forms(small_config):
     assert "v4-N" in lines[0]
 
 
+def test_without_libtpu_the_error_names_the_extra(small_config, tmp_path, monkeypatch):
+    shadow = tmp_path / "libtpu"  # an import of libtpu fails, as where it is not installed
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    done = compile_cli(small_config, "v5e:2x2", **{"train.batch_size": 8})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1] == (
+        "lora-jax compile: compiling for a TPU needs libtpu at jax's version: pip install "
+        '"lora_jax[tpu]" (or "jax[tpu]"); no TPU is needed.'
+    )
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(
     ("given", "jax_name"),
     [("v5e:4x4", "v5e:4x4"), ("v5e-16", "v5e:4x4"), ("v5litepod-64", "v5e:8x8"),
