@@ -123,21 +123,15 @@ def _size(mesh: Mesh, entry: Any) -> int:
     return math.prod(mesh.shape[a] for a in _as_axes(entry))
 
 
-def batch_shards() -> int:
-    """How many ways the mesh set for the current trace (`jax.sharding.use_abstract_mesh`,
-    as `make_step` sets its shardings' mesh) splits a batch: data x fsdp; 1 without a mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return math.prod(mesh.shape[a] for a in BATCH[0] if a in mesh.axis_names)
-
-
 def constrain_batch(x: jax.Array) -> jax.Array:
     """`x` with its leading (batch) axis split over data x fsdp, where the current trace has a
-    mesh (else `x` as is). The zoo pins its activations so: left to itself, XLA's propagation
+    mesh (`jax.sharding.use_abstract_mesh`, as `make_step` sets its shardings' mesh; else `x`
+    as is). The zoo pins its activations so: left to itself, XLA's propagation
     follows the embedding table's split (hidden axis over fsdp), so every chip then holds
     every example's activations; on a TPU slice that cost 77 GiB a chip of an 8B step."""
     mesh = jax.sharding.get_abstract_mesh()
     axes = tuple(a for a in BATCH[0] if a in mesh.axis_names)
-    if not axes or x.shape[0] % batch_shards():
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(axes))
 

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import optax
 
 from lora_jax.config import LoraConfig
-from lora_jax.sharding import batch_shards
 from lora_jax.tree import LORA, Params, combine, partition
 
 # (params, batch, rngs) -> (summed loss, count): the step divides the sums over micro-batches
@@ -73,18 +72,15 @@ def token_terms(
     chunk: int = 1024,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(summed cross-entropy, summed weight, summed correct) of `targets` (B, T) given the
-    final `hidden` states (B, T, D), applying `head` (hidden -> logits) to about `chunk`
-    tokens a chip at a time under `jax.checkpoint`: float32 logits exist for one chunk only,
-    forward and backward, never for the whole batch x vocabulary. A chunk is a run of
-    tokens of every row, so each chip keeps its own rows (`sharding.batch_shards` of them).
-    A batch of one chunk is not checkpointed: its logits are the last thing the forward
-    computes and the first the backward reads, so keeping them costs no peak memory and
-    saves a second head matmul."""
-    rows, length = targets.shape
-    per_row = max(1, min(length, chunk * batch_shards() // rows))
-    pad = -length % per_row  # padded tokens weigh 0
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    t, w = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+    final `hidden` states (B, T, D), applying `head` (hidden -> logits) to `chunk` tokens at a
+    time under `jax.checkpoint`: float32 logits exist for one chunk only, forward and
+    backward, never for the whole batch x vocabulary. A batch of one chunk is not
+    checkpointed: its logits are the last thing the forward computes and the first the
+    backward reads, so keeping them costs no peak memory and saves a second head matmul."""
+    h, t, w = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), weights.reshape(-1)
+    chunk = min(chunk, t.size)
+    pad = -t.size % chunk  # padded tokens weigh 0
+    h, t, w = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(t, (0, pad)), jnp.pad(w, (0, pad))
 
     def terms(h, t, w):
         logits = head(h).astype(jnp.float32)
@@ -92,11 +88,8 @@ def token_terms(
         correct = (jnp.argmax(logits, -1) == t).astype(jnp.float32)
         return jnp.stack([jnp.sum(losses * w), jnp.sum(w), jnp.sum(correct * w)])
 
-    def chunked(x):  # (B, T, ...) -> (T / per_row, B, per_row, ...)
-        return jnp.swapaxes(x.reshape(rows, -1, per_row, *x.shape[2:]), 0, 1)
-
-    chunks = (chunked(h), chunked(t), chunked(w))
-    per_chunk = terms if len(chunks[1]) == 1 else jax.checkpoint(terms)
+    chunks = (h.reshape(-1, chunk, h.shape[-1]), t.reshape(-1, chunk), w.reshape(-1, chunk))
+    per_chunk = terms if len(t) == chunk else jax.checkpoint(terms)
 
     def add(total, xs):
         return total + per_chunk(*xs), None

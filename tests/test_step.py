@@ -108,7 +108,7 @@ def test_chunked_token_loss_equals_the_full_one_and_never_holds_all_logits(check
         correct = (jnp.argmax(logits, -1) == ids[:, 1:]).astype(jnp.float32)
         return jnp.sum(losses * weights), (jnp.sum(weights), jnp.sum(correct * weights))
 
-    def chunked(a, chunk=16):  # 4 rows x 15 tokens in chunks of 4 x 4: the last one padded
+    def chunked(a, chunk=16):  # 60 tokens in chunks of 16: the last one padded
         p = lj.combine(a, base)
         hidden = apply(p, ids, method="hidden")[:, :-1]
         head = functools.partial(apply, p, method="head")
