@@ -291,9 +291,11 @@ def test_sharded_over_8_devices_adapters_follow_kernels_and_loss_equals_one_devi
     assert base_shardings["layers"]["q"]["kernel"] == shardings["layers"]["q"]["kernel"]
     layers = shardings["layers"]
     # A: the kernel's layer and input axes, rank replicated; B: layer, rank, output axes.
+    # A factor its kernel leaves whole over fsdp is split over fsdp on its kernel-facing
+    # axis (ZeRO-3): q's B on its last output axis, o's A on its last input axis.
     assert layers["q"]["lora_a"].spec == PartitionSpec(None, "fsdp", None)
-    assert layers["q"]["lora_b"].spec == PartitionSpec(None, None, "tensor", None)
-    assert layers["o"]["lora_a"].spec == PartitionSpec(None, "tensor", None, None)
+    assert layers["q"]["lora_b"].spec == PartitionSpec(None, None, "tensor", "fsdp")
+    assert layers["o"]["lora_a"].spec == PartitionSpec(None, "tensor", "fsdp", None)
     assert layers["o"]["lora_b"].spec == PartitionSpec(None, None, "fsdp")
     placed = jax.device_put(params, shardings)
     adapter, base = lj.split(placed, CONFIG)
