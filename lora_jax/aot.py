@@ -255,7 +255,7 @@ def _with(config: dict, remat: str, micro: int) -> dict:
 
 def _batch_shards(config: dict, topology: str) -> int:
     """data x fsdp of the config's mesh on this topology: the chips a micro-batch splits over."""
-    mesh = RunConfig.from_dict(config).mesh
-    devices = topology_devices(topology)[: None if mesh.devices < 0 else mesh.devices]
-    made = sharding.make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices=devices)
+    from lora_jax.train import settings_mesh
+
+    made = settings_mesh(RunConfig.from_dict(config).mesh, topology_devices(topology))
     return made.shape["data"] * made.shape["fsdp"]

@@ -90,9 +90,7 @@ def run_mesh(
 ) -> jax.sharding.Mesh:
     """The (data, fsdp, tensor) mesh over `devices` (default: this run's, `jax.devices()`),
     checked to split each micro-batch evenly."""
-    devices = list(jax.devices() if devices is None else devices)
-    devices = devices[: None if mesh.devices < 0 else mesh.devices]
-    made = sharding.make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices=devices)
+    made = settings_mesh(mesh, devices)
     split_over = made.shape["data"] * made.shape["fsdp"]
     if (train.batch_size // train.grad_accum) % split_over:
         raise ValueError(
@@ -100,6 +98,14 @@ def run_mesh(
             f"data x fsdp = {split_over} devices."
         )
     return made
+
+
+def settings_mesh(mesh: MeshSettings, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+    """The mesh the `mesh.*` settings give over `devices` (default: `jax.devices()`), the
+    first `mesh.devices` of them."""
+    devices = list(jax.devices() if devices is None else devices)
+    devices = devices[: None if mesh.devices < 0 else mesh.devices]
+    return sharding.make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices=devices)
 
 
 def check_base(cfg: RunConfig, hf_config: dict[str, Any], model_dir: str) -> None:
