@@ -23,9 +23,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lora_jax import data as data_lib
 from lora_jax import sharding
 from lora_jax.settings import RunConfig
+from lora_jax.tasks import TASKS
 
 CHIPS = ("v2", "v3", "v4", "v5e", "v5p", "v6e")
 # Cloud TPU slice names: v5e / v6e count chips (a 2D torus), v4 / v5p TensorCores, two a
@@ -194,8 +194,9 @@ def compile_step(config: Mapping[str, Any] | RunConfig, hf_config: Mapping[str, 
     step = train.make_train_step(setup, tx, shardings)
     opt_state = jax.eval_shape(tx.init, setup.adapter)
     rows, length = cfg.train.batch_size, cfg.data.max_length
+    shapes = TASKS[cfg.data.task].batch_shapes(cfg.data, rows)
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings.batch)
-             for k, (shape, dtype) in data_lib.batch_shapes(cfg.data, rows).items()}  # fmt: skip
+             for k, (shape, dtype) in shapes.items()}  # fmt: skip
     scalar = jax.ShapeDtypeStruct((), np.int32, sharding=shardings.scalar)
     start = time.perf_counter()
     lowered = step.lower(_on(setup.adapter, shardings.adapter), _on(opt_state, shardings.opt_state),

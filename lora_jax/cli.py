@@ -1,7 +1,8 @@
 """`lora-jax`: command-line entry points. `train` runs a config (the offline quickstart by
 default), `eval` scores a run's adapter, `generate` continues prompts, `merge` folds a
 peft-format adapter into its base and writes a Hugging Face model directory that
-transformers, vLLM or TGI serve as is, `inspect` shows what an adapter learned."""
+transformers, vLLM or TGI serve as is, `inspect` shows what an adapter learned, `compile`
+sizes a config's step for a TPU slice with the TPU compiler."""
 
 from __future__ import annotations
 
@@ -12,18 +13,20 @@ import platform
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 from flax import traverse_util
 
 from lora_jax.io import base_for, load_adapter, read_adapter
 from lora_jax.models import from_pretrained, save_pretrained
-from lora_jax.models.hub import DTYPES
+from lora_jax.models.options import DTYPES
 from lora_jax.report import weights_bytes
 from lora_jax.tree import KERNEL, Params, combine, merge, sites
 
 
 def merge_command(args: argparse.Namespace) -> None:
+    """`lora-jax merge`: the adapter folded into its base, written as a model directory."""
     out = Path(args.out).resolve()
     for name, given in (("--base", args.base), ("--adapter", args.adapter)):
         if Path(given).exists() and out == Path(given).resolve():
@@ -41,6 +44,7 @@ def merge_command(args: argparse.Namespace) -> None:
 
 
 def train_command(args: argparse.Namespace) -> None:
+    """`lora-jax train`: a config run to the end (or to a signal, checkpointed)."""
     from lora_jax.settings import load_config
     from lora_jax.train import train
 
@@ -48,6 +52,7 @@ def train_command(args: argparse.Namespace) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> None:
+    """`lora-jax eval`: a saved adapter's loss and accuracy on the config's eval split."""
     from lora_jax.settings import load_config
     from lora_jax.train import Run, evaluate
 
@@ -64,6 +69,7 @@ def eval_command(args: argparse.Namespace) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> None:
+    """`lora-jax generate`: each prompt continued, with the adapter run factored."""
     from lora_jax.apply import lora_apply
     from lora_jax.data import Tokenizer
     from lora_jax.generate import generate_text
@@ -137,6 +143,7 @@ def _on_base(adapter: Params, base: Params, adapter_dir: str, base_dir: str) -> 
 
 
 def inspect_command(args: argparse.Namespace) -> None:
+    """`lora-jax inspect`: the analysis rows of an adapter as a table or JSON, and figures."""
     from lora_jax import analysis, inspection
 
     params, config = read_adapter(args.adapter)
@@ -163,6 +170,18 @@ def inspect_command(args: argparse.Namespace) -> None:
     print("figures: " + ", ".join(str(p) for p in pngs))
 
 
+# Where each command is documented (docs/ in the repository).
+DOCS = "https://github.com/lora-jax/lora_jax/blob/main/docs/"
+COMMAND_DOCS = {
+    "train": "training.md",
+    "eval": "training.md",
+    "generate": "composition.md",
+    "merge": "adapters.md",
+    "inspect": "analysis.md",
+    "compile": "tpu-pods.md",
+}
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="Python file with get_config() (default: the quickstart)")
     p.add_argument(
@@ -170,14 +189,27 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config entry, e.g. train.steps=100 (repeatable)",
+        help="override a config entry, e.g. train.steps=100 (repeatable); every key, its "
+        f"default and its cost: {DOCS}training.md",
+    )
+
+
+def _command(commands: Any, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends by naming the page that documents it."""
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog=f"Documented in {DOCS}{COMMAND_DOCS[name]}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the link whole, unwrapped
     )
 
 
 def parser() -> argparse.ArgumentParser:
+    """The `lora-jax` argument parser: one subcommand per command, each naming its page."""
     root = argparse.ArgumentParser(prog="lora-jax", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
-    train_p = commands.add_parser("train", help="LoRA-fine-tune a model from a config")
+    train_p = _command(commands, "train", "LoRA-fine-tune a model from a config")
     _config_args(train_p)
     train_p.add_argument(
         "--resume",
@@ -185,11 +217,11 @@ def parser() -> argparse.ArgumentParser:
         help="continue from the newest readable checkpoint of output_dir",
     )
     train_p.set_defaults(run=train_command)
-    eval_p = commands.add_parser("eval", help="loss and accuracy of a run's adapter")
+    eval_p = _command(commands, "eval", "loss and accuracy of a run's adapter")
     _config_args(eval_p)
     eval_p.add_argument("--adapter", help="peft-format adapter (default: output_dir/adapter)")
     eval_p.set_defaults(run=eval_command)
-    gen_p = commands.add_parser("generate", help="continue prompts with a model (and adapter)")
+    gen_p = _command(commands, "generate", "continue prompts with a model (and adapter)")
     gen_p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     gen_p.add_argument("--adapter", help="peft-format adapter directory (factored, unmerged)")
     gen_p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
@@ -200,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
     gen_p.add_argument("--seed", type=int, default=0)
     gen_p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen_p.set_defaults(run=generate_command)
-    merge_p = commands.add_parser("merge", help="fold an adapter into its base model")
+    merge_p = _command(commands, "merge", "fold an adapter into its base model")
     merge_p.add_argument("--base", required=True, help="Hugging Face checkpoint directory")
     merge_p.add_argument("--adapter", required=True, help="peft-format adapter directory")
     merge_p.add_argument("--out", required=True, help="output model directory")
@@ -211,8 +243,8 @@ def parser() -> argparse.ArgumentParser:
         help="dtype of the written weights; the sum is formed in float32",
     )
     merge_p.set_defaults(run=merge_command)
-    inspect_p = commands.add_parser(
-        "inspect", help="what an adapter learned: spectrum, amplification, subspace similarity"
+    inspect_p = _command(
+        commands, "inspect", "what an adapter learned: spectrum, amplification, subspace similarity"
     )
     inspect_p.add_argument("adapter", help="peft-format adapter directory")
     inspect_p.add_argument(
@@ -228,9 +260,8 @@ def parser() -> argparse.ArgumentParser:
     inspect_p.add_argument("--out", help="directory for the PNGs (default: the adapter's)")
     inspect_p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect_p.set_defaults(run=inspect_command)
-    compile_p = commands.add_parser(
-        "compile",
-        help="compile a config's train step for a TPU slice, here, with libtpu: does it fit?",
+    compile_p = _command(
+        commands, "compile", "compile a config's train step for a TPU slice, here, with libtpu"
     )
     _config_args(compile_p)
     compile_p.add_argument(

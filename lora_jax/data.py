@@ -1,11 +1,9 @@
 """Training data: JSONL or TFDS rows -> token arrays -> a seeded, resumable batch iterator.
 
-Two tasks. "classify": a text field and a label field (int, or a string from `labels`).
-"sft": a prompt (a template over the row's fields) and a response; only response tokens
-count in the loss, and `pack` fills each row with several examples that attend only within
-themselves (segment ids in attention_mask, positions restarting per example). Everything
-is encoded up front into numpy arrays (fine for fine-tuning sets), so the iterator's whole
-state is (epoch, batch index): resuming replays exactly.
+Which fields a row needs and how it becomes arrays is the task's (`lora_jax.tasks`); this
+module reads rows, tokenizes, pads and packs. Everything is encoded up front into numpy
+arrays (fine for fine-tuning sets), so the iterator's whole state is (epoch, batch index):
+resuming replays exactly.
 """
 
 from __future__ import annotations
@@ -14,12 +12,9 @@ import json
 import string
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:  # the settings import the model zoo; encode only reads their fields
-    from lora_jax.settings import DataSettings
 
 Batch = dict[str, np.ndarray]
 
@@ -104,103 +99,20 @@ class Tokenizer:
         return self.fast.decode(list(ids), skip_special_tokens=True)
 
 
-def _pad(seqs: list[list[int]], length: int, value: int) -> np.ndarray:
+def pad(seqs: list[list[int]], length: int, value: int) -> np.ndarray:
+    """Token lists as one (rows, length) int32 array, cut or filled with `value`."""
     out = np.full((len(seqs), length), value, np.int32)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s[:length]
     return out
 
 
-def task_fields(data: DataSettings) -> list[str]:
-    """The row fields the task reads: text and label, or the template's fields and the
-    response."""
-    if data.task == "classify":
-        return [data.text_field, data.label_field]
-    return [*_template_fields(data.template), data.response_field]
-
-
-def _template_fields(template: str) -> list[str]:
+def template_fields(template: str) -> list[str]:
+    """The row fields a prompt template reads ("{prompt}" -> ["prompt"])."""
     return [f for _, f, _, _ in string.Formatter().parse(template) if f]
 
 
-def check_rows(
-    rows: list[dict[str, Any]], where: str, data: DataSettings, classes: int | None
-) -> None:
-    """Every value the task reads has its type, nothing coerced: texts are strings, a label
-    is a name from data.labels or an int in [0, classes); a template field is not null.
-    The error names the file and the row."""
-    for n, row in enumerate(rows, 1):
-        at = f"{where}: row {n}"
-        if data.task == "classify":
-            text, label = row[data.text_field], row[data.label_field]
-            if not isinstance(text, str):
-                raise ValueError(f"{at}: {data.text_field} is {text!r}, not a string.")
-            if isinstance(label, str):
-                if label not in data.labels:
-                    raise ValueError(f"{at}: label {label!r} is not one of data.labels "
-                                     f"{list(data.labels)}.")  # fmt: skip
-            elif isinstance(label, bool) or not isinstance(label, int):
-                raise ValueError(f"{at}: label {label!r} is neither a class index (int) nor a "
-                                 "name from data.labels.")  # fmt: skip
-            elif label < 0 or (classes is not None and label >= classes):
-                raise ValueError(f"{at}: label {label} is outside the {classes} classes "
-                                 f"[0, {classes}).")  # fmt: skip
-            continue
-        for field in _template_fields(data.template):
-            if row[field] is None:
-                raise ValueError(f"{at}: {field} is null.")
-        if not isinstance(row[data.response_field], str):
-            raise ValueError(f"{at}: {data.response_field} is {row[data.response_field]!r}, "
-                             "not a string.")  # fmt: skip
-
-
-def batch_shapes(data: DataSettings, rows: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{name: (shape, dtype)} of the arrays `encode` gives `rows` rows of, for a step
-    compiled before any data is read (`lora-jax compile`)."""
-    tokens = ((rows, data.max_length), np.dtype(np.int32))
-    if data.task == "classify":
-        return {"input_ids": tokens, "attention_mask": tokens,
-                "labels": ((rows,), np.dtype(np.int32))}  # fmt: skip
-    return dict.fromkeys(("input_ids", "attention_mask", "positions", "loss_mask"), tokens)
-
-
-def encode(rows: list[dict[str, Any]], tokenizer: Tokenizer, data: DataSettings) -> Batch:
-    """Token arrays for `rows`: input_ids, attention_mask, and labels (classify) or
-    loss_mask (sft: 1 on response tokens), every row padded or cut to data.max_length."""
-    length = data.max_length
-    if data.task == "classify":
-        ids = [tokenizer(r[data.text_field])[:length] for r in rows]
-        # check_rows has made every label a known name or an index in range
-        labels = [data.labels.index(r[data.label_field]) if isinstance(r[data.label_field], str)
-                  else r[data.label_field] for r in rows]  # fmt: skip
-        mask = _pad([[1] * len(s) for s in ids], length, 0)
-        return {
-            "input_ids": _pad(ids, length, tokenizer.pad),
-            "attention_mask": mask,
-            "labels": np.asarray(labels, np.int32),
-        }
-    examples = []
-    for r in rows:
-        prompt = tokenizer(data.template.format(**r))
-        answer = tokenizer(r[data.response_field], special=False)
-        answer += [tokenizer.eos] if tokenizer.eos is not None else []
-        examples.append(
-            ((prompt + answer)[:length], ([0] * len(prompt) + [1] * len(answer))[:length])
-        )
-    rows_of = _packed(examples, length) if data.pack else [[e] for e in examples]
-    ids = [[t for e in row for t in e[0]] for row in rows_of]
-    # Segment ids (1, 2, ... per packed example) and positions that restart with each one.
-    segments = [[i + 1 for i, e in enumerate(row) for _ in e[0]] for row in rows_of]
-    positions = [[p for e in row for p in range(len(e[0]))] for row in rows_of]
-    return {
-        "input_ids": _pad(ids, length, tokenizer.pad),
-        "attention_mask": _pad(segments, length, 0),
-        "positions": _pad(positions, length, 0),
-        "loss_mask": _pad([[m for e in row for m in e[1]] for row in rows_of], length, 0),
-    }
-
-
-def _packed(examples: list, length: int) -> list[list]:
+def packed(examples: list, length: int) -> list[list]:
     """Examples grouped greedily, in order, into rows of at most `length` tokens."""
     rows, used = [], length
     for example in examples:

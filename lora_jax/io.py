@@ -1,8 +1,8 @@
 """Adapter files in peft's format, both ways: adapter_config.json + adapter_model.safetensors.
 
-peft names a tensor `base_model.model.<transformers module>.lora_A.weight` and stores A as
-(r, in), B as (out, r); ours are (in, r) and (r, out) with stacked layers on axis 0. Files are
-read from safetensors only: a pickle file can run code when loaded.
+peft stores A as (r, in), B as (out, r); ours are (in, r) and (r, out) with stacked layers
+on axis 0. Tensor names come from a `models.Naming` (the only home of names, both ways).
+Files are read from safetensors only: a pickle file can run code when loaded.
 """
 
 from __future__ import annotations
@@ -24,14 +24,8 @@ from safetensors.flax import save_file
 
 from lora_jax.config import LoraConfig
 from lora_jax.files import atomic, write_text
-from lora_jax.models.hub import (
-    LEAF_TO_HF,
-    Naming,
-    build,
-    checkpoint_dir,
-    from_pretrained,
-    naming_of,
-)
+from lora_jax.models.hub import build, checkpoint_dir, from_pretrained, naming_of
+from lora_jax.models.naming import Naming
 from lora_jax.tree import (
     ADAPTER_LEAVES,
     KERNEL,
@@ -42,15 +36,14 @@ from lora_jax.tree import (
     Params,
     as_dict,
     combine,
+    kernel_layout,
     path_str,
     sites,
 )
 from lora_jax.variants import BASE_MODIFYING_INITS
 
-PREFIX = "base_model.model."
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 UNSUPPORTED = ("lora_bias", "layers_to_transform")
-MAGNITUDE = "lora_magnitude_vector"  # peft's DoRA magnitude, one per output feature
 
 
 def _params(tree: Params) -> Params:
@@ -193,16 +186,18 @@ def save_adapter(
         layered = {n: flat[(*module, n)] if stacked else flat[(*module, n)][None] for n in present}
         for i, name in enumerate(names):
             a_i, b_i = layered[LORA_A][i], layered[LORA_B][i]
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = jnp.asarray(a_i.reshape(-1, rank).T)
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = jnp.asarray(b_i.reshape(rank, -1).T)
+            tensors[naming.peft_name(name, LORA_A)] = jnp.asarray(a_i.reshape(-1, rank).T)
+            tensors[naming.peft_name(name, LORA_B)] = jnp.asarray(b_i.reshape(rank, -1).T)
             if LORA_M in layered:
-                tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = jnp.asarray(layered[LORA_M][i].reshape(-1))
+                tensors[naming.peft_name(name, LORA_M)] = jnp.asarray(
+                    layered[LORA_M][i].reshape(-1)
+                )
         adapted += names
         ranks[_exact(names)], alphas[_exact(names)] = rank, config.alpha_for(site.path)
     full = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
     saved = []
     for name, tensor in naming.tensors(traverse_util.unflatten_dict(full)):
-        tensors[PREFIX + name] = jnp.array(tensor, copy=True)
+        tensors[naming.peft_name(name)] = jnp.array(tensor, copy=True)
         saved.append(name)
     if naming.task_type == "CAUSAL_LM":  # what vLLM would be asked to serve
         _vllm_warnings(set(ranks.values()), saved, config.use_dora)
@@ -269,34 +264,6 @@ def _peft_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
     return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", name)), default)
 
 
-def _our_keys(dotted: list[str]) -> tuple[tuple[str, ...], int | None]:
-    """transformers module path -> (our module keys, layer index or None)."""
-    layer = next((int(p) for p in dotted if p.isdigit()), None)
-    return tuple(p for p in dotted if not p.isdigit()), layer
-
-
-def _listed(module_name: str, modules: set[tuple]) -> tuple | None:
-    """Our keys for a module the base holds in a list (an NNX nnx.List of layers: int keys)
-    rather than in a scanned stack, or None; `modules`: the base's module keys."""
-    keys = tuple(int(p) if p.isdigit() else p for p in module_name.split("."))
-    return keys if keys in modules else None
-
-
-def _parse(name: str) -> tuple[str, tuple[str, ...], int | None, str]:
-    """(kind, our module keys, layer, transformers module) of a peft tensor name. kind is
-    lora_A, lora_B, LORA_M (DoRA's magnitude), or "weight"/"bias" of a fully trained module."""
-    if not name.startswith(PREFIX):
-        raise ValueError(f"{name}: not a peft tensor name (expected {PREFIX}...).")
-    parts = name[len(PREFIX) :].split(".")
-    if parts[-1] == MAGNITUDE:
-        kind, module = LORA_M, parts[:-1]
-    elif len(parts) > 2 and parts[-2] in ("lora_A", "lora_B"):
-        kind, module = parts[-2], parts[:-2]
-    else:
-        kind, module = parts[-1], parts[:-1]
-    return (kind, *_our_keys(module), ".".join(module))
-
-
 def _peft_files(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The tensors and adapter_config.json of a peft LoRA directory."""
     tensors = _read_tensors(directory)
@@ -313,6 +280,26 @@ def _peft_files(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]
     return tensors, peft_config
 
 
+def _file_naming(
+    directory: Path,
+    tensors: dict[str, np.ndarray],
+    peft_config: dict[str, Any],
+    naming: Naming | None,
+    hf_config: dict[str, Any] | None,
+) -> Naming:
+    """The Naming to read a file by: the zoo's for `hf_config`, else `naming`, else the one
+    its tensor names imply, checked against the file's own fan_in_fan_out."""
+    fan_in_fan_out = bool(peft_config.get("fan_in_fan_out"))
+    naming = naming_of(hf_config) if hf_config is not None else naming
+    if naming is None:
+        return Naming.implied(tensors, fan_in_fan_out=fan_in_fan_out)
+    if naming.fan_in_fan_out != fan_in_fan_out:
+        raise ValueError(f"{directory}/adapter_config.json: fan_in_fan_out is {fan_in_fan_out}, "
+                         f"but the naming given has {naming.fan_in_fan_out}: an adapter for "
+                         "another model?")  # fmt: skip
+    return naming
+
+
 def _assemble(
     lora: dict[tuple, dict[str, dict]],
     dotted: dict[str, set[str]],
@@ -320,17 +307,15 @@ def _assemble(
     peft_config: dict[str, Any],
 ) -> tuple[dict[tuple, np.ndarray], LoraConfig]:
     """Per-layer tensors stacked into our leaves (flat), and the LoraConfig that explains them.
-    lora: module -> lora_A/lora_B/LORA_M -> layer -> array (A as (in, r), B as (r, out));
+    lora: module -> lora_a/lora_b/LORA_M -> layer -> array (A as (in, r), B as (r, out));
     dotted: module path -> its transformers names; full: fully trained leaf -> layer -> array."""
     flat, ranks, alphas = {}, {}, {}
     for keys, parts in lora.items():
         path = path_str(keys)
-        if not all(n in parts for n in ("lora_A", "lora_B")):
+        if not all(n in parts for n in (LORA_A, LORA_B)):
             raise ValueError(f"{path}: the file holds {sorted(parts)}; lora_A and lora_B needed.")
-        flat[(*keys, LORA_A)] = _stack(parts["lora_A"], f"{path}/lora_a")
-        flat[(*keys, LORA_B)] = _stack(parts["lora_B"], f"{path}/lora_b")
-        if LORA_M in parts:
-            flat[(*keys, LORA_M)] = _stack(parts[LORA_M], f"{path}/{LORA_M}")
+        for leaf, per_layer in parts.items():
+            flat[(*keys, leaf)] = _stack(per_layer, f"{path}/{leaf}")
         ranks[path] = flat[(*keys, LORA_A)].shape[-1]
         alphas[path] = _peft_value(peft_config.get("alpha_pattern") or {}, min(dotted[path]),
                                    peft_config["lora_alpha"])  # fmt: skip
@@ -352,34 +337,35 @@ def _assemble(
 
 
 def _fit_factor(
-    name: str, keys: tuple, layer: int | None, kind: str, factor: np.ndarray, base: dict,
+    name: str, keys: tuple, layer: int | None, factor: np.ndarray, base: dict,
     layouts: Layouts | None,
 ) -> np.ndarray:  # fmt: skip
-    """peft's A (in, r), B (r, out) or DoRA magnitude (out,), checked against the base kernel
-    before anything is stacked or attached, and shaped like it: a kernel of several input or
-    output axes (DenseGeneral, LinearGeneral) has them flattened row-major in peft's Linear."""
-    path = path_str((*keys, {"lora_A": LORA_A, "lora_B": LORA_B}.get(kind, LORA_M)))
-    if (*keys, KERNEL) not in base:
-        raise ValueError(f"{name} ({path}): the base has no kernel at {path_str(keys)}.")
-    kernel = tuple(base[(*keys, KERNEL)].shape)[int(layer is not None) :]
-    n_in = 1 if len(kernel) == 2 else (layouts or {}).get(path_str(keys), (None,))[0]
-    if not isinstance(n_in, int):
-        raise ValueError(f"{name} ({path}): the base kernel is {kernel} per layer; say which "
-                         "axes are its inputs with layouts=lj.kernel_layouts(model).")  # fmt: skip
-    ins, outs = kernel[:n_in], kernel[n_in:]
-    want = {"lora_A": (math.prod(ins), None), "lora_B": (None, math.prod(outs))}.get(
-        kind, (math.prod(outs),)
-    )
+    """peft's A (in, r), B (r, out) or DoRA magnitude (out,) of the leaf at `keys`, checked
+    against the base kernel before anything is stacked or attached, and shaped like it: a
+    kernel of several input or output axes (DenseGeneral, LinearGeneral) has them flattened
+    row-major in peft's Linear."""
+    module, leaf = keys[:-1], keys[-1]
+    path = path_str(keys)
+    if (*module, KERNEL) not in base:
+        raise ValueError(f"{name} ({path}): the base has no kernel at {path_str(module)}.")
+    shape = tuple(base[(*module, KERNEL)].shape)
+    try:
+        lead, n_in, _ = kernel_layout(path_str(module), shape, layouts, int(layer is not None))
+    except ValueError as err:
+        raise ValueError(f"{name} ({path}): {err}") from None
+    ins, outs = shape[lead : lead + n_in], shape[lead + n_in :]
+    want, form = {
+        LORA_A: ((math.prod(ins), None), "(in, r)"),
+        LORA_B: ((None, math.prod(outs)), "(r, out)"),
+    }.get(leaf, ((math.prod(outs),), "(out,)"))
     if factor.ndim != len(want) or any(
         w not in (None, n) for w, n in zip(want, factor.shape, strict=True)
     ):
-        raise ValueError(
-            f"{name} ({path}): shape {factor.shape} does not fit the base kernel {kernel} "
-            f"(expected {({'lora_A': '(in, r)', 'lora_B': '(r, out)'}).get(kind, '(out,)')})."
-        )
-    if kind == "lora_A":
+        raise ValueError(f"{name} ({path}): shape {factor.shape} does not fit the base kernel "
+                         f"{shape[lead:]} (expected {form}).")  # fmt: skip
+    if leaf == LORA_A:
         return factor.reshape(*ins, -1)
-    return factor.reshape(-1, *outs) if kind == "lora_B" else factor.reshape(outs)
+    return factor.reshape(-1, *outs) if leaf == LORA_B else factor.reshape(outs)
 
 
 def _stack(per_layer: dict[int | None, np.ndarray], what: str) -> np.ndarray:
@@ -393,43 +379,47 @@ def _stack(per_layer: dict[int | None, np.ndarray], what: str) -> np.ndarray:
 
 
 def load_adapter(
-    directory: str | Path, base_params: Params, layouts: Layouts | None = None
+    directory: str | Path,
+    base_params: Params,
+    layouts: Layouts | None = None,
+    *,
+    naming: Naming | None = None,
+    hf_config: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], LoraConfig]:
     """(adapter tree, LoraConfig) from a peft LoRA directory, checked against `base_params`.
 
-    Kernels of more than two axes per layer (DenseGeneral, LinearGeneral, Einsum) need
-    `layouts` (`lj.kernel_layouts(model, ...)`) to unflatten peft's (in, out) factors.
+    Tensor names are read by `naming` (your own Linen model's `models.Naming`, the one
+    `save_adapter` took), by the zoo's for `hf_config`, or else by the one the file's names
+    imply (layers numbered under one key). Kernels of more than two axes per layer
+    (DenseGeneral, LinearGeneral, Einsum) need `layouts` (`lj.kernel_layouts(model, ...)`)
+    to unflatten peft's (in, out) factors.
 
     Every tensor's shape is checked against the base before anything is returned; the base is
     never modified. Put it on the base with `lj.combine(adapter, base_params)`.
     """
     directory = Path(directory)
     tensors, peft_config = _peft_files(directory)
+    naming = _file_naming(directory, tensors, peft_config, naming, hf_config)
     base = traverse_util.flatten_dict(_params(base_params))
-    lora: dict[tuple, dict[str, dict]] = {}  # module -> lora_A/lora_B -> layer -> array
+    known: dict[tuple, set[str]] = {}  # the base's modules and their leaves
+    for keys in base:
+        known.setdefault(keys[:-1], set()).add(keys[-1])
+    lora: dict[tuple, dict[str, dict]] = {}  # module -> lora_a/lora_b/magnitude -> layer -> array
     dotted: dict[str, set[str]] = {}  # our module path -> transformers module names
     full: dict[tuple, dict] = {}  # leaf -> layer -> array
-    modules = {k[:-1] for k in base}
+    saved = peft_config.get("modules_to_save") or []
     for name, tensor in tensors.items():
-        kind, keys, layer, module_name = _parse(name)
-        if layer is not None and (listed := _listed(module_name, modules)):
-            keys, layer = listed, None
-        if kind in ("lora_A", "lora_B", LORA_M):
-            factor = _fit_factor(name, keys, layer, kind, tensor.T, base, layouts)
-            lora.setdefault(keys, {}).setdefault(kind, {})[layer] = factor
-            dotted.setdefault(path_str(keys), set()).add(module_name)
-        else:
-            saved = peft_config.get("modules_to_save") or []
-            if not any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", module_name) for m in saved):
-                raise ValueError(f"{directory}: {name} is a full tensor of {module_name}, which "
-                                 "adapter_config.json's modules_to_save does not list; a peft "
-                                 "adapter holds only what its config explains.")  # fmt: skip
-            module = {k[-1] for k in base if k[:-1] == keys}
-            leaf = "bias" if kind == "bias" else next(
-                (n for n in module if LEAF_TO_HF.get(n) == "weight"), KERNEL)  # fmt: skip
-            # torch Linear weights are (out, in); GPT-2's Conv1D (fan_in_fan_out) already (in, out)
-            flip = leaf == KERNEL and not peft_config.get("fan_in_fan_out")
-            full.setdefault((*keys, leaf), {})[layer] = tensor.T if flip else tensor
+        keys, layer, module_name = naming.peft_entry(name, known)
+        if keys[-1] in ADAPTER_LEAVES:
+            factor = _fit_factor(name, keys, layer, tensor.T, base, layouts)
+            lora.setdefault(keys[:-1], {}).setdefault(keys[-1], {})[layer] = factor
+            dotted.setdefault(path_str(keys[:-1]), set()).add(module_name)
+            continue
+        if not any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", module_name) for m in saved):
+            raise ValueError(f"{directory}: {name} is a full tensor of {module_name}, which "
+                             "adapter_config.json's modules_to_save does not list; a peft "
+                             "adapter holds only what its config explains.")  # fmt: skip
+        full.setdefault(keys, {})[layer] = tensor.T if naming.transposed(keys) else tensor
     flat, config = _assemble(lora, dotted, full, peft_config)
     adapter = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     adapter = {"params": adapter} if "params" in base_params else adapter
@@ -437,9 +427,12 @@ def load_adapter(
     return adapter, config
 
 
-def read_adapter(directory: str | Path) -> tuple[dict[str, Any], LoraConfig]:
+def read_adapter(
+    directory: str | Path, *, naming: Naming | None = None, hf_config: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], LoraConfig]:
     """(adapted tree, LoraConfig) of a peft LoRA directory alone, for reading what it holds
-    (`lora_jax.analysis`, `lora-jax inspect`) rather than running it.
+    (`lora_jax.analysis`, `lora-jax inspect`) rather than running it; names read as
+    `load_adapter` reads them.
 
     Each adapted module gets lora_a (layers, in, r), lora_b (layers, r, out) (DoRA: its
     magnitude) and an abstract `kernel` (a jax.ShapeDtypeStruct (layers, in, out)) that gives
@@ -448,14 +441,14 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], LoraConfig]:
     """
     directory = Path(directory)
     tensors, peft_config = _peft_files(directory)
+    naming = _file_naming(directory, tensors, peft_config, naming, hf_config)
     lora: dict[tuple, dict[str, dict]] = {}
     dotted: dict[str, set[str]] = {}
     for name, tensor in tensors.items():
-        kind, keys, layer, module_name = _parse(name)
-        if kind in ("lora_A", "lora_B", LORA_M):
-            factor = tensor if kind == LORA_M else tensor.T
-            lora.setdefault(keys, {}).setdefault(kind, {})[layer] = factor
-            dotted.setdefault(path_str(keys), set()).add(module_name)
+        keys, layer, module_name = naming.peft_entry(name)
+        if keys[-1] in ADAPTER_LEAVES:
+            lora.setdefault(keys[:-1], {}).setdefault(keys[-1], {})[layer] = tensor.T
+            dotted.setdefault(path_str(keys[:-1]), set()).add(module_name)
     if not lora:
         raise ValueError(f"{directory}: the file holds no lora_A/lora_B tensors.")
     flat, config = _assemble(lora, dotted, {}, peft_config)

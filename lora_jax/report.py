@@ -1,5 +1,5 @@
 """What a training run leaves behind: progress bar, metrics (JSONL + TensorBoard), the
-adapter in peft format, a merged-model check, sizes on disk and a PNG loss curve."""
+adapter in peft format, sizes on disk and a PNG loss curve."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from lora_jax.config import LoraConfig
 from lora_jax.files import atomic, write_text
-from lora_jax.tree import combine, merge
 
 
 class Writer:
@@ -86,10 +84,17 @@ def save_figure(fig: Any, png: Path) -> Path:
 
 
 def finish(
-    run: Any, adapter: Any, metrics: Mapping[str, float], out: Path, log: Callable[[str], None]
+    out: Path,
+    adapter: Any,
+    metrics: Mapping[str, float],
+    config: LoraConfig,
+    hf_config: dict[str, Any],
+    model_dir: str,
+    log: Callable[[str], None],
 ) -> None:
-    """Saves the adapter (peft format) and its final eval metrics (eval.json), checks the
-    merged model, compares sizes, plots."""
+    """Saves the adapter (peft format, for the base in `model_dir`) and its final eval
+    metrics (eval.json) in `out`, compares sizes on disk, plots the loss curve. Called on
+    every process: the adapter is gathered whole first; process 0 writes."""
     from lora_jax.io import save_adapter
 
     host_adapter = multihost_utils.process_allgather(adapter, tiled=True)  # whole, every host
@@ -97,31 +102,11 @@ def finish(
         return
     adapter_dir = out / "adapter"
     write_text(out / "eval.json", json.dumps(dict(metrics), indent=1))
-    save_adapter(
-        adapter_dir, host_adapter, run.lora, hf_config=run.hf_config, base_model_id=run.model_dir
-    )
-    if run.classify and jax.process_count() == 1:
-        factored, merged = merged_predictions(run, adapter)
-        same = int(np.sum(factored == merged))
-        log(f"merged model: same predictions on {same}/{len(factored)} eval examples")
-    small, big = weights_bytes(adapter_dir), weights_bytes(run.model_dir)
+    save_adapter(adapter_dir, host_adapter, config, hf_config=hf_config, base_model_id=model_dir)
+    small, big = weights_bytes(adapter_dir), weights_bytes(model_dir)
     log(
         f"adapter {adapter_dir}: {small / 2**20:.2f} MiB on disk; base {big / 2**20:.1f} MiB "
         f"({100 * small / max(big, 1):.1f}%)"
     )
     loss_curve(out / "metrics.jsonl", out / "loss.png")
     log(f"loss curve: {out / 'loss.png'}; metrics: {out / 'metrics.jsonl'}")
-
-
-def merged_predictions(run: Any, adapter: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Eval-split predictions from the factored forward and from the merged model."""
-    factored = jax.jit(lambda p, x, m: run.apply(p, x, m))
-    plain = jax.jit(lambda p, x, m: run.model.apply(p, x, m))
-    params = combine(adapter, run.base)
-    merged = merge(params, run.lora)
-    eval_data = run.data["eval"]
-    x, m = jnp.asarray(eval_data["input_ids"]), jnp.asarray(eval_data["attention_mask"])
-    return (
-        np.asarray(jnp.argmax(factored(params, x, m), -1)),
-        np.asarray(jnp.argmax(plain(merged, x, m), -1)),
-    )

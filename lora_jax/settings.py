@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lora_jax.config import LoraConfig
-from lora_jax.models.common import REMAT_POLICIES
-from lora_jax.models.hub import DTYPES
+from lora_jax.models.options import DTYPES, REMAT_POLICIES
 from lora_jax.quant import KINDS
+from lora_jax.tasks import TASKS
 
 QUICKSTART_DATA = "package:lora_jax/datasets/negation"
 SFT_DATA = "package:lora_jax/datasets/arithmetic"
@@ -30,6 +30,7 @@ SFT_DATA = "package:lora_jax/datasets/arithmetic"
 Dtype = Literal[tuple(DTYPES)]
 Remat = Literal[tuple(REMAT_POLICIES)]
 Quantization = Literal[KINDS]
+Task = Literal[tuple(TASKS)]
 
 
 def _require(ok: bool, key: str, value: Any, want: str) -> None:
@@ -60,7 +61,7 @@ class ModelSettings:
 class DataSettings:
     """JSONL (or tfds:) splits and how rows become token arrays."""
 
-    task: Literal["classify", "sft"] = "classify"
+    task: Task = "classify"
     train: str = f"{QUICKSTART_DATA}/train.jsonl"
     eval: str = f"{QUICKSTART_DATA}/test.jsonl"
     text_field: str = "text"
@@ -117,6 +118,8 @@ class MeshSettings:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
+    """How often the run checkpoints (orbax, in output_dir/checkpoints) and how many it keeps."""
+
     every: int = 50  # steps between checkpoints (0: only when stopped by a signal)
     keep: int = 2
 
@@ -127,6 +130,8 @@ class CheckpointSettings:
 
 @dataclasses.dataclass(frozen=True)
 class DistributedSettings:
+    """Several processes joined by jax.distributed (hosts of a pod, GPU nodes)."""
+
     coordinator: str | None = None  # "host:port" of process 0, for jax.distributed
     num_processes: int = 1
     process_id: int = 0

@@ -32,6 +32,7 @@ from lora_jax import sharding
 from lora_jax.apply import kernel_layouts, lora_apply
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.config import LoraConfig
+from lora_jax.models.options import DTYPES
 from lora_jax.quant import quantize
 from lora_jax.rundir import RunDir
 from lora_jax.settings import (
@@ -46,8 +47,8 @@ from lora_jax.step import (
     factors_only,
     make_step,
     opt_state_shardings,
-    token_terms,
 )
+from lora_jax.tasks import TASKS, Task, check_rows
 from lora_jax.tree import combine, init, split
 
 
@@ -77,11 +78,11 @@ def start_distributed(dist: DistributedSettings) -> None:
 def read_splits(data: DataSettings, classes: int | None) -> dict[str, list[dict[str, Any]]]:
     """The train and eval rows, every field the task needs there with its type, labels in
     [0, classes) (before anything compiles)."""
-    fields, splits = data_lib.task_fields(data), {}
+    fields, splits = TASKS[data.task].fields(data), {}
     for name in ("train", "eval"):
         source = resolve(getattr(data, name))
         splits[name] = data_lib.read_rows(source, fields)
-        data_lib.check_rows(splits[name], source, data, classes)
+        check_rows(splits[name], source, data, classes)
     return splits
 
 
@@ -110,13 +111,10 @@ def settings_mesh(mesh: MeshSettings, devices: Sequence[Any] | None = None) -> j
 
 def check_base(cfg: RunConfig, hf_config: dict[str, Any], model_dir: str) -> None:
     """The task and sequence length checked against the checkpoint's config.json."""
-    from lora_jax.models.common import CausalLM  # the zoo: only when training
-    from lora_jax.models.hub import family_of, max_positions
+    from lora_jax.models.hub import family_of, max_positions  # the zoo: only when training
 
     family, arch = family_of(hf_config)
-    if cfg.data.task == "sft" and not issubclass(family.architectures[arch], CausalLM):
-        raise ValueError(f"data.task 'sft' trains a decoder (a causal LM); {model_dir} holds "
-                         f"{arch}: use data.task 'classify', or a decoder.")  # fmt: skip
+    TASKS[cfg.data.task].check_model(family.architectures[arch], arch, model_dir)
     if cfg.data.max_length > (limit := max_positions(hf_config)):
         raise ValueError(f"data.max_length {cfg.data.max_length} exceeds the model's {limit} "
                          f"positions ({model_dir}/config.json).")  # fmt: skip
@@ -124,13 +122,11 @@ def check_base(cfg: RunConfig, hf_config: dict[str, Any], model_dir: str) -> Non
 
 def model_options(cfg: RunConfig) -> dict[str, Any]:
     """`from_pretrained` / `abstract_pretrained`'s settings for the run's base."""
-    from lora_jax.models.hub import DTYPES
-
     return dict(
         dtype=DTYPES[cfg.model.dtype],
         compute_dtype=DTYPES.get(cfg.model.compute_dtype),
         remat=cfg.model.remat,
-        num_labels=cfg.model.num_labels if cfg.data.task == "classify" else None,
+        num_labels=TASKS[cfg.data.task].num_labels(cfg.model.num_labels),
     )
 
 
@@ -170,8 +166,9 @@ class Setup:
         return self.config.lora
 
     @property
-    def classify(self) -> bool:
-        return self.config.data.task == "classify"
+    def task(self) -> Task:
+        """The task's behaviour (`lora_jax.tasks`): loss terms, evals reported, checks."""
+        return TASKS[self.config.data.task]
 
     @functools.cached_property
     def apply(self) -> Callable:
@@ -202,7 +199,8 @@ class Run(Setup):
         mesh = run_mesh(cfg.mesh, cfg.train)
         model, params, hf_config = load_base(cfg, model_dir)
         tokenizer = data_lib.Tokenizer(model_dir, hf_config)
-        data = {s: data_lib.encode(r, tokenizer, cfg.data) for s, r in rows.items()}
+        task = TASKS[cfg.data.task]
+        data = {s: task.encode(r, tokenizer, cfg.data) for s, r in rows.items()}
         example = jnp.asarray(data["train"]["input_ids"][:1])
         rules = family_of(hf_config)[0].rules
         params = adapted(cfg, model, params, example)
@@ -242,22 +240,9 @@ def adamw(train: TrainSettings) -> optax.GradientTransformation:
 
 
 def loss_terms(run: Setup, params: Any, batch: Mapping[str, jax.Array], rngs: Any = None):
-    """(summed loss, count, summed correct) of a batch: per example for classification, per
-    response token (targets shifted by one) for SFT, the LM head applied a chunk of tokens at
-    a time (`lora_jax.step.token_terms`). Logits and loss in float32."""
-    inputs = [batch[k] for k in ("input_ids", "attention_mask", "positions") if k in batch]
-    weight = batch.get("weight", jnp.ones(batch["input_ids"].shape[0], jnp.float32))
-    if run.classify:
-        logits = run.apply(params, *inputs, rngs=rngs).astype(jnp.float32)
-        labels = batch["labels"]
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return jnp.sum(losses * weight), jnp.sum(weight), jnp.sum(correct * weight)
-    hidden = run.apply(params, *inputs, rngs=rngs, method="hidden")
-    real = batch["attention_mask"][:, 1:] > 0  # segment ids when packed
-    mask = batch["loss_mask"][:, 1:] * real * weight[:, None]
-    head = functools.partial(run.apply, params, rngs=rngs, method="head")
-    return token_terms(head, hidden[:, :-1], batch["input_ids"][:, 1:], mask)
+    """(summed loss, count, summed correct) of a batch by the run's task (`lora_jax.tasks`):
+    per example for classification, per response token for SFT; float32 logits and loss."""
+    return run.task.loss_terms(run.apply, params, batch, rngs)
 
 
 def run_tx(run: Setup, head_only: bool) -> optax.GradientTransformation:
@@ -398,7 +383,7 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
         log(f"resumed from step {start} ({out / 'checkpoints'})")
     writer = Writer(out, start, enabled=main)
     steps = {f: make_train_step(run, tx, shardings) for f, tx in txs.items()}
-    if start == 0 and run.classify:
+    if start == 0 and run.task.reports_probe:
         log(f"eval before training: {_fmt(evaluate(run, adapter))}")
     bar = writer.progress(start, train_cfg.steps)
     try:
@@ -422,7 +407,7 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
             metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - t0)
             writer.log(step + 1, metrics, bar)
             checkpoints.save(step + 1, (adapter, opt_state), batches.state())
-            if step + 1 == head_steps and run.classify:
+            if step + 1 == head_steps and run.task.reports_probe:
                 log(f"eval after training the head alone: {_fmt(evaluate(run, adapter))}")
             if stop.anywhere():
                 checkpoints.save(step + 1, (adapter, opt_state), batches.state(), force=True)
@@ -434,7 +419,9 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
         writer.close()
     metrics = evaluate(run, adapter)
     log(f"eval after LoRA: {_fmt(metrics)}")
-    finish(run, adapter, metrics, out, log)  # every process: it gathers the adapter first
+    run.task.finish(run, adapter, log)
+    # Every process: it gathers the adapter first.
+    finish(out, adapter, metrics, run.lora, run.hf_config, run.model_dir, log)
     return metrics
 
 

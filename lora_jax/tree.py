@@ -210,7 +210,13 @@ def sites(params: Params, config: LoraConfig | None = None, what: str = "sites")
     return found
 
 
-def _kernel_layout(path: str, shape: tuple[int, ...], layouts: Layouts | None) -> tuple[int, int]:
+def kernel_layout(
+    path: str, shape: tuple[int, ...], layouts: Layouts | None = None, lead: int = 0
+) -> tuple[int, int, int]:
+    """(lead, n_in, n_out): a kernel's stacked-layer, input and output axis counts, from
+    `layouts` (`lj.kernel_layouts`) where it names `path`, else (lead, 1, 1) where `lead`
+    stacked axes leave two, else a ValueError asking for layouts. The one place a bare
+    kernel's layout is decided: `init` and adapter files (`lj.load_adapter`) ask it."""
     given = (layouts or {}).get(path)
     if isinstance(given, str):
         raise ValueError(f"{path}: cannot be adapted: {given}")
@@ -218,9 +224,9 @@ def _kernel_layout(path: str, shape: tuple[int, ...], layouts: Layouts | None) -
         n_in, n_out = given
         if n_in < 1 or n_out < 1 or n_in + n_out > len(shape):
             raise ValueError(f"{path}: layout {given} does not fit kernel shape {shape}.")
-        return n_in, n_out
-    if len(shape) == 2:
-        return 1, 1
+        return len(shape) - n_in - n_out, n_in, n_out
+    if len(shape) - lead == 2:
+        return lead, 1, 1
     raise ValueError(
         f"{path}: kernel shape {shape} is ambiguous (a stacked nn.Dense, or an nn.DenseGeneral "
         "with several input or output axes?). Pass layouts=lj.kernel_layouts(model, *inputs), "
@@ -284,8 +290,7 @@ def init(
     plans = []
     for keys in _targets(modules, config):
         path, shape = path_str(keys), tuple(modules[keys][KERNEL].shape)
-        n_in, n_out = _kernel_layout(path, shape, layouts)
-        lead = len(shape) - n_in - n_out
+        lead, n_in, _ = kernel_layout(path, shape, layouts)
         fan_in, fan_out = math.prod(shape[lead : lead + n_in]), math.prod(shape[lead + n_in :])
         rank = config.rank_for(path)
         if rank > min(fan_in, fan_out):

@@ -319,7 +319,7 @@ def test_custom_linen_model_saves_a_peft_adapter_peft_loads(tmp_path):
 
 
 def test_custom_linen_model_loads_a_peft_adapter(tmp_path):
-    model, params, twin, x, _ = custom_pair()
+    model, params, twin, x, naming = custom_pair()
     torch.manual_seed(0)
     cfg = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["up", "down"],
                           init_lora_weights=False)  # fmt: skip
@@ -327,7 +327,33 @@ def test_custom_linen_model_loads_a_peft_adapter(tmp_path):
     peer.save_pretrained(tmp_path)
     with torch.no_grad():
         theirs = peer(torch.tensor(x)).numpy()
-    adapter, config = lj.load_adapter(tmp_path, params)
+    adapter, config = lj.load_adapter(tmp_path, params, naming=naming)
     ours = np.asarray(lj.lora_apply(model.apply, config)(lj.combine(adapter, params), x))
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     assert np.abs(ours - np.asarray(model.apply(params, x))).max() > 1e-2
+    implied, _ = lj.load_adapter(tmp_path, params)  # without one: the names' own numbering
+    jax.tree.map(np.testing.assert_array_equal, implied, adapter)
+    # A naming that stores kernels (in, out) does not describe this file: refused, named.
+    with pytest.raises(ValueError, match=r"adapter_config\.json: fan_in_fan_out is False"):
+        lj.load_adapter(tmp_path, params, naming=models.Naming("layers", fan_in_fan_out=True))
+
+
+def test_one_naming_round_trips_a_custom_models_adapter_through_peft(tmp_path):
+    # ours -> peft -> ours and peft -> ours -> peft, names read and written by one Naming.
+    model, params, twin, x, naming = custom_pair()
+    config = lj.LoraConfig(rank=2, alpha=4.0, targets=("up", "down", "proj_in"))
+    adapted = lj.init(jax.random.key(1), params, config, lj.kernel_layouts(model, x))
+    adapter = lj.split(randomize_adapters(adapted, jax.random.key(2), 0.5), config)[0]
+    lj.save_adapter(tmp_path / "ours", adapter, config, naming=naming, base=params)
+    peer = peft.PeftModel.from_pretrained(twin, tmp_path / "ours")
+    peer.save_pretrained(tmp_path / "via_peft")
+    back, back_config = lj.load_adapter(tmp_path / "via_peft", params, naming=naming)
+    jax.tree.map(np.testing.assert_array_equal, back, adapter)  # exactly the factors saved
+    assert (back_config.rank, back_config.alpha) == (2, 4.0)
+    lj.save_adapter(tmp_path / "again", back, back_config, naming=naming, base=params)
+    again = peft.PeftModel.from_pretrained(custom_pair()[2], tmp_path / "again").eval()
+    with torch.no_grad():
+        theirs = again(torch.tensor(x)).numpy()
+    ours = np.asarray(lj.lora_apply(model.apply, config)(lj.combine(adapter, params), x))
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    assert np.abs(ours - np.asarray(model.apply(params, x))).max() > 1e-2  # not a no-op

@@ -1,6 +1,6 @@
 """The Colab notebooks: each runs top to bottom, headless, with SMALL=1 (nbclient and a real
 Jupyter kernel, as CI runs them); each is committed without outputs, installs from the
-repository the README's badges point at, and uses only the public API the README shows."""
+repository the docs' badges point at, and uses only the public API the README and docs show."""
 
 import ast
 import re
@@ -8,15 +8,15 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from doc_pages import TEXT
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
 REPOSITORY = re.search(r'^Repository = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)[1]
 NOTEBOOKS = {p.stem: p for p in sorted((ROOT / "colab").glob("*.ipynb"))}
 # A notebook's TPU case is 8 cores (v2-8): the SFT notebook runs on 8 simulated devices.
 DEVICES = {"quickstart": 1, "llm_sft_tpu": 8, "compose_adapters": 1}
-# How the README spells each module a notebook may use.
+# How the docs spell each module a notebook may use.
 MODULES = {
     "lora_jax": "lj",
     **{f"lora_jax.{m}": m for m in ("aot", "compose", "data", "models", "settings", "train")},
@@ -65,13 +65,13 @@ def test_notebook_is_committed_clean_and_installs_from_the_badges_repository(nam
     assert f'%pip install -q "lora_jax @ git+{REPOSITORY}"' in code_cells[0].source
     colab = REPOSITORY.replace("https://github.com/", "https://colab.research.google.com/github/")
     badge = f"({colab}/blob/main/colab/{name}.ipynb)"
-    assert badge in notebook.cells[0].source and badge in README
+    assert badge in notebook.cells[0].source and badge in TEXT
 
 
 @pytest.mark.parametrize("name", sorted(DEVICES))
-def test_notebook_uses_only_the_public_api_the_readme_shows(name):
+def test_notebook_uses_only_the_public_api_the_docs_show(name):
     tree = ast.parse(code(read(name)))
-    local = {}  # name in the notebook -> the README's spelling of its module
+    local = {}  # name in the notebook -> the docs' spelling of its module
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -91,4 +91,4 @@ def test_notebook_uses_only_the_public_api_the_readme_shows(name):
         and node.value.id in local
     }
     assert used, "the notebook uses no lora_jax API"
-    assert [u for u in sorted(used) if u not in README or ".__" in u or "._" in u] == []
+    assert [u for u in sorted(used) if u not in TEXT or ".__" in u or "._" in u] == []

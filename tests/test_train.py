@@ -30,6 +30,7 @@ from lora_jax.cli import HUGE_PAGES, huge_pages_env
 from lora_jax.cli import main as cli_main
 from lora_jax.io import base_for
 from lora_jax.settings import DataSettings, RunConfig, load_config
+from lora_jax.tasks import TASKS
 from lora_jax.train import Run, loss_terms, resolve, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,7 +283,7 @@ def test_tokenizer_pads_and_cuts_itself_whatever_tokenizer_json_says():
     assert len(tokenizer(long)) == 202  # not cut at the file's 128
     config = DataSettings()  # the quickstart's
     rows = [{"text": "The plot was not boring.", "label": "positive"}]
-    batch = data_lib.encode(rows, tokenizer, config)
+    batch = TASKS["classify"].encode(rows, tokenizer, config)
     real = len(tokenizer(rows[0]["text"]))
     assert batch["attention_mask"].sum() == real and batch["input_ids"].shape == (1, 24)
 
@@ -321,7 +322,7 @@ def test_quickstart_runs_offline_as_the_readme_says(tmp_path):
     model, params, hf_config = base_for(tmp_path / "adapter", base)
     adapter_tree, lora = lj.load_adapter(tmp_path / "adapter", params)
     rows = data_lib.read_rows(resolve(config.data.eval), ["text", "label"])
-    batch = data_lib.encode(rows, data_lib.Tokenizer(base, hf_config), config.data)
+    batch = TASKS["classify"].encode(rows, data_lib.Tokenizer(base, hf_config), config.data)
     inputs = (jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
     factored = lj.lora_apply(model.apply, lora)(lj.combine(adapter_tree, params), *inputs)
     merged_model, merged, _ = models.from_pretrained(merged_dir)
@@ -421,3 +422,15 @@ def test_settings_fill_what_a_file_leaves_out_and_round_trip(tmp_path):
     broken.write_text("def get_config(:\n")
     with pytest.raises(ValueError, match=r"broken.py:1: "):
         load_config(str(broken))
+
+
+def test_settings_check_a_config_without_importing_the_zoo():
+    # The name tables settings checks against (dtypes, remat policies, tasks) live apart
+    # from the models, so reading a config loads no model module.
+    code = (
+        "import sys; from lora_jax import settings; "
+        "settings.RunConfig.from_dict(settings.load_config(None, ['model.remat=full'])); "
+        "print(sorted(m for m in sys.modules if m.startswith('lora_jax.models.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["['lora_jax.models.options']"]

@@ -1,36 +1,44 @@
 """Flax Linen models named like Hugging Face's modules, and their checkpoints in and out.
 
 LoRA targets read like peft's `target_modules`: q_proj, v_proj, c_attn, query, value, ...
+Names load on first use, so a light submodule (`options`, `naming`) can be imported without
+the zoo's models.
 """
 
-from lora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
-from lora_jax.models.common import REMAT_POLICIES
-from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from lora_jax.models.hub import (
-    FAMILIES,
-    Naming,
-    build,
-    checkpoint_dir,
-    from_pretrained,
-    random_checkpoint,
-    save_pretrained,
-)
-from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from __future__ import annotations
 
-__all__ = [
-    "FAMILIES",
-    "REMAT_POLICIES",
-    "BertConfig",
-    "BertForSequenceClassification",
-    "BertModel",
-    "GPT2Config",
-    "GPT2LMHeadModel",
-    "LlamaConfig",
-    "LlamaForCausalLM",
-    "Naming",
-    "build",
-    "checkpoint_dir",
-    "from_pretrained",
-    "random_checkpoint",
-    "save_pretrained",
-]
+import importlib
+from typing import Any
+
+# Each public name and the submodule that holds it.
+_HOMES = {
+    "BertConfig": "bert",
+    "BertForSequenceClassification": "bert",
+    "BertModel": "bert",
+    "GPT2Config": "gpt2",
+    "GPT2LMHeadModel": "gpt2",
+    "LlamaConfig": "llama",
+    "LlamaForCausalLM": "llama",
+    "Naming": "naming",
+    "DTYPES": "options",
+    "REMAT_POLICIES": "options",
+    "FAMILIES": "hub",
+    "abstract_pretrained": "hub",
+    "build": "hub",
+    "checkpoint_dir": "hub",
+    "config_of": "hub",
+    "from_pretrained": "hub",
+    "random_checkpoint": "hub",
+    "save_pretrained": "hub",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'lora_jax.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lora_jax.models.{_HOMES[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

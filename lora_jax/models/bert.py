@@ -50,6 +50,8 @@ class BertConfig:
 
 
 class BertEmbeddings(common.Layer):
+    """Word, position and token-type embeddings, summed and layer-normed."""
+
     @nn.compact
     def __call__(self, input_ids, token_type_ids):
         c = self.config
@@ -68,6 +70,8 @@ class BertEmbeddings(common.Layer):
 
 
 class BertSelfAttention(common.Layer):
+    """query, key, value and bidirectional attention over the padding mask."""
+
     @nn.compact
     def __call__(self, x, padding):
         c = self.config
@@ -91,6 +95,8 @@ class AddNorm(common.Layer):
 
 
 class BertAttention(common.Layer):
+    """Self-attention, then its output projection, residual and LayerNorm."""
+
     @nn.compact
     def __call__(self, x, padding):
         attn = BertSelfAttention(self.config, self.dtype, self.attention_impl, name="self")
@@ -98,6 +104,8 @@ class BertAttention(common.Layer):
 
 
 class BertIntermediate(common.Layer):
+    """The feed-forward block's up projection and activation."""
+
     @nn.compact
     def __call__(self, x):
         c = self.config
@@ -107,6 +115,8 @@ class BertIntermediate(common.Layer):
 
 
 class BertLayer(common.Layer):
+    """One encoder layer: attention, then the feed-forward block."""
+
     @nn.compact
     def __call__(self, x, padding):
         h = BertAttention(self.config, self.dtype, self.attention_impl, name="attention")(
@@ -117,6 +127,8 @@ class BertLayer(common.Layer):
 
 
 class BertEncoder(common.ZooModel):
+    """The layers, stacked by nn.scan."""
+
     config: BertConfig
 
     @nn.compact
@@ -146,6 +158,8 @@ class BertModel(common.ZooModel):
 
 
 class BertPooler(common.Layer):
+    """The first token's hidden state through a dense layer and tanh."""
+
     @nn.compact
     def __call__(self, first_token):
         return jnp.tanh(
@@ -178,6 +192,8 @@ class BertForSequenceClassification(common.ZooModel):
 
 
 class RobertaClassificationHead(common.Layer):
+    """RoBERTa's head: dense and tanh on the first token, then out_proj."""
+
     @nn.compact
     def __call__(self, x):
         c = self.config

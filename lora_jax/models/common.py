@@ -15,26 +15,12 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
 from lora_jax.apply import FACTORED_TYPES, adapters_running
+from lora_jax.models.options import PROJECTION, REMAT_POLICIES
 from lora_jax.tree import ADAPTER_LEAVES
 
 # Queries per block where attention runs in XLA on sequences longer than this (`_blockwise`;
 # `_causal_blockwise` runs pairs of blocks of up to half this many).
 ATTENTION_BLOCK = 512
-
-# The name every projection's output (adapter included) carries inside a zoo model.
-PROJECTION = "lora_jax.projection"
-
-# Named remat policies (`remat=` on every model): what the backward pass may keep.
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    # Each projection's output, adapter included, and nothing else: the backward recomputes
-    # norms, attention and the adapters' rank-r products, never a projection's matmul. JAX's
-    # "dots" policies keep attention's scores and each adapter's (x·A)·B as well.
-    "projections": jax.checkpoint_policies.save_only_these_names(PROJECTION),
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -410,8 +396,10 @@ def _kv_cache(module: nn.Module, k: jax.Array, v: jax.Array, padding, window: in
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
+    """(..., heads·H) -> (..., heads, H)."""
     return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
 
 
 def merge_heads(x: jax.Array) -> jax.Array:
+    """(..., heads, H) -> (..., heads·H)."""
     return x.reshape(*x.shape[:-2], -1)

@@ -45,6 +45,8 @@ class GPT2Config:
 
 
 class GPT2Attention(common.Layer):
+    """Causal attention from one fused c_attn projection, then c_proj."""
+
     @nn.compact
     def __call__(self, x, padding):
         c = self.config
@@ -58,6 +60,8 @@ class GPT2Attention(common.Layer):
 
 
 class GPT2MLP(common.Layer):
+    """c_fc, activation, c_proj."""
+
     @nn.compact
     def __call__(self, x):
         c = self.config
@@ -68,6 +72,8 @@ class GPT2MLP(common.Layer):
 
 
 class GPT2Block(common.Layer):
+    """One pre-norm layer: attention, then the MLP, each with its residual."""
+
     @nn.compact
     def __call__(self, x, padding):
         c = self.config
@@ -79,6 +85,8 @@ class GPT2Block(common.Layer):
 
 
 class GPT2Model(common.ZooModel):
+    """Token and position embeddings, the scanned blocks, the final LayerNorm."""
+
     config: GPT2Config
 
     def setup(self):

@@ -1,8 +1,5 @@
-"""Hugging Face checkpoints in and out, without torch.
-
-Our module trees mirror transformers' names, so one rule maps every tensor both ways: drop
-the layer index and stack along axis 0 (nn.scan), `weight` <-> kernel (transposed, except
-GPT-2's Conv1D which is already (in, out)) / scale / embedding, `bias` <-> bias.
+"""Hugging Face checkpoints in and out, without torch: each family's model classes, its
+`Naming` (our paths <-> torch names, `lora_jax.models.naming`), sharding rules and buffers.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import functools
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +24,9 @@ from lora_jax.files import atomic, write_text
 from lora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from lora_jax.models.naming import Naming
 from lora_jax.sharding import Rules
-from lora_jax.tree import path_str
 
-LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-# dtype names as config files and command lines write them (model.dtype, --dtype).
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
     "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json",
@@ -66,50 +59,6 @@ TASK_TYPES = (
     ("ForSequenceClassification", "SEQ_CLS"),
     ("Model", "FEATURE_EXTRACTION"),
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Naming:
-    """How a params tree's paths map to torch's module and tensor names: the keys joined by
-    ".", with the layer index put after `layers` for a scanned stack (its axis 0), and `weight`
-    <-> kernel (transposed, unless `fan_in_fan_out`) / scale / embedding, `bias` <-> bias.
-
-    The zoo has one per family (`naming_of(hf_config)`); write one for your own Linen model
-    whose torch twin has the same module names to exchange peft adapters with it."""
-
-    layers: str | None = None  # the key under which torch numbers its layers
-    fan_in_fan_out: bool = False  # kernels stored (in, out), as GPT-2's Conv1D does
-    task_type: str | None = None  # peft's task_type, written in adapter_config.json
-
-    def stacked(self, keys: tuple[str, ...]) -> bool:
-        """Whether the leaves under these keys hold one layer per index of axis 0."""
-        return self.layers is not None and self.layers in keys
-
-    def modules(self, modules: tuple[str, ...], layers: int) -> list[str]:
-        """torch's dotted module names for one of our module paths: one per layer if stacked."""
-        parts = [str(k) for k in modules]  # int keys: an NNX list of layers
-        if not self.stacked(modules):
-            return [".".join(parts)]
-        i = modules.index(self.layers) + 1
-        return [".".join([*parts[:i], str(n), *parts[i:]]) for n in range(layers)]
-
-    def names(self, keys: tuple[str, ...], layers: int) -> list[str]:
-        """Checkpoint names of one leaf: one per layer for a stacked leaf, else one."""
-        if keys[-1] not in LEAF_TO_HF:
-            raise ValueError(f"{path_str(keys)}: not a model parameter (an adapter leaf? "
-                             "merge it first with lj.merge).")  # fmt: skip
-        return [f"{m}.{LEAF_TO_HF[keys[-1]]}" for m in self.modules(keys[:-1], layers)]
-
-    def transposed(self, keys: tuple[str, ...]) -> bool:
-        return keys[-1] == "kernel" and not self.fan_in_fan_out
-
-    def tensors(self, params: dict[str, Any]) -> Iterator[tuple[str, jax.Array]]:
-        """(checkpoint name, tensor in torch's layout) for every leaf of a params tree."""
-        for keys, value in traverse_util.flatten_dict(params).items():
-            stacked = self.stacked(keys)
-            names = self.names(keys, value.shape[0] if stacked else 1)
-            for name, array in zip(names, value if stacked else [value], strict=True):
-                yield name, jnp.asarray(array.T if self.transposed(keys) else array)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,34 +279,35 @@ def from_pretrained(
     """
     directory = checkpoint_dir(path_or_repo_id)
     hf_config = json.loads((directory / "config.json").read_text())
-    model, hf_config = _model(hf_config, num_labels, compute_dtype, remat, attention_impl)
+    model, hf_config = _model(hf_config, compute_dtype=compute_dtype, remat=remat,
+                              attention_impl=attention_impl, num_labels=num_labels)  # fmt: skip
     params = load_params(model, directory, hf_config, dtype, num_labels is not None)
     return model, {"params": params}, hf_config
 
 
 def abstract_pretrained(
-    hf_config: dict[str, Any],
-    dtype: Any = jnp.float32,
-    *,
-    compute_dtype: Any = None,
-    remat: str = "none",
-    attention_impl: str | None = None,
-    num_labels: int | None = None,
+    hf_config: dict[str, Any], dtype: Any = jnp.float32, **options: Any
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """What `from_pretrained` gives for a checkpoint with this config.json, its params as
-    shapes only (`jax.ShapeDtypeStruct`): nothing read, nothing allocated, so a 70B model's
-    step can be compiled ahead of time on a laptop (`lora-jax compile`)."""
-    model, hf_config = _model(hf_config, num_labels, compute_dtype, remat, attention_impl)
+    """What `from_pretrained(..., dtype, **options)` gives for a checkpoint with this
+    config.json, its params as shapes only (`jax.ShapeDtypeStruct`): nothing read, nothing
+    allocated, so a 70B model's step can be compiled ahead of time on a laptop."""
+    model, hf_config = _model(hf_config, **options)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes["params"])
     return model, {"params": params}, hf_config
 
 
-def _model(hf_config: dict, num_labels: int | None, *options: Any) -> tuple[nn.Module, dict]:
+def _model(
+    hf_config: dict,
+    *,
+    compute_dtype: Any = None,
+    remat: str = "none",
+    attention_impl: str | None = None,
+    num_labels: int | None = None,
+) -> tuple[nn.Module, dict]:
     """The model for a config.json, with a new classifier of `num_labels` where one is asked."""
     if num_labels is not None:
         hf_config = _with_classifier(hf_config, num_labels)
-    compute_dtype, remat, attention_impl = options
     return build(hf_config, dtype=compute_dtype, remat=remat,
                  attention_impl=attention_impl), hf_config  # fmt: skip
 

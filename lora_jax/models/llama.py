@@ -202,6 +202,8 @@ def norm(c: LlamaConfig, dtype: Any, name: str | None = None) -> nn.Module:
 
 
 class LlamaAttention(common.Layer):
+    """Rotary, grouped-query attention (q/k norms, windows, soft-capping per family)."""
+
     @nn.compact
     def __call__(self, x, padding, positions, local):
         c = self.config
@@ -236,6 +238,8 @@ class LlamaAttention(common.Layer):
 
 
 class LlamaMLP(common.Layer):
+    """The gated feed-forward block: down(act(gate(x)) * up(x)) (fused for Phi-3)."""
+
     @nn.compact
     def __call__(self, x):
         c = self.config
@@ -252,6 +256,8 @@ class LlamaMLP(common.Layer):
 
 
 class LlamaDecoderLayer(common.Layer):
+    """One pre-norm layer (Gemma 2/3: norms around each sublayer too)."""
+
     @nn.compact
     def __call__(self, x, padding, positions, local):
         c = self.config
@@ -269,6 +275,8 @@ class LlamaDecoderLayer(common.Layer):
 
 
 class LlamaModel(common.ZooModel):
+    """Token embedding, the scanned layers, the final norm."""
+
     config: LlamaConfig
 
     def setup(self):
@@ -291,6 +299,8 @@ class LlamaModel(common.ZooModel):
 
 
 class LlamaForCausalLM(common.CausalLM):
+    """The decoder and its LM head (tied to the embedding where the config says)."""
+
     config: LlamaConfig
 
     def setup(self):
