@@ -288,7 +288,7 @@ def test_tokenizer_pads_and_cuts_itself_whatever_tokenizer_json_says():
     assert batch["attention_mask"].sum() == real and batch["input_ids"].shape == (1, 24)
 
 
-def test_quickstart_runs_offline_as_the_readme_says(tmp_path):
+def test_quickstart_runs_offline_as_the_readme_says(tmp_path, capsys):
     # As the README runs it: one CPU device (no simulated ones), and no hub access.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"HF_HUB_OFFLINE": "1"}
     proc = cli("train", "--set", f"output_dir={tmp_path}", env=env)
@@ -329,6 +329,14 @@ def test_quickstart_runs_offline_as_the_readme_says(tmp_path):
     plain = merged_model.apply(merged, *inputs)
     np.testing.assert_array_equal(np.argmax(plain, -1), np.argmax(factored, -1))
     np.testing.assert_allclose(plain, factored, atol=1e-4)
+    # docs/analysis.md prints rows of this adapter's `lora-jax inspect --base`: a fresh run
+    # gives them (same CPU build), so the page's numbers and its reading of them hold.
+    capsys.readouterr()
+    assert cli_main(["inspect", str(tmp_path / "adapter"), "--base", base]) == 0
+    printed = {" ".join(line.split()) for line in capsys.readouterr().out.splitlines()}
+    page = (ROOT / "docs" / "analysis.md").read_text()
+    shown = [" ".join(line.split()) for line in page.splitlines() if line.startswith("bert/")]
+    assert len(shown) == 10 and [row for row in shown if row not in printed] == []
 
 
 ARENAS = "glibc.malloc.arena_max=2"  # another tunable a user may have set
