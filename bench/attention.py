@@ -86,7 +86,7 @@ def main() -> None:
     import jax
     import torch
 
-    from lora_jax.cli import huge_pages_env
+    from lora_jax.launch import huge_pages_env
 
     env = huge_pages_env(dict(os.environ)) or dict(os.environ)
     best: dict[str, dict] = {}

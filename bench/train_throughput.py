@@ -11,7 +11,7 @@ Also printed: forward and value_and_grad times of the LoRA loss, XLA's FLOPs of 
 full steps, and (`--memory-1b`) XLA's memory analysis of the LoRA step compiled for the
 Llama-3.2-1B shape at 8 x 2048 in bfloat16, from abstract inputs (nothing allocated).
 Every side runs in the environment `lora-jax train` gives itself: on Linux, glibc's malloc
-in transparent huge pages (`lora_jax.cli.huge_pages_env`); `--no-huge-pages` runs all in 4
+in transparent huge pages (`lora_jax.launch.huge_pages_env`); `--no-huge-pages` runs all in 4
 KiB pages.
 
     python bench/train_throughput.py                 # CPU shapes (hidden 512, 4 layers)
@@ -335,7 +335,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from lora_jax.cli import THP_MODE, huge_pages_env
+    from lora_jax.launch import THP_MODE, huge_pages_env
     from lora_jax.models import REMAT_POLICIES
 
     env = dict(os.environ)

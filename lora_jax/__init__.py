@@ -4,65 +4,43 @@ The core (config, tree, apply) holds no model, training or I/O code; `lora_jax.m
 the Flax model zoo and `lora_jax.io` adapter files in peft's format.
 """
 
-from lora_jax.apply import kernel_layouts, lora_apply, merged_apply, nnx_adapt, routed_apply
-from lora_jax.config import LoraConfig
-from lora_jax.generate import generate, generate_text
-from lora_jax.quant import QuantizedKernel, dequantize, nbytes, quantize
-from lora_jax.tree import (
-    Bank,
-    Site,
-    adapter_layout,
-    adapter_specs,
-    combine,
-    init,
-    merge,
-    optimizer,
-    partition,
-    sites,
-    split,
-    summary,
-    targets,
-    unmerge,
-)
+from __future__ import annotations
 
-__all__ = [
-    "Bank",
-    "LoraConfig",
-    "QuantizedKernel",
-    "Site",
-    "adapter_layout",
-    "adapter_specs",
-    "combine",
-    "dequantize",
-    "generate",
-    "generate_text",
-    "init",
-    "kernel_layouts",
-    "load_adapter",
-    "lora_apply",
-    "merge",
-    "merged_apply",
-    "nbytes",
-    "nnx_adapt",
-    "optimizer",
-    "partition",
-    "quantize",
-    "routed_apply",
-    "save_adapter",
-    "sites",
-    "split",
-    "summary",
-    "targets",
-    "unmerge",
-]
+from lora_jax.lazy import attributes
+
+# Each public name and the module that holds it. Names load on first use, so `import
+# lora_jax` is instant (the `lora-jax` command installs its signal handlers before anything
+# slow is imported) and projects that only transform trees never load the zoo or safetensors.
+_HOMES = {
+    **dict.fromkeys(
+        ("kernel_layouts", "lora_apply", "merged_apply", "nnx_adapt", "routed_apply"), "apply"
+    ),
+    "LoraConfig": "config",
+    **dict.fromkeys(("generate", "generate_text"), "generate"),
+    **dict.fromkeys(("QuantizedKernel", "dequantize", "nbytes", "quantize"), "quant"),
+    **dict.fromkeys(
+        (
+            "Bank",
+            "Site",
+            "adapter_layout",
+            "adapter_specs",
+            "combine",
+            "init",
+            "merge",
+            "optimizer",
+            "partition",
+            "sites",
+            "split",
+            "summary",
+            "targets",
+            "unmerge",
+        ),
+        "tree",
+    ),
+    **dict.fromkeys(("load_adapter", "save_adapter"), "io"),
+}
+__all__ = sorted(_HOMES)
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # Adapter files need the model zoo and safetensors; load them on first use so that
-    # importing the core stays light for projects that only transform trees.
-    if name in ("load_adapter", "save_adapter"):
-        from lora_jax import io
-
-        return getattr(io, name)
-    raise AttributeError(f"module 'lora_jax' has no attribute {name!r}")
+__getattr__, __dir__ = attributes(__name__, _HOMES)

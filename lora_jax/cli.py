@@ -9,17 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import signal
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 from flax import traverse_util
 
+from lora_jax.files import check_target
 from lora_jax.io import base_for, load_adapter, read_adapter
+from lora_jax.launch import Interrupts, WholeLines
 from lora_jax.models import from_pretrained, save_pretrained
+from lora_jax.models.hub import MODEL_FILES
 from lora_jax.models.options import DTYPES
 from lora_jax.report import weights_bytes
 from lora_jax.tree import KERNEL, Params, combine, merge, sites
@@ -32,6 +34,7 @@ def merge_command(args: argparse.Namespace) -> None:
         if Path(given).exists() and out == Path(given).resolve():
             raise ValueError(f"--out {args.out} is the {name} directory; merge writes a new "
                              "model directory and never over one of its inputs.")  # fmt: skip
+    check_target(args.out, "model", MODEL_FILES)  # before the work, not after
     model, params, hf_config = base_for(args.adapter, args.base, DTYPES[args.dtype])
     adapter, config = load_adapter(args.adapter, params)
     merged = merge(combine(adapter, params), config)
@@ -54,14 +57,15 @@ def train_command(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     """`lora-jax eval`: a saved adapter's loss and accuracy on the config's eval split."""
     from lora_jax.settings import load_config
-    from lora_jax.train import Run, evaluate
+    from lora_jax.train import Run, evaluate, saved_adapter
 
     config = load_config(args.config, args.set)
-    run = Run.start(config)
     adapter_dir = Path(args.adapter or Path(config["output_dir"]) / "adapter")
-    adapter, _ = load_adapter(adapter_dir, jax.device_get(run.base))
-    adapter = jax.device_put(adapter, run.adapter_shardings)
-    metrics = evaluate(run, adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():  # before loading a model
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (train first, or "
+                                "pass --adapter DIR).")  # fmt: skip
+    run = Run.start(config)
+    metrics = evaluate(run, saved_adapter(run, adapter_dir))
     print(
         f"{adapter_dir} on {config['data']['eval']}: "
         + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -277,49 +281,31 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
-THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def huge_pages_env(environ: Mapping[str, str], thp_mode: Path = THP_MODE) -> dict[str, str] | None:
-    """`environ` with glibc's malloc asking for transparent huge pages, or None where that
-    would change nothing: not glibc, the kernel's THP "never" or "always" (not "madvise"),
-    or GLIBC_TUNABLES already saying. XLA's CPU runtime allocates a step's temporaries
-    afresh on every call, so in 4 KiB pages each step page-faults all of them anew (the
-    LoRA step of bench/train_throughput.py: 0.59-0.63 s in 4 KiB pages, 0.52-0.55 s in
-    2 MiB ones)."""
-    try:
-        mode = thp_mode.read_text()
-    except OSError:
-        return None
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if platform.libc_ver()[0] != "glibc" or "[madvise]" not in mode or "malloc.hugetlb" in tunables:
-        return None
-    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, HUGE_PAGES)))}
-
-
-def entry() -> None:
-    """The `lora-jax` command. `train` and `eval` restart once in the same process (same
-    pid) with huge pages (`huge_pages_env`): glibc reads its tunables only at start-up."""
-    if sys.argv[1:2] in (["train"], ["eval"]) and (env := huge_pages_env(os.environ)):
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    sys.exit(main())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; bad input ends with its message on stderr and exit status 2, Ctrl-C
-    (a second one, for `train`, which checkpoints on the first) with "interrupted" and 130."""
+    (a second one, for `train`, which checkpoints on the first) with "interrupted" and 130
+    (SIGTERM: 143), a training run stopped by a signal after its checkpoint with 128 + the
+    signal; 0 only when the work finished: a signal that reached the command is never lost,
+    even where its KeyboardInterrupt was swallowed (in a finalizer, say)."""
+    from lora_jax.train import Stopped
+
     args = parser().parse_args(argv)
-    try:
-        status = args.run(args)
-    except (ValueError, FileNotFoundError, OSError, ImportError, FloatingPointError) as err:
-        print(f"lora-jax {args.command}: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # every file is written atomically: nothing half-written remains
+    with Interrupts() as interrupts, WholeLines():
+        try:
+            status = args.run(args) or 0
+        except Stopped as stopped:  # checkpointed; not finished, so not 0
+            print(f"lora-jax {args.command}: {stopped}", file=sys.stderr)
+            return 128 + stopped.signum
+        except (ValueError, FileNotFoundError, OSError, ImportError, FloatingPointError) as err:
+            print(f"lora-jax {args.command}: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # every file is written atomically: nothing half-written
+            status = None
+    if status is None or interrupts.received:
         print(f"lora-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return status or 0
+        return 128 + (interrupts.received or [signal.SIGINT])[0]
+    return status
 
 
 if __name__ == "__main__":
-    entry()
+    sys.exit(main())

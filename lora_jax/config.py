@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -89,8 +90,9 @@ class LoraConfig:
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"LoraConfig rank for {where!r} is {rank!r}; must be an int >= 1.")
         for where, alpha in (("alpha", self.alpha), *self.alpha_pattern):
-            if not isinstance(alpha, int | float) or alpha <= 0:
-                raise ValueError(f"LoraConfig alpha for {where!r} is {alpha!r}; must be > 0.")
+            if not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
+                raise ValueError(f"LoraConfig alpha for {where!r} is {alpha!r}; must be a "
+                                 "finite number > 0.")  # fmt: skip
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout is {self.dropout}; must be in [0, 1).")
         if self.init not in INITS:

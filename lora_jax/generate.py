@@ -8,6 +8,7 @@ example). The prompt runs once (prefill), then one jitted step per token reuses 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -73,7 +74,7 @@ def generate(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens is {max_new_tokens}; must be >= 1.")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+    if not math.isfinite(temperature) or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature {temperature}, top_k {top_k}, top_p {top_p}: want "
                          "temperature >= 0 (0: greedy), top_k >= 0 (0: off), "
                          "0 < top_p <= 1.")  # fmt: skip
@@ -82,6 +83,8 @@ def generate(
     apply_fn = apply_fn or model.apply
     ids = jnp.asarray(input_ids, jnp.int32)
     batch, length = ids.shape
+    if length < 1:
+        raise ValueError("the prompts hold no tokens: generation continues at least one.")
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     total = length + max_new_tokens
     table = getattr(getattr(model, "config", None), "max_positions", None)
@@ -128,6 +131,9 @@ def generate_text(
     batch, so generation starts where every prompt ends. `tokenizer`: a
     `lora_jax.data.Tokenizer`; `options` go to `generate` (max_new_tokens, apply_fn, ...)."""
     encoded = [tokenizer(p) for p in prompts]
+    if empty := [i for i, tokens in enumerate(encoded) if not tokens]:
+        raise ValueError(f"prompt {empty[0] + 1} ({prompts[empty[0]]!r}) has no tokens: "
+                         "generation continues at least one.")  # fmt: skip
     width = max(map(len, encoded))
     pad = tokenizer.eos if tokenizer.eos is not None else tokenizer.pad
     ids = np.array([[pad] * (width - len(p)) + p for p in encoded], np.int32)

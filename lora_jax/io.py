@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from lora_jax.config import LoraConfig
-from lora_jax.files import atomic, write_text
-from lora_jax.models.hub import build, checkpoint_dir, from_pretrained, naming_of
+from lora_jax.files import atomic_dir, check_finite, read_json
+from lora_jax.models.hub import build, config_of, from_pretrained, naming_of
 from lora_jax.models.naming import Naming
 from lora_jax.tree import (
     ADAPTER_LEAVES,
@@ -42,6 +42,10 @@ from lora_jax.tree import (
 )
 from lora_jax.variants import BASE_MODIFYING_INITS
 
+# What a peft adapter directory holds (peft writes a model card; `lora-jax inspect` figures):
+# an earlier adapter's, which a save replaces whole.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+                 "README.md", "*.png")  # fmt: skip
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 UNSUPPORTED = ("lora_bias", "layers_to_transform")
 
@@ -225,12 +229,11 @@ def save_adapter(
         "init_lora_weights": config.init if config.init in BASE_MODIFYING_INITS else True,
         "inference_mode": True,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic(out / "adapter_model.safetensors") as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    write_text(out / "adapter_config.json", json.dumps(peft_config, indent=2, sort_keys=True))
-    return out
+    check_finite(tensors, out_dir)
+    with atomic_dir(out_dir, "peft adapter", ADAPTER_FILES) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+    return Path(out_dir)
 
 
 def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
@@ -268,11 +271,8 @@ def _peft_files(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]
     """The tensors and adapter_config.json of a peft LoRA directory."""
     tensors = _read_tensors(directory)
     path = directory / "adapter_config.json"
-    try:
-        peft_config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}).") from err
-    kind = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
+    peft_config = read_json(path)
+    kind = peft_config.get("peft_type")
     if kind != "LORA":
         raise ValueError(f"{path}: peft_type {kind!r}, not LORA.")
     if flags := [f for f in UNSUPPORTED if peft_config.get(f)]:
@@ -471,7 +471,7 @@ def base_for(adapter_dir: str | Path, base: str | Path, dtype: Any = jnp.float32
     all-MiniLM-L6-v2) gets the encoder with a head of the adapter's label count, as training
     built it: the adapter carries the trained head (modules_to_save)."""
     tensors, peft_config = _peft_files(Path(adapter_dir))
-    hf_config = json.loads((checkpoint_dir(base) / "config.json").read_text())
+    hf_config = config_of(base)
     arch = (hf_config.get("architectures") or [""])[0]
     if peft_config.get("task_type") != "SEQ_CLS" or arch.endswith("SequenceClassification"):
         return from_pretrained(base, dtype)

@@ -53,7 +53,21 @@ class Writer:
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The metrics lines of a run (none if the file is absent), or a ValueError naming the
+    file and the line that is not a JSON object with a step."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}:{n}: not a JSON line ({err.msg}); this run's metrics "
+                "are damaged: start it fresh (without --resume)."
+            ) from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}:{n}: not a metrics row (no step).")
+        rows.append(row)
+    return rows
 
 
 def weights_bytes(directory: str | Path) -> int:

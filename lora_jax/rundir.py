@@ -7,9 +7,16 @@ with, so `--resume` continues only the run it would continue.
   alter what the checkpoints mean (the model, the adapter, the data, the optimizer), naming
   the keys, before anything is touched; `train.steps`, checkpointing, the mesh, the
   processes and the eval split may change.
+- Nothing is changed until the run is sure to start (`begin`, once its settings, data and
+  model are checked): a refused run leaves the directory as it found it, and a directory it
+  had to create is removed again.
 - A fresh run (no `--resume`) replaces an earlier run in the directory: its checkpoints,
-  metrics, adapter and eval results are removed first, so re-running a notebook cell starts
-  over cleanly and never leaves two runs' outputs side by side.
+  metrics, adapter and eval results are removed, so re-running a notebook cell starts over
+  cleanly and never leaves two runs' outputs side by side. It clears only a directory a run
+  owns (one holding a run's `config.json`, or empty): other files are never removed.
+- A resumed run removes the earlier end-of-run outputs (adapter, eval results, loss curve)
+  before it trains on, so they never sit beside newer checkpoints; it writes them again
+  when it finishes.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lora_jax.files import write_text
+from lora_jax.files import read_json, write_text
 from lora_jax.settings import RunConfig
 
 CONFIG = "config.json"
@@ -30,6 +37,8 @@ RESUMABLE = ("train.steps", "checkpoint.", "mesh.", "distributed.", "data.eval",
 # What a run leaves in its directory; a fresh run removes an earlier run's first, so its own
 # outputs are never mixed with another run's (TensorBoard's events are purged by the writer).
 OUTPUTS = ("checkpoints", "metrics.jsonl", "adapter", "eval.json", "loss.png")
+FINAL = ("adapter", "eval.json", "loss.png")  # written when a run finishes
+LOCK = ".lock"
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -55,45 +64,80 @@ class RunDir:
     """The output directory of one run (process 0 holds it; the others only read)."""
 
     def __init__(self, settings: RunConfig, resume: bool, main: bool):
-        self.path, self.lock = Path(settings.output_dir), None
+        self.path, self.lock, self.resume = Path(settings.output_dir), None, resume
+        self.settings, self.created = settings.to_dict(), False
         if not main:
             return
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"output_dir {self.path} is a file, not a directory.")
+        record = self.path / CONFIG
+        if foreign := _foreign(self.path):
+            raise ValueError(f"output_dir {self.path} holds files no lora_jax run wrote "
+                             f"({', '.join(foreign[:4])}); choose a new or empty "
+                             "directory.")  # fmt: skip
+        self.created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
-        self.lock = open(self.path / ".lock", "a+")  # noqa: SIM115 (held for the run)
+        self.lock = open(self.path / LOCK, "a+")  # noqa: SIM115 (held for the run)
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.lock.seek(0)
             holder = self.lock.read().strip() or "another process"
             self.lock.close()
+            self.lock = None
             raise ValueError(f"output_dir {self.path} is in use by another run ({holder}); wait "
                              "for it to end, or choose another output_dir.") from None  # fmt: skip
         self.lock.seek(0)
         self.lock.truncate()
         self.lock.write(f"pid {os.getpid()}")
         self.lock.flush()
-        record, settings_dict = self.path / CONFIG, settings.to_dict()
-        if resume and record.exists():
-            before = json.loads(record.read_text())
-            if differences := changed(before, settings_dict):
-                self.close()
-                diffs = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in differences[:6])
-                raise ValueError(f"--resume: {record} records other settings ({diffs}); resume "
-                                 "with those, or start fresh (without --resume, or in another "
-                                 "output_dir).")  # fmt: skip
-        if not resume:  # a fresh run replaces what an earlier one left
-            for name in OUTPUTS:
-                earlier = self.path / name
-                if earlier.is_dir():
-                    shutil.rmtree(earlier)
-                else:
-                    earlier.unlink(missing_ok=True)
-        write_text(record, json.dumps(settings_dict, indent=1, sort_keys=True))
+        differences = changed(_record(record), self.settings) if resume and record.exists() else []
+        if differences:
+            self.close()
+            diffs = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in differences[:6])
+            raise ValueError(f"--resume: {record} records other settings ({diffs}); resume "
+                             "with those, or start fresh (without --resume, or in another "
+                             "output_dir).")  # fmt: skip
+
+    def begin(self) -> None:
+        """The run is sure to start: a fresh run clears an earlier run's outputs, a resumed
+        one its end-of-run outputs; the settings are recorded."""
+        if self.lock is None:
+            return
+        for name in FINAL if self.resume else OUTPUTS:
+            earlier = self.path / name
+            if earlier.is_dir():
+                shutil.rmtree(earlier)
+            else:
+                earlier.unlink(missing_ok=True)
+        write_text(self.path / CONFIG, json.dumps(self.settings, indent=1, sort_keys=True))
+        self.created = False
 
     def close(self) -> None:
-        """Releases the directory for the next run."""
+        """Releases the directory for the next run; one this run created and never began
+        in is removed."""
         if self.lock is not None:
             self.lock.close()
             self.lock = None
+            if self.created and [p.name for p in self.path.iterdir()] == [LOCK]:
+                (self.path / LOCK).unlink()
+                self.path.rmdir()
+
+
+def _record(path: Path) -> dict[str, Any]:
+    """A run directory's settings record, or a ValueError naming the file."""
+    record = read_json(path)
+    if not {"model", "lora", "data", "train"} <= set(record):
+        raise ValueError(f"{path}: not a run's settings record (no model, lora, data, train).")
+    return record
+
+
+def _foreign(path: Path) -> list[str]:
+    """The entries of an existing directory that show it is not a run's: anything, unless a
+    run's settings record is there (a damaged record is a ValueError naming it)."""
+    if not path.is_dir():
+        return []
+    record = path / CONFIG
+    if record.is_file() and {"model", "lora", "data", "train"} <= set(read_json(record)):
+        return []
+    return sorted(p.name for p in path.iterdir() if p.name != LOCK)

@@ -13,6 +13,9 @@ import ast
 import copy
 import dataclasses
 import importlib.util
+import math
+import string
+import traceback
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -74,6 +77,13 @@ class DataSettings:
 
     def __post_init__(self) -> None:
         _require(self.max_length >= 1, "data.max_length", self.max_length, "must be >= 1")
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+        except ValueError as err:
+            fields = [f"{{?}} ({err})"]
+        _require(all(f.isidentifier() for f in fields), "data.template", self.template,
+                 "must fill named fields of the row, as {prompt} (no {}, {0} or stray braces; "
+                 "write a brace itself as {{ or }})")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +105,9 @@ class TrainSettings:
             _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
         for name in ("head_only_steps", "warmup_steps", "weight_decay"):
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
+        for name in ("learning_rate", "clip_norm", "weight_decay"):
+            _require(math.isfinite(getattr(self, name)), f"train.{name}", getattr(self, name),
+                     "must be a finite number")  # fmt: skip
         for name in ("learning_rate", "clip_norm"):
             _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
         _require(self.batch_size % self.grad_accum == 0, "train.batch_size", self.batch_size,
@@ -161,6 +174,15 @@ class RunConfig:
     checkpoint: CheckpointSettings = CheckpointSettings()
     output_dir: str = "runs/quickstart"
     distributed: DistributedSettings = DistributedSettings()
+
+    def __post_init__(self) -> None:
+        # A run clears its directory: never the current one or one above it (an empty
+        # output_dir, from an unset shell variable, would be the current directory).
+        where = Path(self.output_dir).expanduser().resolve()
+        above = {Path.cwd().resolve(), *Path.cwd().resolve().parents, Path.home().resolve()}
+        _require(self.output_dir.strip() != "" and where not in above, "output_dir",
+                 self.output_dir, "must name a directory of the run's own, not the current "
+                 "directory, one above it or the home directory")  # fmt: skip
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any] | RunConfig) -> RunConfig:
@@ -325,11 +347,17 @@ def _from_file(file: Path) -> dict[str, Any]:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"{file}: defines no get_config().")
+        config = module.get_config()
     except SyntaxError as err:
         raise ValueError(f"{file}:{err.lineno}: {err.msg}.") from None
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{file}: defines no get_config().")
-    config = module.get_config()
+    except Exception as err:  # the file's own code failed: say where, in one line
+        if str(err).startswith(str(file)):
+            raise
+        line = next((f.lineno for f in reversed(traceback.extract_tb(err.__traceback__))
+                     if f.filename == str(file)), "?")  # fmt: skip
+        raise ValueError(f"{file}:{line}: {type(err).__name__}: {err}") from None
     if not isinstance(config, Mapping):
         raise ValueError(f"{file}: get_config() returned {type(config).__name__}, not a dict.")
     return config

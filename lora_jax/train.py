@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
-import json
 import math
 import signal
 import time
@@ -49,7 +48,7 @@ from lora_jax.step import (
     opt_state_shardings,
 )
 from lora_jax.tasks import TASKS, Task, check_rows
-from lora_jax.tree import combine, init, split
+from lora_jax.tree import combine, init, sites, split
 
 
 def resolve(path: str) -> str:
@@ -133,9 +132,9 @@ def model_options(cfg: RunConfig) -> dict[str, Any]:
 def load_base(cfg: RunConfig, model_dir: str) -> tuple[Any, Any, dict[str, Any]]:
     """(model, params, hf_config) of the base checkpoint, the task and sequence length checked
     against it first (before any weight is read)."""
-    from lora_jax.models.hub import from_pretrained
+    from lora_jax.models.hub import config_of, from_pretrained
 
-    check_base(cfg, json.loads((Path(model_dir) / "config.json").read_text()), model_dir)
+    check_base(cfg, config_of(model_dir), model_dir)
     return from_pretrained(model_dir, **model_options(cfg))
 
 
@@ -274,6 +273,37 @@ def make_train_step(run: Setup, tx: optax.GradientTransformation, shardings: Ste
                      metrics=metrics, shardings=shardings)  # fmt: skip
 
 
+def saved_adapter(run: Run, directory: str | Path) -> Any:
+    """The adapter saved in `directory`, on the run's mesh, once it is checked to be what the
+    run's settings describe: the same modules, ranks, scales and DoRA, and the same fully
+    trained leaves. The run computes with its own settings, so a different lora.alpha would
+    rescale the adapter silently; a mismatch is a ValueError naming the setting."""
+    from lora_jax.io import load_adapter
+
+    adapter, saved = load_adapter(directory, jax.device_get(run.base), hf_config=run.hf_config)
+    ours = {s.path: s for s in sites(combine(run.adapter, run.base), run.lora)}
+    theirs = {s.path: s for s in sites(combine(adapter, run.base), saved)}
+    where = f"{directory} was saved"
+    if set(ours) != set(theirs):
+        raise ValueError(f"lora.targets: {where} adapting {sorted(theirs)}; the settings adapt "
+                         f"{sorted(ours)}.")  # fmt: skip
+    for path, site in theirs.items():
+        mine = ours[path]
+        for key, got, want in (("lora.rank", site.rank, mine.rank),
+                               ("lora.alpha", site.scale, mine.scale),
+                               ("lora.use_dora", site.magnitude is not None,
+                                mine.magnitude is not None)):  # fmt: skip
+            if not math.isclose(got, want, rel_tol=1e-6):
+                raise ValueError(f"{key}: {where} with {'scale' if key == 'lora.alpha' else key} "
+                                 f"{got} at {path}, the settings give {want}; set {key} (and "
+                                 "lora.rank_pattern / alpha_pattern / use_rslora) as the "
+                                 "adapter was trained.")  # fmt: skip
+    if jax.tree.structure(adapter) != jax.tree.structure(run.adapter):
+        raise ValueError(f"lora.modules_to_save: {where} with other fully trained leaves than "
+                         f"the settings' {list(run.lora.modules_to_save)}.")  # fmt: skip
+    return jax.device_put(adapter, run.adapter_shardings)
+
+
 def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, float]:
     """Mean loss and accuracy (per example, or per response token) over a whole split."""
     size = run.config.train.batch_size
@@ -289,6 +319,14 @@ def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, floa
 # ----------------------------------------------------------------------------- loop
 
 
+class Stopped(Exception):
+    """A run stopped by a signal after writing its checkpoint; `--resume` continues it."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 class _Stop:
     """SIGTERM / SIGINT ask the run to checkpoint and stop after the current step (one that
     arrives during setup stops it before the first step). A second signal stops at once, the
@@ -297,7 +335,7 @@ class _Stop:
     collective."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.signum = False, signal.SIGTERM  # SIGTERM: another process's
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
@@ -305,7 +343,7 @@ class _Stop:
             self.restore()
             signal.raise_signal(signum)
             return
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def anywhere(self) -> bool:
         """Whether any process was asked to stop (the same answer on every process)."""
@@ -322,8 +360,9 @@ def train(
     config: Mapping[str, Any] | RunConfig, resume: bool = False, log: Callable = tqdm.write
 ) -> dict:
     """Runs the config: trains, checkpoints, writes metrics, the adapter and a loss curve.
-    Returns the final eval metrics (empty if stopped early by a signal). `log` prints
-    around the progress bar. The output directory is locked for the run (`lora_jax.rundir`):
+    Returns the final eval metrics; a run stopped by a signal raises `Stopped` after its
+    checkpoint. `log` prints around the progress bar. The output directory is locked for the
+    run (`lora_jax.rundir`) and changed only once the settings, data and model are checked:
     `resume` continues only a run with the same settings; without it, an earlier run there
     is replaced."""
     settings = RunConfig.from_dict(config)
@@ -332,7 +371,11 @@ def train(
     rundir = open_rundir(settings, resume)
     stop = _Stop()
     try:
-        return _train(Run.start(settings), resume, log, stop)
+        run = Run.start(settings)  # every input checked
+        rundir.begin()
+        if jax.process_count() > 1:  # no process writes before process 0 has cleared
+            multihost_utils.sync_global_devices("lora_jax run directory ready")
+        return _train(run, resume, log, stop)
     finally:
         stop.restore()
         rundir.close()
@@ -388,8 +431,8 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
     bar = writer.progress(start, train_cfg.steps)
     try:
         if stop.anywhere():  # asked during setup: nothing new to save
-            log(f"stopped by signal before step {start + 1}; nothing trained")
-            return {}
+            raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} before "
+                          f"step {start + 1}; nothing trained")  # fmt: skip
         for step in range(start, train_cfg.steps):
             t0 = time.perf_counter()
             batch = run.batch(next(batches), train_cfg.batch_size)
@@ -411,8 +454,9 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
                 log(f"eval after training the head alone: {_fmt(evaluate(run, adapter))}")
             if stop.anywhere():
                 checkpoints.save(step + 1, (adapter, opt_state), batches.state(), force=True)
-                log(f"stopped by signal at step {step + 1}; checkpoint written")
-                return {}
+                raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at "
+                              f"step {step + 1}: checkpoint written in {out / 'checkpoints'}; "
+                              "--resume continues")  # fmt: skip
     finally:
         bar.close()
         checkpoints.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -262,7 +263,30 @@ def _targets(modules: Mapping[Keys, Mapping[str, Any]], config: LoraConfig) -> l
             f"no kernel matches targets={config.targets} (exclude={config.exclude}). "
             f"Module paths with a kernel: {[path_str(k) for k in kernels]}"
         )
+    _every_pattern_matches(modules, [path_str(k) for k in kernels],
+                           [path_str(k) for k in chosen], config)  # fmt: skip
     return chosen
+
+
+def _every_pattern_matches(
+    modules: Mapping[Keys, Mapping[str, Any]], kernels: list[str], chosen: list[str],
+    config: LoraConfig,
+) -> None:  # fmt: skip
+    """A ValueError for a pattern that names nothing (a typo would otherwise train no head,
+    or no other rank, silently): each exclude must match a kernel's module path, each
+    modules_to_save a leaf path, each rank / alpha pattern an adapted module's path."""
+    leaves = [f"{path_str(k)}/{leaf}" for k, m in modules.items() for leaf in m]
+    for field, patterns, paths in (
+        ("exclude", config.exclude, kernels),
+        ("modules_to_save", config.modules_to_save, leaves),
+        ("rank_pattern", [p for p, _ in config.rank_pattern], chosen),
+        ("alpha_pattern", [p for p, _ in config.alpha_pattern], chosen),
+    ):
+        for pattern in patterns:
+            if not any(re.search(pattern, path) for path in paths):
+                more = " ..." if len(paths) > 8 else ""
+                raise ValueError(f"LoraConfig.{field} {pattern!r} matches nothing; it is "
+                                 f"searched in {paths[:8]}{more}.")  # fmt: skip
 
 
 def targets(params: Params, config: LoraConfig) -> list[str]:

@@ -6,10 +6,13 @@ intact and in step order)."""
 import fcntl
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -26,8 +29,11 @@ from lora_jax.cli import main as cli_main
 
 
 def md5s(*paths):
-    """md5 of every file under the paths (a missing path counts as empty)."""
-    files = [f for p in paths for f in sorted(Path(p).rglob("*")) if f.is_file()]
+    """md5 of every file under the paths (a missing path counts as empty), but the lock a
+    run holds (it records the holder's pid)."""
+    files = [
+        f for p in paths for f in sorted(Path(p).rglob("*")) if f.is_file() and f.name != ".lock"
+    ]
     files += [Path(p) for p in paths if Path(p).is_file()]
     return {str(f): hashlib.md5(f.read_bytes()).hexdigest() for f in files}
 
@@ -249,22 +255,52 @@ def test_rerunning_in_a_directory_starts_fresh_and_a_stale_step_is_replaced(sft,
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+# `lora-jax ARGS` through the real entry point, Ctrl-C arriving at a chosen point, with no
+# timer: while the command's modules load (when jax is first imported), mid-command (as
+# generation starts), or inside a finalizer, where Python swallows the KeyboardInterrupt.
 INTERRUPT_PROBE = """
-import os, signal, sys, threading
-from lora_jax import cli
-threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C, mid-command
-sys.exit(cli.main(sys.argv[1:]))
+import os, signal, sys
+point, sys.argv = sys.argv[1], ["lora-jax", *sys.argv[2:]]
+
+def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+
+class Dropped:
+    def __del__(self):
+        ctrl_c()
+
+if point == "import":
+    class Finder:
+        def find_spec(self, name, path=None, target=None):
+            if name == "jax":
+                sys.meta_path.remove(self)
+                ctrl_c()
+    sys.meta_path.insert(0, Finder())
+else:
+    import lora_jax.generate as generate
+    inner = generate.generate_text
+    def interrupted(*args, **kwargs):
+        ctrl_c() if point == "command" else Dropped()  # Dropped's finalizer runs at once
+        return inner(*args, **kwargs)
+    generate.generate_text = interrupted
+from lora_jax import launch
+launch.entry()
 """
 
 
-def test_ctrl_c_mid_command_is_one_line_and_exit_130(sft):
-    """Ctrl-C while a command runs (here `generate`, loading and compiling, after the imports)
-    ends with one line and the shell's status for SIGINT, not a KeyboardInterrupt traceback."""
-    command = [sys.executable, "-c", INTERRUPT_PROBE, "generate", "--model", str(sft / "llama"),
-               "--prompt", "w3 w5", "--max-new-tokens", "40"]  # fmt: skip
+@pytest.mark.parametrize("point", ["import", "command", "finalizer"])
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(sft, point):
+    """Ctrl-C while `lora-jax generate` loads, runs, or inside a finalizer (whose
+    KeyboardInterrupt Python would swallow and go on to exit 0) ends with one line and the
+    shell's status for SIGINT, never a traceback."""
+    command = [sys.executable, "-c", INTERRUPT_PROBE, point, "generate", "--model",
+               str(sft / "llama"), "--prompt", "w3 w5", "--max-new-tokens", "4"]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 130, run.stderr
     assert one_line(run.stderr) == "lora-jax generate: interrupted"
+    # Interrupted before it printed; a swallowed interrupt lets it finish, and still its
+    # status says it was interrupted, so `generate && next` stops.
+    assert run.stdout == "" or point == "finalizer"
 
 
 def test_generate_on_an_encoder_says_it_needs_a_decoder(checkpoints):
@@ -326,5 +362,233 @@ def test_a_failed_write_leaves_the_earlier_output_whole(checkpoints, adapter_dir
     run = limited_cli(size // 2, *args)
     assert run.returncode == 2, run.stderr
     err = one_line(run.stderr)
-    assert re.search(rf"writing {out}/model.safetensors failed: .*File too large", err)
-    assert md5s(out) == before  # the old model whole, no temporary file left beside it
+    assert re.search(rf"writing {out} failed: .*File too large", err)
+    assert md5s(out) == before  # the old model whole
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary left beside it
+
+
+def test_a_refused_run_changes_nothing_in_its_output_dir(sft, tmp_path, capsys):
+    """Every input is checked before the output directory is touched: a refused fresh run
+    leaves an earlier run's outputs as they were, and removes a directory it had created."""
+    out, empty = tmp_path / "out", tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli_main(train_args(sft, out, **{"train.steps": 2})) == 0
+    capsys.readouterr()
+    before = md5s(out)
+    assert {"adapter", "checkpoints", "metrics.jsonl", "eval.json", "config.json"} <= {
+        p.name for p in out.iterdir()}  # fmt: skip
+    refusals = [
+        ({"data.train": empty}, f"{empty}: no rows."),
+        ({"model.path": tmp_path / "nowhere"}, f"{tmp_path / 'nowhere'}: not a checkpoint"),
+        ({"data.max_length": 10**6}, "data.max_length 1000000 exceeds the model's"),
+    ]
+    for changes, says in refusals:
+        assert cli_main(train_args(sft, out, **changes)) == 2
+        assert says in one_line(capsys.readouterr().err)
+        assert md5s(out) == before
+    assert cli_main(train_args(sft, tmp_path / "new", **{"data.train": empty})) == 2
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("output_dir", ["", ".", "..", "~"])
+def test_an_output_dir_that_is_not_the_runs_own_is_refused(sft, tmp_path, capsys, monkeypatch,
+                                                           output_dir):  # fmt: skip
+    """An empty output_dir (an unset shell variable), the current directory, one above it or
+    the home directory would have the run clear a user's files: refused before anything."""
+    home = tmp_path / "home" / "user"
+    work = home / "work"
+    (work / "adapter").mkdir(parents=True)
+    (work / "adapter" / "adapter_model.safetensors").write_bytes(b"a user's own adapter")
+    (work / "metrics.jsonl").write_text("{}\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    before = md5s(home)
+    assert cli_main(train_args(sft, output_dir)) == 2
+    assert "config output_dir is " in one_line(capsys.readouterr().err)
+    assert md5s(home) == before and not (work / ".lock").exists()
+
+
+def test_a_directory_no_run_wrote_is_never_cleared(sft, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "adapter").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    (mine / "config.json").write_text('{"model_type": "llama"}')  # a model's, not a run's
+    before = md5s(mine)
+    for resume in ([], ["--resume"]):
+        assert cli_main([*train_args(sft, mine), *resume]) == 2
+        err = one_line(capsys.readouterr().err)
+        assert f"output_dir {mine} holds files no lora_jax run wrote (adapter, config.json" in err
+        assert md5s(mine) == before and not (mine / ".lock").exists()
+
+
+def test_a_stopped_run_exits_143_and_never_leaves_an_older_runs_outputs(sft, tmp_path):
+    """SIGTERM checkpoints and stops with the shell's status for it, not 0 (so `train &&
+    merge` stops); a resumed run's earlier adapter, eval results and curve are gone before it
+    trains on, so they never sit beside newer checkpoints."""
+    out = tmp_path / "out"
+    assert cli_main(train_args(sft, out, **{"train.steps": 3, "checkpoint.every": 1})) == 0
+    assert (out / "adapter").is_dir() and (out / "eval.json").is_file()
+    proc = cli(*train_args(sft, out, **{"train.steps": 5000, "checkpoint.every": 1}), "--resume")
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None and len(metrics.read_text().splitlines()) < 6:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    step = steps_of(out)[-1]
+    assert one_line(err) == (f"lora-jax train: stopped by SIGTERM at step {step}: checkpoint "
+                             f"written in {out}/checkpoints; --resume continues")  # fmt: skip
+    assert not any((out / n).exists() for n in ("adapter", "eval.json", "loss.png"))
+
+
+def test_written_files_take_the_permissions_the_umask_gives(checkpoints, adapter_dir, tmp_path):
+    """Weights, adapters and settings written atomically get a new file's usual mode (0644
+    under umask 022), not a temporary file's private one: a server may run as another user."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    out = tmp_path / "merged"
+    assert cli_main(["merge", "--base", str(checkpoints / "llama"), "--adapter",
+                     str(adapter_dir), "--out", str(out)]) == 0  # fmt: skip
+    written = [*out.iterdir(), *adapter_dir.iterdir()]
+    assert {"model.safetensors", "adapter_model.safetensors"} <= {f.name for f in written}
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in written} == {
+        f.name: oct(0o666 & ~umask) for f in written}  # fmt: skip
+
+
+def test_a_merge_replaces_an_older_model_whole_and_refuses_other_files(
+    checkpoints, adapter_dir, tmp_path, capsys
+):
+    """--out holding an older sharded checkpoint: the new model takes its place whole (no
+    shard or index of the old one beside it, which a loader would read instead); --out
+    holding files that are no model's: refused, untouched."""
+    out = tmp_path / "merged"
+    out.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        save_file({"w": np.zeros(2, np.float32)}, out / name)
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    (out / "config.json").write_text('{"model_type": "llama"}')
+    args = ["merge", "--base", str(checkpoints / "llama"), "--adapter", str(adapter_dir)]
+    assert cli_main([*args, "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors"} <= names
+    assert not any(n.startswith("model-0") or n.endswith("index.json") for n in names), names
+    models.from_pretrained(out)  # loads the new model, whole
+    capsys.readouterr()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "config.json").write_text("{}")
+    before = md5s(mine)
+    assert cli_main([*args, "--out", str(mine)]) == 2
+    assert f"{mine} holds files that are not a model's (notes.txt)" in one_line(
+        capsys.readouterr().err
+    )
+    assert md5s(mine) == before and sorted(p.name for p in tmp_path.iterdir()) == ["merged", "mine"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        (
+            "lora.modules_to_save=['lm_haed']",
+            "LoraConfig.modules_to_save 'lm_haed' matches nothing",
+        ),
+        ("lora.exclude=['q_prj']", "LoraConfig.exclude 'q_prj' matches nothing"),
+        ("lora.rank_pattern={'v_prj': 4}", "LoraConfig.rank_pattern 'v_prj' matches nothing"),
+        ("lora.alpha_pattern={'o_prj': 4.0}", "LoraConfig.alpha_pattern 'o_prj' matches nothing"),
+    ],
+)
+def test_every_name_a_user_gives_must_match_something(sft, tmp_path, capsys, setting, says):
+    """A typo in a pattern would train no head, or no other rank, and exit 0: refused,
+    naming the setting and where it was searched, before the output directory is touched."""
+    out = tmp_path / "out"
+    assert cli_main([*train_args(sft, out), "--set", setting]) == 2
+    assert says in one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_eval_refuses_settings_that_contradict_the_saved_adapter(sft, tmp_path, capsys):
+    """`lora-jax eval` runs the saved adapter with the config's settings: one that would
+    rescale or reshape it silently (another alpha, rank or targets) is refused, naming it."""
+    out = tmp_path / "out"
+    assert cli_main(train_args(sft, out, **{"train.steps": 2})) == 0
+    capsys.readouterr()
+    for setting, says in (
+        ("lora.alpha=64.0", "lora.alpha: "),
+        ("lora.use_rslora=True", "lora.alpha: "),
+        ("lora.rank=4", "lora.rank: "),
+        ("lora.targets=['q_proj']", "lora.targets: "),
+    ):
+        assert cli_main(["eval", *train_args(sft, out)[1:], "--set", setting]) == 2, setting
+        err = one_line(capsys.readouterr().err)
+        assert err.startswith(f"lora-jax eval: {says}{out}/adapter was saved"), err
+    assert cli_main(["eval", *train_args(sft, out)[1:]]) == 0
+    assert f"{out}/adapter on " in capsys.readouterr().out
+
+
+def test_non_finite_settings_and_results_are_refused(sft, adapter_dir, checkpoints, tmp_path,
+                                                     capsys):  # fmt: skip
+    with pytest.raises(ValueError, match="alpha for 'alpha' is nan; must be a finite number"):
+        lj.LoraConfig(alpha=float("nan"))
+    assert cli_main([*train_args(sft, tmp_path / "out"), "--set", "train.learning_rate=1e999"]) == 2
+    assert "train.learning_rate is inf; must be a finite number" in capsys.readouterr().err
+    generate = ["generate", "--model", str(sft / "llama"), "--prompt", "w3 w4"]
+    assert cli_main([*generate, "--temperature", "nan"]) == 2
+    assert "temperature nan" in one_line(capsys.readouterr().err)
+    # An adapter whose alpha overflows float32 merges into inf: nothing is written.
+    huge = tmp_path / "huge"
+    shutil.copytree(adapter_dir, huge)
+    config = json.loads((huge / "adapter_config.json").read_text())
+    (huge / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e300}))
+    out = tmp_path / "merged"
+    args = [
+        "merge",
+        "--base",
+        str(checkpoints / "llama"),
+        "--adapter",
+        str(huge),
+        "--out",
+        str(out),
+    ]
+    assert cli_main(args) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"{out}: not written, " in err and "holds non-finite values" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["huge"]
+
+
+def test_every_file_read_is_named_in_its_error(sft, tmp_path, capsys):
+    """Damaged or wrong inputs of every kind end with one line naming the file (and line or
+    key), never a traceback: weights, config.json, a config file, a run's metrics and
+    settings record, a prompt template, an empty prompt."""
+    broken = tmp_path / "broken"
+    shutil.copytree(sft / "llama", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    generate = ["generate", "--model", str(broken), "--prompt", "w3 w4"]
+    assert cli_main(generate) == 2
+    assert f"{weights}" in one_line(capsys.readouterr().err)
+    shutil.copy(sft / "llama" / "model.safetensors", weights)
+    (broken / "config.json").write_text('{"model_type": "lla')
+    assert cli_main(generate) == 2
+    assert f"{broken}/config.json: not valid JSON" in one_line(capsys.readouterr().err)
+    assert cli_main(["generate", "--model", str(sft / "llama"), "--prompt", ""]) == 2
+    assert "prompt 1 ('') has no tokens" in one_line(capsys.readouterr().err)
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config():\n    return {'train': 1 / 0}\n")
+    assert cli_main(["train", "--config", str(raising)]) == 2
+    assert f"{raising}:2: ZeroDivisionError: division by zero" in one_line(capsys.readouterr().err)
+    assert cli_main([*train_args(sft, tmp_path / "t"), "--set", "data.template=Q: {}"]) == 2
+    assert "config data.template is 'Q: {}'; must fill named fields" in one_line(
+        capsys.readouterr().err)  # fmt: skip
+    # A run's own files, damaged, on --resume.
+    out = tmp_path / "out"
+    assert cli_main(train_args(sft, out, **{"train.steps": 2, "checkpoint.every": 1})) == 0
+    capsys.readouterr()
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')
+    resume = [*train_args(sft, out, **{"train.steps": 4, "checkpoint.every": 1}), "--resume"]
+    assert cli_main(resume) == 2
+    assert f"{out}/metrics.jsonl:3: not a JSON line" in one_line(capsys.readouterr().err)
+    (out / "config.json").write_text('{"model": ')
+    assert cli_main(resume) == 2
+    assert f"{out}/config.json: not valid JSON" in one_line(capsys.readouterr().err)

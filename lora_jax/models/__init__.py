@@ -7,8 +7,7 @@ the zoo's models.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lora_jax.lazy import attributes
 
 # Each public name and the submodule that holds it.
 _HOMES = {
@@ -34,11 +33,4 @@ _HOMES = {
 __all__ = sorted(_HOMES)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'lora_jax.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"lora_jax.models.{_HOMES[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOMES))
+__getattr__, __dir__ = attributes(__name__, _HOMES)

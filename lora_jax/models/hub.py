@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from lora_jax.files import atomic, write_text
+from lora_jax.files import atomic_dir, check_finite, read_json
 from lora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -31,6 +33,9 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
     "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json",
 )  # fmt: skip
+# What a model directory holds: an earlier model's files, which a save replaces whole.
+MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+               *TOKENIZER_FILES)  # fmt: skip
 
 
 # How every zoo family's params split over the (data, fsdp, tensor) mesh (see
@@ -147,9 +152,11 @@ class _Checkpoint:
     def __init__(self, directory: Path):
         index = directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no weight_map.")
         elif (directory / "model.safetensors").exists():
-            with safe_open(directory / "model.safetensors", "flax") as f:
+            with _opened(directory / "model.safetensors") as f:
                 weight_map = dict.fromkeys(f.keys(), "model.safetensors")
         elif any(directory.glob("pytorch_model*.bin")):
             raise ValueError(
@@ -161,8 +168,24 @@ class _Checkpoint:
         self.files = {name: directory / file for name, file in weight_map.items()}
 
     def get(self, name: str) -> np.ndarray:
-        with safe_open(self.files[name], "flax") as f:
-            return np.asarray(f.get_tensor(name))
+        with _opened(self.files[name]) as f:
+            try:
+                return np.asarray(f.get_tensor(name))
+            except Exception as err:  # safetensors' own error types: a damaged file
+                raise ValueError(f"{self.files[name]}: {name} cannot be read (truncated or "
+                                 f"damaged? {err}).") from None  # fmt: skip
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """A safetensors file opened for reading, or a ValueError naming it."""
+    try:
+        handle = safe_open(path, "flax")
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged? "
+                         f"{err}).") from None  # fmt: skip
+    with handle as f:
+        yield f
 
 
 def load_params(
@@ -253,13 +276,7 @@ def config_of(path_or_repo_id: str | Path) -> dict[str, Any]:
     else:
         directory = checkpoint_dir(path_or_repo_id, patterns=["config.json"])
         file = directory / "config.json"
-    try:
-        config = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file}: not a JSON config ({err}).") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: not a JSON object.")
-    return config
+    return read_json(file)
 
 
 def from_pretrained(
@@ -278,7 +295,7 @@ def from_pretrained(
     a new, randomly initialised head (as transformers' AutoModelForSequenceClassification).
     """
     directory = checkpoint_dir(path_or_repo_id)
-    hf_config = json.loads((directory / "config.json").read_text())
+    hf_config = config_of(directory)
     model, hf_config = _model(hf_config, compute_dtype=compute_dtype, remat=remat,
                               attention_impl=attention_impl, num_labels=num_labels)  # fmt: skip
     params = load_params(model, directory, hf_config, dtype, num_labels is not None)
@@ -333,24 +350,25 @@ def save_pretrained(
     *,
     copy_from: str | Path | None = None,
 ) -> Path:
-    """Writes config.json and model.safetensors that transformers loads (e.g. a merged model).
+    """Writes config.json and model.safetensors that transformers loads (e.g. a merged model),
+    as a whole: built beside `out_dir`, then put in its place (an earlier model there is
+    replaced, never mixed with the new files; other files there are refused).
 
     `copy_from`: a checkpoint directory whose tokenizer files are copied alongside.
     """
     family, _ = family_of(hf_config)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tree = params.get("params", params)
     tensors = {name: jnp.array(t, copy=True) for name, t in family.naming.tensors(tree)}
     dtypes = {str(t.dtype) for t in tensors.values()}
-    with atomic(out / "model.safetensors") as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
     config = dict(hf_config, dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
-    write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True))
-    for name in TOKENIZER_FILES if copy_from else ():
-        if (Path(copy_from) / name).exists():
-            shutil.copy(Path(copy_from) / name, out / name)
-    return out
+    check_finite(tensors, out_dir)
+    with atomic_dir(out_dir, "model", MODEL_FILES) as tmp:
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for name in TOKENIZER_FILES if copy_from else ():
+            if (Path(copy_from) / name).exists():
+                shutil.copy(Path(copy_from) / name, tmp / name)
+    return Path(out_dir)
 
 
 def random_checkpoint(
