@@ -83,7 +83,11 @@ class Tokenizer:
         path = Path(directory) / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: the checkpoint has no tokenizer.json.")
-        self.fast = Fast.from_file(str(path))
+        try:
+            self.fast = Fast.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises its own plain Exception
+            raise ValueError(f"{path}: not a readable tokenizer (truncated or damaged? "
+                             f"{err}).") from None  # fmt: skip
         # Some tokenizer.json files pad or cut every encoding (all-MiniLM's: to 128 tokens);
         # `encode` pads, cuts and masks itself, so the file's settings must not.
         self.fast.no_padding()

@@ -571,6 +571,10 @@ def test_every_file_read_is_named_in_its_error(sft, tmp_path, capsys):
     (broken / "config.json").write_text('{"model_type": "lla')
     assert cli_main(generate) == 2
     assert f"{broken}/config.json: not valid JSON" in one_line(capsys.readouterr().err)
+    shutil.copy(sft / "llama" / "config.json", broken / "config.json")
+    (broken / "tokenizer.json").write_text('{"model": ')
+    assert cli_main(generate) == 2
+    assert f"{broken}/tokenizer.json: not a readable tokenizer" in one_line(capsys.readouterr().err)
     assert cli_main(["generate", "--model", str(sft / "llama"), "--prompt", ""]) == 2
     assert "prompt 1 ('') has no tokens" in one_line(capsys.readouterr().err)
     raising = tmp_path / "raising.py"
