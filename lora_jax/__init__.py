@@ -16,7 +16,8 @@ _HOMES = {
         ("kernel_layouts", "lora_apply", "merged_apply", "nnx_adapt", "routed_apply"), "apply"
     ),
     "LoraConfig": "config",
-    **dict.fromkeys(("generate", "generate_text"), "generate"),
+    # `generation`, not `generate`: a submodule's import binds its name on the package.
+    **dict.fromkeys(("generate", "generate_text"), "generation"),
     **dict.fromkeys(("QuantizedKernel", "dequantize", "nbytes", "quantize"), "quant"),
     **dict.fromkeys(
         (

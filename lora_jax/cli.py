@@ -76,7 +76,7 @@ def generate_command(args: argparse.Namespace) -> None:
     """`lora-jax generate`: each prompt continued, with the adapter run factored."""
     from lora_jax.apply import lora_apply
     from lora_jax.data import Tokenizer
-    from lora_jax.generate import generate_text
+    from lora_jax.generation import generate_text
 
     model, params, hf_config = from_pretrained(args.model, DTYPES[args.dtype])
     apply_fn = None

@@ -60,7 +60,8 @@ def test_rank_too_large_names_path(stack):
     [
         ({"rank": 0}, "must be an int >= 1"),
         ({"rank_pattern": {"q_proj": -2}}, "rank for 'q_proj' is -2"),
-        ({"alpha": 0.0}, "must be > 0"),
+        ({"alpha": 0.0}, "must be a finite number > 0"),
+        ({"alpha": float("inf")}, "must be a finite number > 0"),
         ({"dropout": 1.0}, r"must be in \[0, 1\)"),
         ({"init": "zeros"}, "choose one of"),
         ({"targets": ("q_proj[",)}, "not a valid regex"),

@@ -277,12 +277,12 @@ if point == "import":
                 ctrl_c()
     sys.meta_path.insert(0, Finder())
 else:
-    import lora_jax.generate as generate
-    inner = generate.generate_text
+    import lora_jax.generation as generation
+    inner = generation.generate_text
     def interrupted(*args, **kwargs):
         ctrl_c() if point == "command" else Dropped()  # Dropped's finalizer runs at once
         return inner(*args, **kwargs)
-    generate.generate_text = interrupted
+    generation.generate_text = interrupted
 from lora_jax import launch
 launch.entry()
 """
