@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from lora_jax.files import check_target
 from lora_jax.io import base_for, load_adapter, read_adapter
-from lora_jax.launch import Interrupts, WholeLines
+from lora_jax.launch import Interrupts, Stopped, WholeLines
 from lora_jax.models import from_pretrained, save_pretrained
 from lora_jax.models.hub import MODEL_FILES
 from lora_jax.models.options import DTYPES
@@ -287,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     (SIGTERM: 143), a training run stopped by a signal after its checkpoint with 128 + the
     signal; 0 only when the work finished: a signal that reached the command is never lost,
     even where its KeyboardInterrupt was swallowed (in a finalizer, say)."""
-    from lora_jax.train import Stopped
-
     args = parser().parse_args(argv)
     with Interrupts() as interrupts, WholeLines():
         try:

@@ -27,7 +27,7 @@ def atomic(path: str | Path) -> Iterator[Path]:
         yield tmp
         # The mode a new file gets (0644 under the usual umask), whatever the writer chose:
         # some write private temporaries, and a model server may run as another user.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, _new_mode(directory=False))
         os.replace(tmp, path)
     except Exception as err:
         raise OSError(f"writing {path} failed: {type(err).__name__}: {err}") from err
@@ -48,8 +48,9 @@ def atomic_dir(path: str | Path, what: str, owned: Sequence[str]) -> Iterator[Pa
     tmp.mkdir()
     try:
         yield tmp
+        files, dirs = _new_mode(directory=False), _new_mode(directory=True)
         for file in tmp.rglob("*"):  # a new file's usual mode, as `atomic` gives
-            os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~_umask())
+            os.chmod(file, dirs if file.is_dir() else files)
         if path.exists():
             os.replace(path, old)  # aside, then the new one in: never a mix of the two
         os.replace(tmp, path)
@@ -79,6 +80,11 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def _new_mode(directory: bool) -> int:
+    """The mode a new file or directory gets under this process's umask (0644 / 0755 usually)."""
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 def _umask() -> int:

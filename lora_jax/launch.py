@@ -34,6 +34,14 @@ def huge_pages_env(environ: Mapping[str, str], thp_mode: Path = THP_MODE) -> dic
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, HUGE_PAGES)))}
 
 
+class Stopped(Exception):
+    """A run stopped by a signal after writing its checkpoint; `--resume` continues it."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 class Interrupts:
     """While active, SIGINT and SIGTERM raise KeyboardInterrupt and are remembered in
     `received`, so a command that a signal reached cannot end as if it had finished, even

@@ -39,6 +39,7 @@ RESUMABLE = ("train.steps", "checkpoint.", "mesh.", "distributed.", "data.eval",
 OUTPUTS = ("checkpoints", "metrics.jsonl", "adapter", "eval.json", "loss.png")
 FINAL = ("adapter", "eval.json", "loss.png")  # written when a run finishes
 LOCK = ".lock"
+RECORD_KEYS = {"model", "lora", "data", "train"}  # what makes a config.json a run's record
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -127,7 +128,7 @@ class RunDir:
 def _record(path: Path) -> dict[str, Any]:
     """A run directory's settings record, or a ValueError naming the file."""
     record = read_json(path)
-    if not {"model", "lora", "data", "train"} <= set(record):
+    if not set(record) >= RECORD_KEYS:
         raise ValueError(f"{path}: not a run's settings record (no model, lora, data, train).")
     return record
 
@@ -138,6 +139,6 @@ def _foreign(path: Path) -> list[str]:
     if not path.is_dir():
         return []
     record = path / CONFIG
-    if record.is_file() and {"model", "lora", "data", "train"} <= set(read_json(record)):
+    if record.is_file() and set(read_json(record)) >= RECORD_KEYS:
         return []
     return sorted(p.name for p in path.iterdir() if p.name != LOCK)

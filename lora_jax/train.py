@@ -31,6 +31,7 @@ from lora_jax import sharding
 from lora_jax.apply import kernel_layouts, lora_apply
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.config import LoraConfig
+from lora_jax.launch import Stopped
 from lora_jax.models.options import DTYPES
 from lora_jax.quant import quantize
 from lora_jax.rundir import RunDir
@@ -317,14 +318,6 @@ def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, floa
 
 
 # ----------------------------------------------------------------------------- loop
-
-
-class Stopped(Exception):
-    """A run stopped by a signal after writing its checkpoint; `--resume` continues it."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
 
 
 class _Stop:
