@@ -41,7 +41,7 @@ class Checkpoints:
             absl.addFilter(_WithoutTraceback())
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
-    def save(self, step: int, state: Any, data_state: dict[str, int], force: bool = False) -> None:
+    def save(self, step: int, state: Any, data_state: dict[str, Any], force: bool = False) -> None:
         """Called after every step: starts writing `state` (adapter + optimizer) at `step` in
         the background when it is due. A step this run already wrote is not written twice;
         one an earlier run left (e.g. the unreadable newest that a resume skipped) is
@@ -76,7 +76,7 @@ class Checkpoints:
         return OSError(f"writing the checkpoint of step {step} in {self.manager.directory} "
                        f"failed: {type(err).__name__}: {err}")  # fmt: skip
 
-    def restore_latest(self, like: Any) -> tuple[int, Any, dict[str, int]] | None:
+    def restore_latest(self, like: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, data state) of the newest readable checkpoint, laid out like `like`
         (arrays with their shardings), or None when there is none."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)

@@ -75,10 +75,15 @@ class WholeLines:
     held per thread until its newline (or a progress bar's carriage return), then written in
     one piece. Background writer threads (orbax's, tensorstore's) print tracebacks while a
     command reports its failure; without this, pieces of their lines and of the command's
-    one-line error interleave, and the error is no longer a line of its own."""
+    one-line error interleave, and the error is no longer a line of its own.
+
+    One traceback is dropped whole: tensorstore's callbacks into the event loop orbax has
+    already closed after a failed checkpoint write (only asyncio's frames, ending in
+    "RuntimeError: Event loop is closed"). The write's failure itself is the command's
+    error line; these say nothing more, a dozen times over."""
 
     def __init__(self) -> None:
-        self.lock, self.partial = threading.Lock(), {}
+        self.lock, self.partial, self.held = threading.Lock(), {}, {}
 
     def __enter__(self) -> WholeLines:
         self.stream, sys.stderr = sys.stderr, self
@@ -86,14 +91,35 @@ class WholeLines:
 
     def write(self, text: str) -> int:
         with self.lock:
-            pending = self.partial.pop(threading.get_ident(), "") + text
+            thread = threading.get_ident()
+            pending = self.partial.pop(thread, "") + text
             cut = max(pending.rfind("\n"), pending.rfind("\r")) + 1
             if cut:
-                self.stream.write(pending[:cut])
+                self.stream.write(self._unheld(thread, pending[:cut]))
                 self.stream.flush()
             if pending[cut:]:
-                self.partial[threading.get_ident()] = pending[cut:]
+                self.partial[thread] = pending[cut:]
         return len(text)
+
+    def _unheld(self, thread: int, lines: str) -> str:
+        """`lines` less any traceback of a closed event loop (held until its last line)."""
+        out = []
+        for line in lines.splitlines(keepends=True):
+            block = self.held.get(thread)
+            if block is None and line.startswith("Traceback (most recent call last):"):
+                self.held[thread] = [line]
+            elif block is None:
+                out.append(line)
+            elif line[:1].isspace():
+                block.append(line)
+            else:  # the exception's line ends the traceback
+                del self.held[thread]
+                files = [b for b in block if b.lstrip().startswith("File ")]
+                noise = line.strip() == "RuntimeError: Event loop is closed" and all(
+                    f"{os.sep}asyncio{os.sep}" in f for f in files
+                )
+                out += [] if noise else [*block, line]
+        return "".join(out)
 
     def flush(self) -> None:
         self.stream.flush()  # a line still open stays held: it is not whole yet
@@ -104,9 +130,10 @@ class WholeLines:
     def __exit__(self, *exc: Any) -> None:
         sys.stderr = self.stream
         with self.lock:
-            for text in self.partial.values():
+            for text in [*("".join(b) for b in self.held.values()), *self.partial.values()]:
                 self.stream.write(text)
             self.partial.clear()
+            self.held.clear()
         self.stream.flush()
 
 

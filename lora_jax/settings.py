@@ -73,10 +73,12 @@ class DataSettings:
     response_field: str = "response"
     template: str = "{prompt}"  # sft: the prompt, from the row's fields
     max_length: int = 24
-    pack: bool = False
+    pack: bool = True  # sft: several examples a row (classification: one, padded per batch)
+    workers: int = 0  # processes that read and encode ahead (0: threads of this process)
 
     def __post_init__(self) -> None:
         _require(self.max_length >= 1, "data.max_length", self.max_length, "must be >= 1")
+        _require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
         try:
             fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
         except ValueError as err:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_jax.data import Batch, Tokenizer, packed, pad, template_fields
+from lora_jax.data import Example, Tokenizer, template_fields
 from lora_jax.step import token_terms
 
 if TYPE_CHECKING:
@@ -40,8 +40,14 @@ class Task(Protocol):
         """A ValueError starting with `at` (file and row) unless every value has its type."""
         ...
 
-    def encode(self, rows: list[dict[str, Any]], tokenizer: Tokenizer, data: DataSettings) -> Batch:
-        """Token arrays for checked rows, every row `data.max_length` long."""
+    def encode(self, row: Mapping[str, Any], tokenizer: Tokenizer,
+               data: DataSettings) -> Example:  # fmt: skip
+        """A checked row's example: 1-D int32 token arrays of at most `data.max_length`
+        (input_ids, attention_mask, ...) and scalars; `lora_jax.data` pads or packs them."""
+        ...
+
+    def packs(self, data: DataSettings) -> bool:
+        """Whether training batches pack several examples into a row."""
         ...
 
     def batch_shapes(self, data: DataSettings, rows: int) -> Shapes:
@@ -64,6 +70,10 @@ class Task(Protocol):
     def finish(self, run: Run, adapter: Any, log: Callable[[str], None]) -> None:
         """What the task checks once training is done."""
         ...
+
+
+def _tokens(ids: list[int]) -> np.ndarray:
+    return np.asarray(ids, np.int32)
 
 
 class Classify:
@@ -95,17 +105,17 @@ class Classify:
             raise ValueError(f"{at}: label {label} is outside the {classes} classes "
                              f"[0, {classes}).")  # fmt: skip
 
-    def encode(self, rows: list[dict[str, Any]], tokenizer: Tokenizer, data: DataSettings) -> Batch:
-        """input_ids, attention_mask and labels (label names mapped to their index)."""
-        length = data.max_length
-        ids = [tokenizer(r[data.text_field])[:length] for r in rows]
-        labels = [data.labels.index(r[data.label_field]) if isinstance(r[data.label_field], str)
-                  else r[data.label_field] for r in rows]  # fmt: skip
-        return {
-            "input_ids": pad(ids, length, tokenizer.pad),
-            "attention_mask": pad([[1] * len(s) for s in ids], length, 0),
-            "labels": np.asarray(labels, np.int32),
-        }
+    def encode(self, row: Mapping[str, Any], tokenizer: Tokenizer,
+               data: DataSettings) -> Example:  # fmt: skip
+        """input_ids, attention_mask and the label (a label name mapped to its index)."""
+        ids = tokenizer(row[data.text_field])[: data.max_length]
+        label = row[data.label_field]
+        label = data.labels.index(label) if isinstance(label, str) else label
+        return {"input_ids": _tokens(ids), "attention_mask": np.ones(len(ids), np.int32),
+                "labels": np.int32(label)}  # fmt: skip
+
+    def packs(self, data: DataSettings) -> bool:
+        return False  # one example a row: its logits are read at its own tokens
 
     def batch_shapes(self, data: DataSettings, rows: int) -> Shapes:
         tokens = ((rows, data.max_length), np.dtype(np.int32))
@@ -159,27 +169,25 @@ class Sft:
             raise ValueError(f"{at}: {data.response_field} is {row[data.response_field]!r}, "
                              "not a string.")  # fmt: skip
 
-    def encode(self, rows: list[dict[str, Any]], tokenizer: Tokenizer, data: DataSettings) -> Batch:
-        """input_ids, attention_mask (segment ids: 1, 2, ... per packed example), positions
-        restarting with each example, and loss_mask (1 on response tokens and EOS)."""
-        length, examples = data.max_length, []
-        for r in rows:
-            prompt = tokenizer(data.template.format(**r))
-            answer = tokenizer(r[data.response_field], special=False)
-            answer += [tokenizer.eos] if tokenizer.eos is not None else []
-            examples.append(
-                ((prompt + answer)[:length], ([0] * len(prompt) + [1] * len(answer))[:length])
-            )
-        rows_of = packed(examples, length) if data.pack else [[e] for e in examples]
-        ids = [[t for e in row for t in e[0]] for row in rows_of]
-        segments = [[i + 1 for i, e in enumerate(row) for _ in e[0]] for row in rows_of]
-        positions = [[p for e in row for p in range(len(e[0]))] for row in rows_of]
+    def encode(self, row: Mapping[str, Any], tokenizer: Tokenizer,
+               data: DataSettings) -> Example:  # fmt: skip
+        """input_ids (prompt, response, EOS), attention_mask, positions, and loss_mask (1 on
+        response tokens and EOS). Packed, attention_mask holds segment ids (1, 2, ... per
+        example) and positions restart with each example."""
+        prompt = tokenizer(data.template.format(**row))
+        answer = tokenizer(row[data.response_field], special=False)
+        answer += [tokenizer.eos] if tokenizer.eos is not None else []
+        ids = (prompt + answer)[: data.max_length]
+        mask = ([0] * len(prompt) + [1] * len(answer))[: len(ids)]
         return {
-            "input_ids": pad(ids, length, tokenizer.pad),
-            "attention_mask": pad(segments, length, 0),
-            "positions": pad(positions, length, 0),
-            "loss_mask": pad([[m for e in row for m in e[1]] for row in rows_of], length, 0),
+            "input_ids": _tokens(ids),
+            "attention_mask": np.ones(len(ids), np.int32),
+            "positions": np.arange(len(ids), dtype=np.int32),
+            "loss_mask": _tokens(mask),
         }
+
+    def packs(self, data: DataSettings) -> bool:
+        return data.pack
 
     def batch_shapes(self, data: DataSettings, rows: int) -> Shapes:
         tokens = ((rows, data.max_length), np.dtype(np.int32))
@@ -213,14 +221,6 @@ class Sft:
 TASKS: dict[str, Task] = {task.name: task for task in (Classify(), Sft())}
 
 
-def check_rows(rows: list[dict[str, Any]], where: str, data: DataSettings,
-               classes: int | None) -> None:  # fmt: skip
-    """Every row of `where` checked by its task; the error names the file and the row."""
-    task = TASKS[data.task]
-    for n, row in enumerate(rows, 1):
-        task.check_row(row, f"{where}: row {n}", data, classes)
-
-
 def _weight(batch: Mapping[str, jax.Array]) -> jax.Array:
     """Each example's weight: 0 for the padding rows of an eval's last batch, else 1."""
     return batch.get("weight", jnp.ones(batch["input_ids"].shape[0], jnp.float32))
@@ -229,15 +229,16 @@ def _weight(batch: Mapping[str, jax.Array]) -> jax.Array:
 def merged_predictions(run: Run, adapter: Any) -> tuple[np.ndarray, np.ndarray]:
     """A classifier's eval-split predictions from the factored forward and from the merged
     model."""
+    from lora_jax.data import eval_batches
     from lora_jax.tree import combine, merge
 
-    factored = jax.jit(lambda p, x, m: run.apply(p, x, m))
-    plain = jax.jit(lambda p, x, m: run.model.apply(p, x, m))
+    factored = jax.jit(lambda p, x, m: jnp.argmax(run.apply(p, x, m), -1))
+    plain = jax.jit(lambda p, x, m: jnp.argmax(run.model.apply(p, x, m), -1))
     params = combine(adapter, run.base)
     merged = merge(params, run.lora)
-    eval_data = run.data["eval"]
-    x, m = jnp.asarray(eval_data["input_ids"]), jnp.asarray(eval_data["attention_mask"])
-    return (
-        np.asarray(jnp.argmax(factored(params, x, m), -1)),
-        np.asarray(jnp.argmax(plain(merged, x, m), -1)),
-    )
+    predictions: tuple[list, list] = ([], [])
+    for batch, real in eval_batches(run.examples["eval"], run.config.train.batch_size, run.rows):
+        x, m = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+        predictions[0].append(np.asarray(factored(params, x, m))[:real])
+        predictions[1].append(np.asarray(plain(merged, x, m))[:real])
+    return np.concatenate(predictions[0]), np.concatenate(predictions[1])

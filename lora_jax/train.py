@@ -36,7 +36,6 @@ from lora_jax.models.options import DTYPES
 from lora_jax.quant import quantize
 from lora_jax.rundir import RunDir
 from lora_jax.settings import (
-    DataSettings,
     DistributedSettings,
     MeshSettings,
     RunConfig,
@@ -48,7 +47,7 @@ from lora_jax.step import (
     make_step,
     opt_state_shardings,
 )
-from lora_jax.tasks import TASKS, Task, check_rows
+from lora_jax.tasks import TASKS, Task
 from lora_jax.tree import combine, init, sites, split
 
 
@@ -75,14 +74,19 @@ def start_distributed(dist: DistributedSettings) -> None:
         jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
 
 
-def read_splits(data: DataSettings, classes: int | None) -> dict[str, list[dict[str, Any]]]:
-    """The train and eval rows, every field the task needs there with its type, labels in
-    [0, classes) (before anything compiles)."""
-    fields, splits = TASKS[data.task].fields(data), {}
+def open_splits(cfg: RunConfig, tokenizer: data_lib.Tokenizer) -> dict[str, data_lib.Encode]:
+    """The train and eval splits as the task's examples by index (`data_lib.Encode`), each
+    file opened (a JSONL file indexed) and its first rows checked and encoded: a wrong field
+    or template is refused before anything compiles; a later bad row, when it is read."""
+    data, splits = cfg.data, {}
+    classes = len(data.labels) or cfg.model.num_labels
     for name in ("train", "eval"):
-        source = resolve(getattr(data, name))
-        splits[name] = data_lib.read_rows(source, fields)
-        check_rows(splits[name], source, data, classes)
+        rows = data_lib.open_rows(resolve(getattr(data, name)))
+        splits[name] = data_lib.Encode(rows, TASKS[data.task], tokenizer, data, classes)
+        splits[name].check_first()
+    if (size := len(splits["train"])) < cfg.train.batch_size:
+        raise ValueError(f"{data.train}: {size} rows, fewer than one batch of "
+                         f"train.batch_size {cfg.train.batch_size}.")  # fmt: skip
     return splits
 
 
@@ -139,6 +143,15 @@ def load_base(cfg: RunConfig, model_dir: str) -> tuple[Any, Any, dict[str, Any]]
     return from_pretrained(model_dir, **model_options(cfg))
 
 
+def agreed(batch: data_lib.Batch, pad_id: int) -> data_lib.Batch:
+    """A local batch padded to the longest of every process's (one process: as it is), so
+    the global batch has one shape."""
+    if jax.process_count() == 1 or batch["input_ids"].ndim < 2:
+        return batch
+    lengths = multihost_utils.process_allgather(np.int32(batch["input_ids"].shape[1]))
+    return data_lib.widened(batch, int(np.max(lengths)), pad_id)
+
+
 def adapted(cfg: RunConfig, model: Any, params: Any, example: Any) -> Any:
     """The base quantized where model.quantize asks (QLoRA's nf4 / int8 codes), with LoRA
     leaves added (seeded by train.seed); `example` is an input batch the model takes."""
@@ -179,40 +192,48 @@ class Setup:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Run(Setup):
     """Everything a config builds before the first step (`Run.start`): a `Setup` of real
-    arrays on the mesh, the checkpoint it came from, and the tokenized splits."""
+    arrays on the mesh, the checkpoint it came from, and the splits' examples by index."""
 
     hf_config: dict[str, Any]
     model_dir: str
-    data: dict[str, data_lib.Batch]
+    examples: dict[str, data_lib.Encode]  # "train", "eval"
     rows: slice  # this process's rows of each global batch
 
     @classmethod
     def start(cls, config: Mapping[str, Any] | RunConfig) -> Run:
-        """Reads the splits (every row checked), builds the mesh, loads and shards the base,
-        adds the adapter: the named setup steps, in the order that checks inputs first."""
-        from lora_jax.models.hub import checkpoint_dir, family_of
+        """Opens the splits (their first rows checked), builds the mesh, loads and shards the
+        base, adds the adapter: the named setup steps, in the order that checks inputs first."""
+        from lora_jax.models.hub import checkpoint_dir, config_of, family_of
 
         cfg = RunConfig.from_dict(config)
         start_distributed(cfg.distributed)
         model_dir = str(checkpoint_dir(resolve(cfg.model.path)))
-        rows = read_splits(cfg.data, len(cfg.data.labels) or cfg.model.num_labels)
+        tokenizer = data_lib.Tokenizer(model_dir, config_of(model_dir))
+        examples = open_splits(cfg, tokenizer)
         mesh = run_mesh(cfg.mesh, cfg.train)
         model, params, hf_config = load_base(cfg, model_dir)
-        tokenizer = data_lib.Tokenizer(model_dir, hf_config)
-        task = TASKS[cfg.data.task]
-        data = {s: task.encode(r, tokenizer, cfg.data) for s, r in rows.items()}
-        example = jnp.asarray(data["train"]["input_ids"][:1])
+        example = jnp.asarray(data_lib.first_batch(examples["train"])["input_ids"])
         rules = family_of(hf_config)[0].rules
         params = adapted(cfg, model, params, example)
         shardings = sharding.param_shardings(params, mesh, rules)
         adapter, base = split(jax.device_put(params, shardings), cfg.lora)
         adapter_shardings, base_shardings = split(shardings, cfg.lora)
         return cls(cfg, mesh, model, adapter, base, adapter_shardings, base_shardings,
-                   hf_config, model_dir, data,
+                   hf_config, model_dir, examples,
                    sharding.local_rows(mesh, cfg.train.batch_size))  # fmt: skip
 
     def batch(self, local: data_lib.Batch, size: int) -> dict[str, jax.Array]:
+        """This process's rows as the global batch (every process's padded alike)."""
+        local = agreed(local, self.examples["train"].tokenizer.pad)
         return sharding.global_batch(self.mesh, local, size)
+
+    def stream(self) -> Any:
+        """The training batches (`data_lib.train_stream`): this process's rows, packed where
+        the task packs, read ahead by data.workers processes (0: threads)."""
+        cfg = self.config
+        return data_lib.train_stream(self.examples["train"], cfg.train.batch_size,
+                                     cfg.train.seed, self.rows, self.task.packs(cfg.data),
+                                     workers=cfg.data.workers)  # fmt: skip
 
     @functools.cached_property
     def eval_terms(self) -> Callable:
@@ -306,14 +327,17 @@ def saved_adapter(run: Run, directory: str | Path) -> Any:
 
 
 def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, float]:
-    """Mean loss and accuracy (per example, or per response token) over a whole split."""
-    size = run.config.train.batch_size
+    """Mean loss and accuracy (per example, or per response token) over a whole split, read
+    in order (each process its own rows), with a progress bar."""
+    size, split = run.config.train.batch_size, run.examples[split_name]
     sums = np.zeros(3)
-    for local, real in data_lib.in_batches(run.data[split_name], size):
-        local["weight"] = (np.arange(size) < real).astype(np.float32)
-        rows = {k: v[run.rows] for k, v in local.items()}
-        terms = run.eval_terms(adapter, run.base, run.batch(rows, size))
+    bar = tqdm(total=len(split), desc=split_name, unit="ex", leave=False, delay=1,
+               disable=jax.process_index() != 0)  # fmt: skip
+    for local, real in data_lib.eval_batches(split, size, run.rows):
+        terms = run.eval_terms(adapter, run.base, run.batch(local, size))
         sums += np.asarray([float(t) for t in terms])
+        bar.update(real)
+    bar.close()
     return {"loss": float(sums[0] / sums[1]), "accuracy": float(sums[2] / sums[1])}
 
 
@@ -329,6 +353,7 @@ class _Stop:
 
     def __init__(self):
         self.requested, self.signum = False, signal.SIGTERM  # SIGTERM: another process's
+        self.bad_elsewhere = False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
@@ -338,11 +363,17 @@ class _Stop:
             return
         self.requested, self.signum = True, signum
 
-    def anywhere(self) -> bool:
-        """Whether any process was asked to stop (the same answer on every process)."""
+    def anywhere(self, bad_row: bool = False) -> bool:
+        """Whether any process was asked to stop or read a bad row (`bad_row`: this one did);
+        the same answer on every process, and `bad_elsewhere` says whether any read one."""
         if jax.process_count() == 1:
-            return self.requested
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+            self.bad_elsewhere = bad_row
+            return self.requested or bad_row
+        flags = np.asarray([self.requested, bad_row], np.int32)
+        stop, self.bad_elsewhere = (
+            bool(f) for f in multihost_utils.process_allgather(flags).max(0)
+        )
+        return stop or self.bad_elsewhere
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -411,11 +442,12 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
     opt_state = jax.jit(txs[False].init, out_shardings=shardings.opt_state)(run.adapter)
     ckpt_cfg = run.config.checkpoint
     checkpoints = Checkpoints(out / "checkpoints", ckpt_cfg.every, ckpt_cfg.keep)
-    batches = data_lib.Batches(run.data["train"], train_cfg.batch_size, train_cfg.seed, run.rows)
+    stream = run.stream()
+    batches = iter(stream)
     start, adapter = 0, run.adapter
     if resume and (found := checkpoints.restore_latest((adapter, opt_state))):
         start, (adapter, opt_state), data_state = found
-        batches.restore(data_state)
+        _continue(batches, data_state, out)
         log(f"resumed from step {start} ({out / 'checkpoints'})")
     writer = Writer(out, start, enabled=main)
     steps = {f: make_train_step(run, tx, shardings) for f, tx in txs.items()}
@@ -428,7 +460,20 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
                           f"step {start + 1}; nothing trained")  # fmt: skip
         for step in range(start, train_cfg.steps):
             t0 = time.perf_counter()
-            batch = run.batch(next(batches), train_cfg.batch_size)
+            data_state = batches.get_state()  # what a checkpoint after the last step holds
+            bad, local = _next(batches)
+            if stop.anywhere(bad is not None):
+                if step > start:
+                    checkpoints.save(step, (adapter, opt_state), data_state, force=True)
+                saved = (f"checkpoint written in {out / 'checkpoints'}" if step else
+                         "nothing trained")  # fmt: skip
+                if stop.bad_elsewhere:
+                    why = str(bad) if bad is not None else "another process read a bad row"
+                    raise data_lib.BadRow(f"{why} (stopped at step {step}: {saved}; fix the "
+                                          "row, then --resume)")  # fmt: skip
+                raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at "
+                              f"step {step}: {saved}; --resume continues")  # fmt: skip
+            batch = run.batch(local, train_cfg.batch_size)
             adapter, opt_state, metrics = steps[step < head_steps](
                 adapter, opt_state, run.base, batch, jnp.int32(step)
             )
@@ -441,15 +486,17 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
                     "Lower train.learning_rate, or check the data."
                 )
             metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - t0)
+            metrics["padding"] = data_lib.padding_share(local)
             writer.log(step + 1, metrics, bar)
-            checkpoints.save(step + 1, (adapter, opt_state), batches.state())
+            checkpoints.save(step + 1, (adapter, opt_state), batches.get_state())
             if step + 1 == head_steps and run.task.reports_probe:
                 log(f"eval after training the head alone: {_fmt(evaluate(run, adapter))}")
-            if stop.anywhere():
-                checkpoints.save(step + 1, (adapter, opt_state), batches.state(), force=True)
-                raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at "
-                              f"step {step + 1}: checkpoint written in {out / 'checkpoints'}; "
-                              "--resume continues")  # fmt: skip
+        if stop.anywhere():
+            step = train_cfg.steps
+            checkpoints.save(step, (adapter, opt_state), batches.get_state(), force=True)
+            raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at "
+                          f"step {step}: checkpoint written in {out / 'checkpoints'}; "
+                          "--resume continues")  # fmt: skip
     finally:
         bar.close()
         checkpoints.close()
@@ -460,6 +507,25 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
     # Every process: it gathers the adapter first.
     finish(out, adapter, metrics, run.lora, run.hf_config, run.model_dir, log)
     return metrics
+
+
+def _next(batches: Any) -> tuple[data_lib.BadRow | None, data_lib.Batch | None]:
+    """(None, the next batch), or (the bad row's error, None): the loop saves a checkpoint
+    before it stops on a bad row (with several processes, all stop together)."""
+    try:
+        return None, next(batches)
+    except data_lib.BadRow as err:
+        return err, None
+
+
+def _continue(batches: Any, state: Mapping[str, Any], out: Path) -> None:
+    """The batch iterator set to a checkpoint's data state."""
+    try:
+        batches.set_state(state)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{out / 'checkpoints'}: the data state ({list(state)}) is not this "
+                         f"version's stream state ({type(err).__name__}: {err}); start a fresh "
+                         "run.") from None  # fmt: skip
 
 
 def _fmt(metrics: Mapping[str, float]) -> str:

