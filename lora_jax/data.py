@@ -291,8 +291,6 @@ class Encode:
                          "fields.")  # fmt: skip
         try:
             self.task.check_row(row, where, self.data, self.classes)
-        except BadRow:
-            raise
         except ValueError as err:
             raise BadRow(str(err)) from None
         return self.task.encode(row, self.tokenizer, self.data)

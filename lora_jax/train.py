@@ -442,8 +442,7 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
     opt_state = jax.jit(txs[False].init, out_shardings=shardings.opt_state)(run.adapter)
     ckpt_cfg = run.config.checkpoint
     checkpoints = Checkpoints(out / "checkpoints", ckpt_cfg.every, ckpt_cfg.keep)
-    stream = run.stream()
-    batches = iter(stream)
+    batches = iter(run.stream())
     start, adapter = 0, run.adapter
     if resume and (found := checkpoints.restore_latest((adapter, opt_state))):
         start, (adapter, opt_state), data_state = found
@@ -458,9 +457,9 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
         if stop.anywhere():  # asked during setup: nothing new to save
             raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} before "
                           f"step {start + 1}; nothing trained")  # fmt: skip
+        data_state = batches.get_state()  # what a checkpoint of the newest step holds
         for step in range(start, train_cfg.steps):
             t0 = time.perf_counter()
-            data_state = batches.get_state()  # what a checkpoint after the last step holds
             bad, local = _next(batches)
             if stop.anywhere(bad is not None):
                 if step > start:
@@ -471,8 +470,7 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
                     why = str(bad) if bad is not None else "another process read a bad row"
                     raise data_lib.BadRow(f"{why} (stopped at step {step}: {saved}; fix the "
                                           "row, then --resume)")  # fmt: skip
-                raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at "
-                              f"step {step}: {saved}; --resume continues")  # fmt: skip
+                raise _stopped(stop, step, saved)
             batch = run.batch(local, train_cfg.batch_size)
             adapter, opt_state, metrics = steps[step < head_steps](
                 adapter, opt_state, run.base, batch, jnp.int32(step)
@@ -488,15 +486,13 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
             metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - t0)
             metrics["padding"] = data_lib.padding_share(local)
             writer.log(step + 1, metrics, bar)
-            checkpoints.save(step + 1, (adapter, opt_state), batches.get_state())
+            data_state = batches.get_state()
+            checkpoints.save(step + 1, (adapter, opt_state), data_state)
             if step + 1 == head_steps and run.task.reports_probe:
                 log(f"eval after training the head alone: {_fmt(evaluate(run, adapter))}")
-        if stop.anywhere():
-            step = train_cfg.steps
-            checkpoints.save(step, (adapter, opt_state), batches.get_state(), force=True)
-            raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at "
-                          f"step {step}: checkpoint written in {out / 'checkpoints'}; "
-                          "--resume continues")  # fmt: skip
+        if stop.anywhere():  # asked during the last step
+            checkpoints.save(train_cfg.steps, (adapter, opt_state), data_state, force=True)
+            raise _stopped(stop, train_cfg.steps, f"checkpoint written in {out / 'checkpoints'}")
     finally:
         bar.close()
         checkpoints.close()
@@ -507,6 +503,12 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
     # Every process: it gathers the adapter first.
     finish(out, adapter, metrics, run.lora, run.hf_config, run.model_dir, log)
     return metrics
+
+
+def _stopped(stop: _Stop, step: int, saved: str) -> Stopped:
+    """The error a run stopped by a signal after `step` steps raises; `saved`: what it wrote."""
+    name = signal.Signals(stop.signum).name
+    return Stopped(stop.signum, f"stopped by {name} at step {step}: {saved}; --resume continues")
 
 
 def _next(batches: Any) -> tuple[data_lib.BadRow | None, data_lib.Batch | None]:
