@@ -8,6 +8,8 @@ pipeline  the stream alone (no model): real tokens/s of packed batches of the sh
           against the CPU bench's train step (bench/RESULTS.md: 2,058 tokens/s)
 padding   padded tokens per step of that config: every row padded to 1024 (the pipeline
           before packing) against packed rows
+curve     that config's `lora-jax train` (tiny Llama, float32, 20 steps), packed and with
+          data.pack=False (padded to bucket lengths): wall time and the loss along the run
 
   python bench/data_pipeline.py                 # 10k, 2M, 20M rows (about 1.4 GB of JSONL)
   python bench/data_pipeline.py --rows 10000 1000000
@@ -85,7 +87,9 @@ def pipeline_tokens_s(model: Path, workers: int, batches: int = 40) -> float:
     t, tokens = time.perf_counter(), 0
     for _ in range(batches):
         tokens += int(np.count_nonzero(next(stream)["attention_mask"]))
-    return tokens / (time.perf_counter() - t)
+    rate = tokens / (time.perf_counter() - t)
+    stream.close()  # the workers stop now
+    return rate
 
 
 def padding(model: Path, steps: int = 20) -> tuple[float, float]:
@@ -106,6 +110,23 @@ def padding(model: Path, steps: int = 20) -> tuple[float, float]:
                   for _ in range(steps)]  # fmt: skip
         out.append(float(np.mean(padded)))
     return out[0], out[1]
+
+
+def curve(model: Path, out: Path, pack: bool, steps: int = 20) -> tuple[float, np.ndarray]:
+    """(wall seconds, per-step losses) of the shipped SFT config's `lora-jax train` on the
+    arithmetic set, with a learning rate a random tiny model moves at."""
+    sets = {"model.path": model, "model.dtype": "float32", "model.compute_dtype": "None",
+            "model.remat": "none", "train.steps": steps, "train.learning_rate": 3e-3,
+            "train.warmup_steps": 2, "checkpoint.every": 0, "mesh.devices": 1,
+            "data.pack": pack, "output_dir": out}  # fmt: skip
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    command = [sys.executable, "-m", "lora_jax.cli", "train",
+               "--config", str(ROOT / "configs" / "llama3_1b_sft.py"), *args]  # fmt: skip
+    t = time.perf_counter()
+    subprocess.run(command, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                   check=True)  # fmt: skip
+    wall = time.perf_counter() - t
+    return wall, np.array([json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()])
 
 
 def main() -> None:
@@ -144,6 +165,11 @@ def main() -> None:
     unpacked, packed = padding(model)
     print(f"| padding per step, 32 x 1024 | arithmetic | | | | every row padded {unpacked:,.0f}, "
           f"packed {packed:,.0f}: {unpacked / max(packed, 1):.0f}x fewer |")  # fmt: skip
+    for pack in (True, False):
+        wall, loss = curve(model, args.dir / f"curve_{pack}", pack)
+        marks = ", ".join(f"{loss[i - 1]:.3f}" for i in (1, 5, 10, 15, 20))
+        print(f"| curve, {'packed' if pack else 'padded to buckets'} | arithmetic | | {wall:.1f} "
+              f"| | loss at steps 1, 5, 10, 15, 20: {marks} |")  # fmt: skip
     print(
         f"peak RSS of this process: "
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"

@@ -1,8 +1,9 @@
-"""Training data, streamed: rows read by index from a JSONL file (or a `tfds:` source),
-checked and encoded by the task (`lora_jax.tasks`), and batched by grain.
+"""Training data, streamed: rows read by index from a JSONL, Arrow or Parquet file (or a
+`tfds:` source), checked and encoded by the task (`lora_jax.tasks`), and batched by grain.
 
-No split is ever held whole. A JSONL file is read through an index of line offsets, built
-once per version of the file and kept in the cache directory, so memory and the time to the
+No split is ever held whole. A JSONL file is read through an index of line offsets, an
+Arrow file memory-mapped, a Parquet file through an Arrow copy; what is built is built once
+per version of the file and kept in the cache directory, so memory and the time to the
 first step do not grow with the number of rows. Each process reads only its own rows of
 every global batch, in an order reshuffled each epoch from (seed, epoch); the iterator's
 state goes into the checkpoint, so a resumed run sees the batches an uninterrupted run
@@ -19,7 +20,8 @@ import os
 import string
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -55,8 +57,37 @@ class Rows(Protocol):
 
 
 def cache_dir() -> Path:
-    """Where indexes of data files are kept: $LORA_JAX_CACHE, else ~/.cache/lora_jax."""
+    """Where indexes and conversions of data files are kept: $LORA_JAX_CACHE, else
+    ~/.cache/lora_jax."""
     return Path(os.environ.get("LORA_JAX_CACHE") or Path.home() / ".cache" / "lora_jax")
+
+
+def _cached(path: Path, kind: str, suffix: str, build: Callable[[Path, Path], None]) -> Path:
+    """The file `build(path, target)` makes from `path` (an index, a conversion), kept in the
+    cache under a name from the path, size and mtime, so it is built once per version of the
+    file; in this machine's temporary directory when the cache is read-only. Written whole:
+    several processes may build the same file, each writes its own and renames it."""
+    stat = path.stat()
+    key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0v1".encode()
+    name = f"{hashlib.sha256(key).hexdigest()[:32]}{suffix}"
+    for folder in (cache_dir() / kind, Path(tempfile.gettempdir()) / f"lora_jax-{os.getuid()}"):
+        target = folder / name
+        if target.is_file():
+            return target
+        partial = target.with_name(f"{name}.{os.getpid()}.partial")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            partial.touch()
+        except PermissionError:  # a read-only cache: the temporary directory instead
+            continue
+        try:
+            build(path, partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
+    raise PermissionError(f"{path}: neither {cache_dir()} nor {tempfile.gettempdir()} is "
+                          "writable (set LORA_JAX_CACHE).")  # fmt: skip
 
 
 class JsonlRows:
@@ -69,16 +100,7 @@ class JsonlRows:
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise FileNotFoundError(f"data file {self.path} does not exist.")
-        stat = self.path.stat()
-        key = f"{self.path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0v1".encode()
-        name = f"{hashlib.sha256(key).hexdigest()[:32]}.idx"
-        self.index = cache_dir() / "jsonl-index" / name
-        if not self.index.is_file():
-            try:
-                _write_index(self.path, self.index)
-            except PermissionError:  # a read-only cache: this machine's temporary directory
-                self.index = Path(tempfile.gettempdir()) / f"lora_jax-{os.getuid()}" / name
-                _write_index(self.path, self.index)
+        self.index = _cached(self.path, "jsonl-index", ".idx", _write_index)
         self.size = self.index.stat().st_size // _RECORD.itemsize
         if not self.size:
             raise ValueError(f"{self.path}: no rows.")
@@ -94,18 +116,14 @@ class JsonlRows:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _files=None, _lock=threading.Lock())
 
-    def __del__(self) -> None:
-        files = getattr(self, "_files", None)
-        if files is not None and files[0] == os.getpid():
-            for fd in files[1:]:
-                os.close(fd)
-
     def _fds(self) -> tuple[int, int]:
-        """This process's open data and index files (opened once, by the first reader)."""
+        """This process's open data and index files (opened once, by the first reader, and
+        closed when this object goes, or at exit: a finalizer, which runs before shutdown)."""
         with self._lock:
             if self._files is None or self._files[0] != os.getpid():
-                self._files = (os.getpid(), os.open(self.path, os.O_RDONLY),
-                               os.open(self.index, os.O_RDONLY))  # fmt: skip
+                fds = os.open(self.path, os.O_RDONLY), os.open(self.index, os.O_RDONLY)
+                weakref.finalize(self, _close, *fds)
+                self._files = (os.getpid(), *fds)
             return self._files[1], self._files[2]
 
     def read(self, index: int) -> tuple[dict[str, Any], str]:
@@ -125,47 +143,134 @@ class JsonlRows:
         return row, where
 
 
+def _close(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 def _write_index(path: Path, target: Path) -> None:
-    """The (start, end, line) records of `path`'s non-blank lines, written whole to `target`
-    (several processes may build the same index: each writes its own and renames it)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    size = path.stat().st_size
+    """The (start, end, line) records of `path`'s non-blank lines, written to `target`."""
+    with path.open("rb") as source, target.open("wb") as out, \
+            tqdm(total=path.stat().st_size, unit="B", unit_scale=True, delay=1, leave=False,
+                 desc=f"indexing {path.name}") as bar:  # fmt: skip
+        offset, line, rest = 0, 1, b""
+        while True:
+            chunk = source.read(_CHUNK)
+            text = rest + chunk
+            if chunk:  # complete lines only; the rest waits for the next chunk
+                cut = text.rfind(b"\n") + 1
+                text, rest = text[:cut], text[cut:]
+            ends = np.flatnonzero(np.frombuffer(text, np.uint8) == 10)
+            if not chunk and text:  # a last line without a newline
+                ends = np.append(ends, len(text))
+            starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)[: len(ends)]
+            lines = line + np.arange(len(ends))
+            keep = np.ones(len(ends), bool)  # blank lines skipped (only short ones can be)
+            for i in np.flatnonzero(ends - starts <= 8):
+                keep[i] = bool(text[starts[i] : ends[i]].strip())
+            records = np.empty(int(keep.sum()), _RECORD)
+            records["start"], records["end"] = starts[keep] + offset, ends[keep] + offset
+            records["line"] = lines[keep]
+            out.write(records.tobytes())
+            offset, line = offset + len(text), line + len(ends)
+            bar.update(len(chunk))
+            if not chunk:
+                break
+
+
+class ArrowRows:
+    """Rows of an Arrow or Parquet file, or of a directory of them (shards in name order, as
+    `datasets.save_to_disk` and the hub's Parquet exports hold a split). Arrow files (IPC
+    stream or file format) are memory-mapped and read in place; a Parquet file is converted
+    once to an Arrow file in the cache (a bar while it is), since a shuffled read of Parquet
+    would decode a whole row group for each row. Picklable, like `JsonlRows`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        if not self.path.exists():
+            raise FileNotFoundError(f"data file {self.path} does not exist.")
+        _pyarrow(self.path)
+        self.shards = ([p for p in sorted(self.path.iterdir()) if p.suffix in _ARROW_SUFFIXES]
+                       if self.path.is_dir() else [self.path])  # fmt: skip
+        if not self.shards:
+            raise FileNotFoundError(f"{self.path}: a directory with no .arrow or .parquet files.")
+        self.files = [_cached(p, "parquet-as-arrow", ".arrow", _parquet_to_arrow)
+                      if p.suffix == ".parquet" else p for p in self.shards]  # fmt: skip
+        self._tables: tuple[int, list[Any]] | None = None  # (pid, one table a shard)
+        self._lock = threading.Lock()
+        self.ends = np.cumsum([t.num_rows for t in self._open()])
+        if not self.ends[-1]:
+            raise ValueError(f"{self.path}: no rows.")
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tables", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _tables=None, _lock=threading.Lock())
+
+    def _open(self) -> list[Any]:
+        """This process's tables, memory-mapped (opened once, by the first reader)."""
+        with self._lock:
+            if self._tables is None or self._tables[0] != os.getpid():
+                pairs = zip(self.files, self.shards, strict=True)
+                self._tables = (os.getpid(), [_read_arrow(f, shown) for f, shown in pairs])
+            return self._tables[1]
+
+    def read(self, index: int) -> tuple[dict[str, Any], str]:
+        shard = int(np.searchsorted(self.ends, index, side="right"))
+        row = index - (int(self.ends[shard - 1]) if shard else 0)
+        table = self._open()[shard]
+        return table.slice(row, 1).to_pylist()[0], f"{self.shards[shard]}: row {row + 1}"
+
+
+_ARROW_SUFFIXES = (".arrow", ".parquet")
+
+
+def _pyarrow(path: Path) -> Any:
     try:
-        with path.open("rb") as source, partial.open("wb") as out, \
-                tqdm(total=size, unit="B", unit_scale=True, delay=1, leave=False,
-                     desc=f"indexing {path.name}") as bar:  # fmt: skip
-            offset, line, rest = 0, 1, b""
-            while True:
-                chunk = source.read(_CHUNK)
-                text = rest + chunk
-                if chunk:  # complete lines only; the rest waits for the next chunk
-                    cut = text.rfind(b"\n") + 1
-                    text, rest = text[:cut], text[cut:]
-                ends = np.flatnonzero(np.frombuffer(text, np.uint8) == 10)
-                if not chunk and text:  # a last line without a newline
-                    ends = np.append(ends, len(text))
-                starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)[: len(ends)]
-                lines = line + np.arange(len(ends))
-                keep = np.ones(len(ends), bool)  # blank lines skipped (only short ones can be)
-                for i in np.flatnonzero(ends - starts <= 8):
-                    keep[i] = bool(text[starts[i] : ends[i]].strip())
-                records = np.empty(int(keep.sum()), _RECORD)
-                records["start"], records["end"] = starts[keep] + offset, ends[keep] + offset
-                records["line"] = lines[keep]
-                out.write(records.tobytes())
-                offset, line = offset + len(text), line + len(ends)
-                bar.update(len(chunk))
-                if not chunk:
-                    break
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+        import pyarrow
+    except ImportError:
+        raise ImportError(f"{path}: Arrow and Parquet files need pyarrow: pip install "
+                          "'lora_jax[arrow]'.") from None  # fmt: skip
+    return pyarrow
+
+
+def _read_arrow(path: Path, shown: Path) -> Any:
+    """An Arrow IPC file (stream or file format) as a table, memory-mapped, not read."""
+    pa = _pyarrow(path)
+    for open_ in (pa.ipc.open_stream, pa.ipc.open_file):
+        try:
+            return open_(pa.memory_map(str(path))).read_all()
+        except pa.ArrowInvalid:
+            continue
+    raise ValueError(f"{shown}: not an Arrow IPC file (stream or file format).")
+
+
+def _parquet_to_arrow(path: Path, target: Path) -> None:
+    """A Parquet file rewritten as an Arrow IPC stream, a few thousand rows at a time."""
+    pa = _pyarrow(path)
+    from pyarrow import parquet
+
+    try:
+        source = parquet.ParquetFile(path)
+        with pa.OSFile(str(target), "wb") as sink, \
+                pa.ipc.new_stream(sink, source.schema_arrow) as out, \
+                tqdm(total=source.metadata.num_rows, unit=" rows", delay=1, leave=False,
+                     desc=f"converting {path.name}") as bar:  # fmt: skip
+            for batch in source.iter_batches(batch_size=4096):
+                out.write_batch(batch)
+                bar.update(batch.num_rows)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ValueError(f"{path}: not a readable Parquet file ({err}).") from None
 
 
 class TfdsRows:
-    """A TFDS split by index (`tfds.data_source`: ArrayRecord files, random access); needs
-    the dataset prepared once (`tfds build`), with network."""
+    """A prepared TFDS split by index (`tfds.data_source`: ArrayRecord files, random
+    access), from $TFDS_DATA_DIR or ~/tensorflow_datasets. Nothing is downloaded: a pod's
+    hosts would each fetch the set; prepare it once with `tfds build`."""
 
     def __init__(self, spec: str):
         name, _, split = spec[len("tfds:") :].partition(":")
@@ -174,13 +279,15 @@ class TfdsRows:
             import tensorflow_datasets as tfds
         except ImportError:
             raise ImportError(f"'{spec}' needs tensorflow-datasets: pip install "
-                              "tensorflow-datasets") from None  # fmt: skip
+                              "'lora_jax[tfds]'.") from None  # fmt: skip
         try:
-            self.source = tfds.data_source(name, split=split)
+            self.source = tfds.data_source(name, split=split, download=False)
         except Exception as err:  # tfds raises many kinds; all mean "not available here"
+            why = str(err).strip().splitlines()[0] if str(err).strip() else ""  # not its list
             raise OSError(f"{spec}: split {split!r} could not be loaded ({type(err).__name__}: "
-                          f"{err}). Offline? Prepare it once with network (`tfds build`) or "
-                          "use a JSONL file.") from err  # fmt: skip
+                          f"{why}) from {tfds.core.constants.DATA_DIR}. Prepare it once, with "
+                          f"network: `tfds build {name} --file_format=array_record`, or use a "
+                          "JSONL file.") from err  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.source)
@@ -205,11 +312,14 @@ class ListedRows:
 
 
 def open_rows(source: str | Path) -> Rows:
-    """The rows of a JSONL file (a path) or of a TFDS split ("tfds:name[/config][:split]",
-    e.g. "tfds:glue/sst2:validation")."""
+    """The rows of a split: a JSONL file; an Arrow or Parquet file, or a directory of them;
+    or a TFDS split ("tfds:name[/config][:split]", e.g. "tfds:glue/sst2:validation")."""
     if isinstance(source, str) and source.startswith("tfds:"):
         return TfdsRows(source)
-    return JsonlRows(source)
+    path = Path(source).expanduser()
+    if path.suffix in _ARROW_SUFFIXES or path.is_dir():
+        return ArrowRows(path)
+    return JsonlRows(path)
 
 
 def read_rows(source: str | Path, fields: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -378,6 +488,45 @@ class Order:
         return int(grain_x.index_shuffle(index, max_index=self.size - 1, seed=seed, rounds=4))
 
 
+class Chunk:
+    """Chunk b -> the examples of this process's b-th batch of rows (`Order`), encoded and
+    joined into one element (`joined`): a worker process hands back one element a batch, not
+    one a row. Picklable."""
+
+    def __init__(self, order: Order, encode: Encode):
+        self.order, self.encode = order, encode
+
+    def __call__(self, b: int) -> dict[str, Any]:
+        start = int(b) * self.order.local
+        return joined([self.encode(self.order(k)) for k in range(start, start + self.order.local)])
+
+
+def joined(examples: Sequence[Example]) -> dict[str, Any]:
+    """Examples as one element: token arrays concatenated, scalars stacked, and each
+    example's length (`unjoined` splits them again)."""
+    first = examples[0]
+    return {
+        "tokens": {k: np.concatenate([e[k] for e in examples]) for k in first if first[k].ndim},
+        "scalars": {k: np.stack([e[k] for e in examples]) for k in first if not first[k].ndim},
+        "lengths": np.array([len(e["input_ids"]) for e in examples]),
+    }
+
+
+def unjoined(chunk: Mapping[str, Any]) -> list[Example]:
+    """The examples `joined` put together."""
+    cuts = np.cumsum(chunk["lengths"])[:-1]
+    parts = {k: np.split(v, cuts) for k, v in chunk["tokens"].items()} | chunk["scalars"]
+    return [{k: v[i] for k, v in parts.items()} for i in range(len(chunk["lengths"]))]
+
+
+class _Unjoin(grain_x.FlatMapTransform):
+    def __init__(self, fan_out: int):
+        self.max_fan_out = fan_out
+
+    def flat_map(self, chunk: Mapping[str, Any]) -> list[Example]:
+        return unjoined(chunk)
+
+
 def packed(examples: grain.IterDataset, bins: int, length: int,
            pad_id: int) -> grain.IterDataset:  # fmt: skip
     """Examples packed first-fit into rows of `length` tokens (grain's packing), `bins` rows
@@ -404,19 +553,21 @@ def train_stream(encode: Encode, batch_size: int, seed: int, rows: slice, pack: 
     checkpoint stores; `set_state` continues exactly there."""
     order = Order(len(encode), batch_size, seed, rows)
     length, pad_id = encode.data.max_length, encode.tokenizer.pad
-    examples = grain.MapDataset.range(2**62).map(order).map(encode)
-    stream = examples.to_iter_dataset(read_options(threads))
-    if pack:
-        stream = packed(stream, order.local, length, pad_id).batch(order.local, drop_remainder=True)
-    else:
-        stream = stream.batch(order.local, drop_remainder=True, batch_fn=Padded(pad_id, length))
-    if workers:
+    chunks = grain.MapDataset.range(2**62).map(Chunk(order, encode))
+    stream = chunks.to_iter_dataset(read_options(threads))
+    if workers:  # worker w encodes chunks w, w + workers, ...; they come back in order
         from absl import flags  # grain's workers read its flags, which a CLI never parses
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return stream
+    # Packed and batched here, not in the workers: each would pack its own examples, and the
+    # batches would depend on the number of workers.
+    if pack:
+        examples = grain_x.FlatMapIterDataset(stream, _Unjoin(order.local))
+        return packed(examples, order.local, length, pad_id).batch(order.local, drop_remainder=True)
+    pad = Padded(pad_id, length)
+    return stream.map(lambda chunk: pad(unjoined(chunk)))
 
 
 def eval_batches(encode: Encode, batch_size: int, rows: slice,

@@ -62,7 +62,7 @@ class ModelSettings:
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
-    """JSONL (or tfds:) splits and how rows become token arrays."""
+    """The splits (JSONL, Arrow/Parquet or tfds:) and how rows become token arrays."""
 
     task: Task = "classify"
     train: str = f"{QUICKSTART_DATA}/train.jsonl"

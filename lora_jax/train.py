@@ -494,6 +494,7 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
             checkpoints.save(train_cfg.steps, (adapter, opt_state), data_state, force=True)
             raise _stopped(stop, train_cfg.steps, f"checkpoint written in {out / 'checkpoints'}")
     finally:
+        batches.close()  # its reader threads and worker processes stop now, not at exit
         bar.close()
         checkpoints.close()
         writer.close()

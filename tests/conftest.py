@@ -7,6 +7,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Indexes of data files go to a directory of this session's, not the user's cache.
 os.environ.setdefault("LORA_JAX_CACHE", tempfile.mkdtemp(prefix="lora_jax_cache_"))
+# TFDS datasets the tests build, and the ones they find missing: never the user's.
+os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="lora_jax_tfds_")
 
 import pytest
 from hypothesis import settings

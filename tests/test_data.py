@@ -1,17 +1,20 @@
-"""The input pipeline (`lora_jax.data`): JSONL read by index, the per-epoch order and its
-split over processes, resumable streams, padding to buckets, bad rows found mid-run, and
-memory that does not grow with the number of rows."""
+"""The input pipeline (`lora_jax.data`): JSONL, Arrow, Parquet and TFDS read by index, the
+per-epoch order and its split over processes, resumable streams, padding to buckets, bad
+rows found mid-run, and memory that does not grow with the number of rows."""
 
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
-from sft_runs import LLAMA_SFT, as_args, overrides
+from pyarrow import parquet
+from sft_runs import LLAMA_SFT, as_args, cli, losses, overrides
 from test_train import _free_port
 
 from lora_jax import data as data_lib
@@ -58,6 +61,125 @@ def test_the_index_is_built_once_per_version_of_the_file(tmp_path):
         data_lib.JsonlRows(path).read(1)
 
 
+def _write_arrow(path, table, new=pa.ipc.new_stream):
+    """An Arrow IPC file; the stream format is what `datasets.save_to_disk` writes."""
+    with pa.OSFile(str(path), "wb") as sink, new(sink, table.schema) as out:
+        out.write_table(table, max_chunksize=5)
+
+
+def test_arrow_and_parquet_rows_read_as_the_jsonl_rows_do(tmp_path):
+    rows = [{"prompt": f"w{i}", "response": "w" * i, "label": i, "tags": [i, i + 1]}
+            for i in range(23)]  # fmt: skip
+    rows[4]["response"] = None
+    table = pa.Table.from_pylist(rows)
+    parquet.write_table(table, tmp_path / "one.parquet", row_group_size=7)
+    _write_arrow(tmp_path / "stream.arrow", table)
+    _write_arrow(tmp_path / "file.arrow", table, pa.ipc.new_file)
+    (tmp_path / "saved").mkdir()  # as datasets.save_to_disk lays a split out
+    (tmp_path / "saved" / "dataset_info.json").write_text("{}")
+    (tmp_path / "hub").mkdir()  # as the hub's Parquet export does
+    for k, (start, stop) in enumerate([(0, 10), (10, 11), (11, 23)]):
+        _write_arrow(tmp_path / "saved" / f"data-0000{k}-of-00003.arrow", table[start:stop])
+        parquet.write_table(table[start:stop], tmp_path / "hub" / f"train-0000{k}-of-00003.parquet")
+    for name in ("one.parquet", "stream.arrow", "file.arrow", "saved", "hub"):
+        split = data_lib.open_rows(tmp_path / name)
+        assert len(split) == 23 and [split.read(i)[0] for i in range(23)] == rows, name
+        again = pickle.loads(pickle.dumps(split))  # as a grain worker receives it
+        assert again.read(22) == split.read(22)
+    where = data_lib.open_rows(tmp_path / "one.parquet").read(4)[1]
+    assert where == f"{tmp_path / 'one.parquet'}: row 5"
+    shard = tmp_path / "saved" / "data-00002-of-00003.arrow"
+    assert data_lib.open_rows(tmp_path / "saved").read(11) == (rows[11], f"{shard}: row 1")
+    # Parquet is converted once per version of the file.
+    converted = data_lib.ArrowRows(tmp_path / "one.parquet").files[0]
+    built = converted.stat().st_mtime_ns
+    assert data_lib.ArrowRows(tmp_path / "one.parquet").files[0].stat().st_mtime_ns == built
+    parquet.write_table(table[:3], tmp_path / "one.parquet")
+    os.utime(tmp_path / "one.parquet", ns=(built + 10**9, built + 10**9))
+    assert len(data_lib.open_rows(tmp_path / "one.parquet")) == 3
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"bad\.parquet: not a readable Parquet file"):
+        data_lib.open_rows(tmp_path / "bad.parquet")
+    (tmp_path / "bad.arrow").write_text('{"prompt": "JSONL by another name"}')
+    with pytest.raises(ValueError, match=r"bad\.arrow: not an Arrow IPC file"):
+        data_lib.open_rows(tmp_path / "bad.arrow")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: a directory with no \.arrow or \.parq"):
+        data_lib.open_rows(tmp_path / "empty")
+
+
+def _build_tfds(splits):
+    """A prepared TFDS dataset `tiny_sft` in $TFDS_DATA_DIR, in ArrayRecord files, as
+    `tfds build --file_format=array_record` leaves one (no network, no TensorFlow)."""
+    import tensorflow_datasets as tfds
+
+    class TinySft(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            text = tfds.features.Text()
+            features = tfds.features.FeaturesDict({"prompt": text, "response": text})
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {name: self._generate_examples(rows) for name, rows in splits.items()}
+
+        def _generate_examples(self, rows):
+            yield from enumerate(rows)
+
+    TinySft(data_dir=os.environ["TFDS_DATA_DIR"], file_format="array_record").download_and_prepare()
+
+
+def test_a_tfds_split_trains_as_its_rows_in_jsonl_do(sft, tmp_path, monkeypatch, capsys):
+    """A TFDS dataset built here trains with the losses and eval of its rows written to
+    JSONL in TFDS's order (the build shuffles them). Missing TFDS, or a set not prepared,
+    is one line that says what to do, before anything runs."""
+    read = {name: data_lib.read_rows(sft / f"{name}.jsonl") for name in ("train", "eval")}
+    _build_tfds({"train": read["train"], "validation": read["eval"]})
+    twins = {}
+    for name, split in (("train", "train"), ("eval", "validation")):
+        twins[name] = tmp_path / f"{name}.jsonl"
+        rows = data_lib.read_rows(f"tfds:tiny_sft:{split}", ["prompt", "response"])
+        assert sorted(map(str, rows)) == sorted(map(str, read[name]))
+        twins[name].write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def train(out, **changes):
+        sets = overrides(sft, out, **{"train.steps": 3, **changes})
+        return cli_main(["train", "--config", LLAMA_SFT, *as_args(sets)])
+
+    sources = {"data.train": "tfds:tiny_sft:train", "data.eval": "tfds:tiny_sft:validation"}
+    assert train(tmp_path / "tfds", **sources) == 0
+    twins = {"data.train": twins["train"], "data.eval": twins["eval"]}
+    assert train(tmp_path / "jsonl", **twins) == 0
+    np.testing.assert_array_equal(losses(tmp_path / "tfds"), losses(tmp_path / "jsonl"))
+    evals = [json.loads((tmp_path / name / "eval.json").read_text()) for name in ("tfds", "jsonl")]
+    assert evals[0] == evals[1]
+    capsys.readouterr()
+    assert train(tmp_path / "missing", **{"data.train": "tfds:tiny_missing:train"}) == 2
+    assert "Prepare it once, with network: `tfds build tiny_missing" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
+    assert train(tmp_path / "none", **sources) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lora-jax train: 'tfds:tiny_sft:train' needs tensorflow-datasets: pip install "
+                   "'lora_jax[tfds]'."]  # fmt: skip
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "none").exists()
+
+
+def test_worker_processes_give_the_batches_of_reader_threads(sft, tmp_path):
+    """data.workers=2 (grain worker processes): the losses of data.workers=0, exit 0 and
+    nothing on stderr but the run's own lines."""
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / str(workers)
+        sets = overrides(sft, out, **{"data.workers": workers, "train.steps": 4})
+        proc = cli("train", "--config", LLAMA_SFT, *as_args(sets))
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        runs[workers] = losses(out)
+        assert "Traceback" not in err and "Error" not in err, err[-3000:]
+    np.testing.assert_array_equal(runs[0], runs[2])
+
+
 def test_the_order_is_a_new_shuffle_each_epoch_and_processes_split_each_batch():
     size, batch = 21, 4  # 5 whole batches an epoch; one row left out of each epoch
     whole = data_lib.Order(size, batch, seed=3)
@@ -80,14 +202,13 @@ def sft_examples(sft):
     return data_lib.Encode(rows, TASKS["sft"], tokenizer, data, None)
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_a_stream_resumes_exactly_where_its_state_was_taken(sft_examples, pack):
-    def stream():
-        return iter(data_lib.train_stream(sft_examples, 8, 0, slice(None), pack))
+@pytest.mark.parametrize("pack, workers", [(True, 0), (False, 0), (True, 2)])
+def test_a_stream_resumes_exactly_where_its_state_was_taken(sft_examples, pack, workers):
+    def stream(workers=workers):
+        return iter(data_lib.train_stream(sft_examples, 8, 0, slice(None), pack, workers))
 
-    it = stream()
-    for _ in range(5):  # into the second epoch (64 rows: 8 batches unpacked, fewer packed)
-        next(it)
+    it = stream()  # 64 rows: 8 batches an epoch unpacked, fewer packed
+    before = [next(it) for _ in range(5)]  # into the second epoch
     state = json.loads(json.dumps(it.get_state()))  # as the checkpoint stores it
     after = [next(it) for _ in range(10)]
     again = stream()
@@ -97,11 +218,37 @@ def test_a_stream_resumes_exactly_where_its_state_was_taken(sft_examples, pack):
         assert got.keys() == want.keys()
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+    if workers:  # worker processes give the batches of reader threads
+        threads = stream(0)
+        for want in before + after:
+            got = next(threads)
+            assert all(np.array_equal(got[key], want[key]) for key in want)
+        threads.close()
+    it.close()  # the workers stop now (grain's own clean-up at exit prints errors)
+    again.close()
     shape = after[0]["input_ids"].shape
     # Packed: rows of max_length; unpacked: the bucket of the longest (11 tokens -> 16).
     assert shape == ((8, 32) if pack else (8, 16))
     share = np.mean([data_lib.padding_share(b) for b in after])
     assert share < (0.4 if pack else 0.35), share  # 22 of 32 tokens packed, 11 of 16 padded
+
+
+def test_a_parquet_split_streams_the_batches_of_its_jsonl_twin(sft, sft_examples, tmp_path):
+    rows = data_lib.read_rows(sft / "train.jsonl")
+    parquet.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet", row_group_size=9)
+    twin = data_lib.Encode(data_lib.open_rows(tmp_path / "train.parquet"), sft_examples.task,
+                           sft_examples.tokenizer, sft_examples.data, None)  # fmt: skip
+    want = iter(data_lib.train_stream(sft_examples, 8, 0, slice(None), pack=True))
+    got = iter(data_lib.train_stream(twin, 8, 0, slice(None), pack=True))
+    for _ in range(10):  # into the second epoch
+        a, b = next(want), next(got)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    rows[6]["response"] = None  # a null in a column: named by file and row, as JSONL's are
+    parquet.write_table(pa.Table.from_pylist(rows), tmp_path / "null.parquet")
+    split = data_lib.Encode(data_lib.open_rows(tmp_path / "null.parquet"), sft_examples.task,
+                            sft_examples.tokenizer, sft_examples.data, None)  # fmt: skip
+    with pytest.raises(data_lib.BadRow, match=r"null\.parquet: row 7: response is None, not a"):
+        split.check_first()
 
 
 def test_buckets_bound_the_shapes():

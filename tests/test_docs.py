@@ -26,7 +26,8 @@ MODULES = {"lj": "lora_jax", **{m: f"lora_jax.{m}" for m in (
     "aot", "analysis", "compose", "data", "io", "models", "settings", "sharding", "step",
     "tasks", "train")}}  # fmt: skip
 NAME = re.compile(rf"(?<![\w.])({'|'.join(MODULES)})((?:\.[A-Za-z_]\w*)+)")
-FILE_SUFFIXES = {"py", "jsonl", "json", "md", "png", "ipynb", "safetensors", "sh", "txt", "bin"}
+FILE_SUFFIXES = {"py", "jsonl", "json", "md", "png", "ipynb", "safetensors", "sh", "txt", "bin",
+                 "parquet", "arrow"}  # fmt: skip
 CALL = re.compile(rf"`({'|'.join(MODULES)})((?:\.[A-Za-z_]\w*)+)\(([^`]*)\)`")
 
 

@@ -256,7 +256,7 @@ def test_bad_input_fails_before_compiling(sft, tmp_path, compilations):
         load_config(LLAMA_SFT, ["train.stpes=3"])
     with pytest.raises(ValueError, match=r"train.steps is 'many' \(str\); expected int"):
         load_config(LLAMA_SFT, ["train.steps=many"])
-    with pytest.raises((ImportError, OSError), match=r"tensorflow-datasets|Offline"):
+    with pytest.raises(OSError, match=r"could not be loaded .* `tfds build glue/sst2 "):
         run(**{"data.train": "tfds:glue/sst2:train"})
     assert compilations == []
 
