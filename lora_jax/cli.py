@@ -7,6 +7,7 @@ sizes a config's step for a TPU slice with the TPU compiler."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -56,18 +57,22 @@ def train_command(args: argparse.Namespace) -> None:
 
 def eval_command(args: argparse.Namespace) -> None:
     """`lora-jax eval`: a saved adapter's loss and accuracy on the config's eval split."""
-    from lora_jax.settings import load_config
+    from lora_jax.io import converted_config
+    from lora_jax.settings import RunConfig, load_config
     from lora_jax.train import Run, evaluate, saved_adapter
+    from lora_jax.variants import BASE_MODIFYING_INITS
 
-    config = load_config(args.config, args.set)
-    adapter_dir = Path(args.adapter or Path(config["output_dir"]) / "adapter")
+    config = RunConfig.from_dict(load_config(args.config, args.set))
+    adapter_dir = Path(args.adapter or Path(config.output_dir) / "adapter")
     if not (adapter_dir / "adapter_config.json").is_file():  # before loading a model
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (train first, or "
                                 "pass --adapter DIR).")  # fmt: skip
+    if config.lora.init in BASE_MODIFYING_INITS:  # saved for the original base (rank 2r)
+        config = dataclasses.replace(config, lora=converted_config(config.lora))
     run = Run.start(config)
     metrics = evaluate(run, saved_adapter(run, adapter_dir))
     print(
-        f"{adapter_dir} on {config['data']['eval']}: "
+        f"{adapter_dir} on {config.data.eval}: "
         + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     )
 
@@ -93,8 +98,6 @@ def generate_command(args: argparse.Namespace) -> None:
 
 def compile_command(args: argparse.Namespace) -> int:
     """Exit 0 when the step fits a chip's HBM, 1 when it does not (the report printed)."""
-    import dataclasses
-
     from lora_jax import aot
     from lora_jax.models.hub import config_of
     from lora_jax.settings import load_config

@@ -118,8 +118,15 @@ def _relative_to_original(
         rank_axis = -1 if keys[-1] == LORA_A else leads[keys[:-1]]
         start = first[keys] if keys[-1] == LORA_A else -first[keys]
         out[keys] = jnp.concatenate([value, start.astype(value.dtype)], axis=rank_axis)
+    return traverse_util.unflatten_dict(out), converted_config(config)
+
+
+def converted_config(config: LoraConfig) -> LoraConfig:
+    """The config of a PiSSA/OLoRA adapter saved for the original base (`save_adapter` with
+    `initial_adapter`): a plain init, rank doubled, alpha doubled (×√2 with rsLoRA), so every
+    scale is unchanged; what a run uses to read such an adapter back onto that base."""
     factor = math.sqrt(2) if config.use_rslora else 2.0
-    doubled = dataclasses.replace(
+    return dataclasses.replace(
         config,
         init="gaussian",
         rank=2 * config.rank,
@@ -127,7 +134,6 @@ def _relative_to_original(
         rank_pattern={p: 2 * r for p, r in config.rank_pattern},
         alpha_pattern={p: factor * a for p, a in config.alpha_pattern},
     )
-    return traverse_util.unflatten_dict(out), doubled
 
 
 def save_adapter(

@@ -105,10 +105,13 @@ def finish(
     hf_config: dict[str, Any],
     model_dir: str,
     log: Callable[[str], None],
+    initial_adapter: Any = None,
 ) -> None:
     """Saves the adapter (peft format, for the base in `model_dir`) and its final eval
     metrics (eval.json) in `out`, compares sizes on disk, plots the loss curve. Called on
-    every process: the adapter is gathered whole first; process 0 writes."""
+    every process: the adapter is gathered whole first; process 0 writes. A PiSSA/OLoRA
+    run passes its `initial_adapter` (gathered), so the adapter is saved for the original
+    base, as peft converts it."""
     from lora_jax.io import save_adapter
 
     host_adapter = multihost_utils.process_allgather(adapter, tiled=True)  # whole, every host
@@ -116,7 +119,8 @@ def finish(
         return
     adapter_dir = out / "adapter"
     write_text(out / "eval.json", json.dumps(dict(metrics), indent=1))
-    save_adapter(adapter_dir, host_adapter, config, hf_config=hf_config, base_model_id=model_dir)
+    save_adapter(adapter_dir, host_adapter, config, hf_config=hf_config, base_model_id=model_dir,
+                 initial_adapter=initial_adapter)  # fmt: skip
     small, big = weights_bytes(adapter_dir), weights_bytes(model_dir)
     log(
         f"adapter {adapter_dir}: {small / 2**20:.2f} MiB on disk; base {big / 2**20:.1f} MiB "

@@ -49,6 +49,7 @@ from lora_jax.step import (
 )
 from lora_jax.tasks import TASKS, Task
 from lora_jax.tree import combine, init, sites, split
+from lora_jax.variants import BASE_MODIFYING_INITS
 
 
 def resolve(path: str) -> str:
@@ -155,9 +156,16 @@ def agreed(batch: data_lib.Batch, pad_id: int) -> data_lib.Batch:
 def adapted(cfg: RunConfig, model: Any, params: Any, example: Any) -> Any:
     """The base quantized where model.quantize asks (QLoRA's nf4 / int8 codes), with LoRA
     leaves added (seeded by train.seed); `example` is an input batch the model takes."""
+    key, layouts = jax.random.key(cfg.train.seed), kernel_layouts(model, example)
+    # PiSSA/OLoRA rewrite the kernels: they start from the float base, and their residual is
+    # what gets quantized. Other inits come after quantizing, so that DoRA's magnitudes are
+    # those of the weights the model computes with.
+    rewrites = cfg.lora.init in BASE_MODIFYING_INITS
+    if rewrites:
+        params = init(key, params, cfg.lora, layouts)
     if cfg.model.quantize:
         params = quantize(params, cfg.lora, cfg.model.quantize, cfg.model.quantize_block)
-    return init(jax.random.key(cfg.train.seed), params, cfg.lora, kernel_layouts(model, example))
+    return params if rewrites else init(key, params, cfg.lora, layouts)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -443,6 +451,10 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
     ckpt_cfg = run.config.checkpoint
     checkpoints = Checkpoints(out / "checkpoints", ckpt_cfg.every, ckpt_cfg.keep)
     batches = iter(run.stream())
+    # PiSSA/OLoRA rewrote the base: the adapter is saved for the original base through its
+    # initial value, kept on the host now (the first step donates run.adapter's buffers).
+    initial = (multihost_utils.process_allgather(run.adapter, tiled=True)
+               if run.lora.init in BASE_MODIFYING_INITS else None)  # fmt: skip
     start, adapter = 0, run.adapter
     if resume and (found := checkpoints.restore_latest((adapter, opt_state))):
         start, (adapter, opt_state), data_state = found
@@ -502,7 +514,7 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
     log(f"eval after LoRA: {_fmt(metrics)}")
     run.task.finish(run, adapter, log)
     # Every process: it gathers the adapter first.
-    finish(out, adapter, metrics, run.lora, run.hf_config, run.model_dir, log)
+    finish(out, adapter, metrics, run.lora, run.hf_config, run.model_dir, log, initial)
     return metrics
 
 

@@ -97,6 +97,29 @@ def test_qlora_run_is_sharded_and_matches_one_device(sft, tmp_path):
     assert want[-1] < want[0] - 0.1  # QLoRA learns through the dequantized base
 
 
+def test_a_pissa_run_saves_its_adapter_for_the_original_base(sft, tmp_path, capsys):
+    """lora.init=pissa rewrites the base; the run saves its adapter as peft converts one
+    (rank 2r, on the original checkpoint), so `lora-jax eval` on that checkpoint gives the
+    run's own final eval. With model.quantize, the residual is what gets quantized."""
+    sets = overrides(sft, tmp_path, **{"lora.init": "pissa", "lora.rank": 4, "lora.alpha": 8.0,
+                                       "train.steps": 3})  # fmt: skip
+    assert cli_main(["train", "--config", LLAMA_SFT, *as_args(sets)]) == 0
+    assert "residual base" not in capsys.readouterr().err  # converted, not warned about
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["init_lora_weights"]) == (8, 16.0, True)
+    assert cli_main(["eval", "--config", LLAMA_SFT, *as_args(sets)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    final = json.loads((tmp_path / "eval.json").read_text())
+    got = dict(re.findall(r"(\w+) (\d+\.\d+)", printed.split(": ", 1)[1]))
+    for key in ("loss", "accuracy"):  # printed to 4 decimals
+        assert float(got[key]) == pytest.approx(final[key], abs=1e-4), printed
+    qpissa = {"lora.init": "pissa", "model.quantize": "nf4", "model.quantize_block": 16}
+    run = Run.start(load_config(LLAMA_SFT, overrides(sft, tmp_path / "q", **qpissa)))
+    q = run.base["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    a = run.adapter["params"]["model"]["layers"]["self_attn"]["q_proj"]["lora_a"]
+    assert isinstance(q, lj.QuantizedKernel) and float(jnp.abs(a).max()) > 0  # not refused
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
