@@ -18,10 +18,11 @@ _HOMES = {
     "LoraConfig": "config",
     # `generation`, not `generate`: a submodule's import binds its name on the package.
     **dict.fromkeys(("generate", "generate_text"), "generation"),
-    **dict.fromkeys(("QuantizedKernel", "dequantize", "nbytes", "quantize"), "quant"),
+    **dict.fromkeys(("QuantizedKernel", "dequantize", "loftq", "nbytes", "quantize"), "quant"),
     **dict.fromkeys(
         (
             "Bank",
+            "ConvLayout",
             "Site",
             "adapter_layout",
             "adapter_specs",

@@ -1,17 +1,19 @@
 """Running a model with its adapters: the factored forward for Linen and NNX, merging otherwise.
 
-`lora_apply` intercepts each adapted nn.Dense / nn.DenseGeneral / nn.Einsum call (public
-`flax.linen.intercept_methods`) and adds (α/r)·((dropout(x)·A)·B) to the base output: two thin
-matmuls, never the kernel-shaped A·B (DoRA then rescales each output unit by a norm computed
-from thin matmuls too). The adapter leaves live in the module's own params, so `nn.scan`
-slices them per layer and `nn.remat` / `jax.grad` see ordinary arrays. The thin products
-have their own backward (`_low_rank`), written so XLA never copies an activation into a
-transposed layout for a rank-r product (bench/RESULTS.md has the profile).
+`lora_apply` intercepts each adapted nn.Dense / nn.DenseGeneral / nn.Einsum / nn.Conv call
+(public `flax.linen.intercept_methods`) and adds (α/r)·((dropout(x)·A)·B) to the base output:
+two thin products, never the kernel-shaped A·B (for a convolution x·A is a convolution with the
+base's geometry and r output channels, as in peft's Conv LoRA; DoRA then rescales each output
+unit by a norm computed from thin matmuls too). The adapter leaves live in the module's own
+params, so `nn.scan` slices them per layer and `nn.remat` / `jax.grad` see ordinary arrays.
+The thin matmuls have their own backward (`_low_rank`), written so XLA never copies an
+activation into a transposed layout for a rank-r product (bench/RESULTS.md has the profile).
 
-`nnx_adapt` does the same for NNX: each adapted nnx.Linear / LinearGeneral / Einsum becomes an
-instance of a subclass of its own class whose __call__ adds the low-rank term, and holds its
-factors as variables beside its kernel. NNX's transforms carry a node's class and variables
-through `nnx.split` / `nnx.merge`, so `nnx.scan` slices the adapter per layer like the kernel.
+`nnx_adapt` does the same for NNX: each adapted nnx.Linear / LinearGeneral / Einsum / Conv
+becomes an instance of a subclass of its own class whose __call__ adds the low-rank term, and
+holds its factors as variables beside its kernel. NNX's transforms carry a node's class and
+variables through `nnx.split` / `nnx.merge`, so `nnx.scan` slices the adapter per layer like
+the kernel.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from lora_jax.tree import (
     LORA_B,
     LORA_M,
     Bank,
+    ConvLayout,
     Params,
     adapter_layout,
     as_dict,
@@ -46,8 +49,8 @@ from lora_jax.tree import (
     sites,
 )
 
-FACTORED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
-NNX_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+FACTORED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
+NNX_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
 # Set while lora_apply / routed_apply run a model, so a model can tell a tree whose adapters
 # will be applied from one whose adapters it would silently ignore.
 _RUNNING = contextvars.ContextVar("lora_jax_adapters_running", default=False)
@@ -158,6 +161,29 @@ def _einsum_plan(spec: str) -> Plan:
     return Plan(len(contracted), len(free), low_rank, out.endswith(free))
 
 
+def _conv_plan(module: nn.Conv | nnx.Conv) -> Plan:
+    """A convolution's kernel is (*spatial, in, out). The update's x·A is a convolution with the
+    base's kernel size, strides, padding and dilations and r output channels (peft's lora_A;
+    peft leaves out the dilation, which only agrees with its merge when there is none), then
+    a matmul with B (r, out) over the channels: by linearity, conv(x, W0 + s·A·B) exactly."""
+    if module.feature_group_count != 1:
+        raise ValueError(f"a grouped convolution (feature_group_count={module.feature_group_count}"
+                         ") mixes each output with its own group's inputs, which a shared A "
+                         "cannot factor; exclude the path.")  # fmt: skip
+    if module.mask is not None:
+        raise ValueError("a masked convolution masks W0 + s·A·B element by element, which "
+                         "the factored forward cannot; exclude the path, or merge.")  # fmt: skip
+    names = ("kernel_size", "strides", "padding", "input_dilation", "kernel_dilation")
+    geometry = {name: getattr(module, name) for name in names}
+    geometry["kernel_size"] = _as_tuple(geometry["kernel_size"])
+
+    def low_rank(x, a, b, precision):
+        conv = nn.Conv(a.shape[-1], **geometry, use_bias=False, precision=precision)
+        return _h_b(conv.apply({"params": {KERNEL: a}}, x), b, precision)
+
+    return Plan(len(geometry["kernel_size"]) + 1, 1, low_rank, True)
+
+
 def _plan(module: Any, args: tuple, kwargs: dict) -> Plan:
     """How a call of a supported Linen or NNX module contracts its kernel; ValueError for others."""
     if isinstance(module, nn.Einsum | nnx.Einsum):
@@ -174,11 +200,22 @@ def _plan(module: Any, args: tuple, kwargs: dict) -> Plan:
         return Plan(len(axis), n_out, functools.partial(_contract, axis=axis), True)
     if isinstance(module, nn.Dense | nnx.Linear):
         return Plan(1, 1, functools.partial(_contract, axis=(-1,)), True)
+    if isinstance(module, nn.Conv | nnx.Conv):
+        return _conv_plan(module)
     raise ValueError(
-        f"{type(module).__name__} is not one of Dense, DenseGeneral, Einsum (Linen) or Linear, "
-        "LinearGeneral, Einsum (NNX); the factored forward does not cover it. Exclude the path, "
-        "or merge (lj.merge) instead."
+        f"{type(module).__name__} is not one of Dense, DenseGeneral, Einsum, Conv (Linen) or "
+        "Linear, LinearGeneral, Einsum, Conv (NNX); the factored forward does not cover it. "
+        "Exclude the path, or merge (lj.merge) instead."
     )
+
+
+def _layout(module: Any, args: tuple, kwargs: dict) -> tuple[int, int] | str:
+    """A module's entry in `kernel_layouts`: its plan's axis counts, or why it has none."""
+    try:
+        n_in, n_out, *_ = _plan(module, args, kwargs)
+    except ValueError as err:
+        return str(err)
+    return ConvLayout(n_in, n_out) if isinstance(module, nn.Conv | nnx.Conv) else (n_in, n_out)
 
 
 def _nnx_modules(model: nnx.Module) -> dict[str, Any]:
@@ -189,7 +226,8 @@ def _nnx_modules(model: nnx.Module) -> dict[str, Any]:
 def kernel_layouts(
     model: nn.Module | nnx.Module, *args: Any, **kwargs: Any
 ) -> dict[str, tuple[int, int] | str]:
-    """{module path: (input axes, output axes)} of every kernel LoRA can factor in `model`.
+    """{module path: (input axes, output axes)} of every kernel LoRA can factor in `model`
+    (a `ConvLayout` for a convolution: spatial axes + input channels, then output channels).
 
     A Linen model is traced through `model.init(*args, **kwargs)` abstractly (no FLOPs, no
     memory); an NNX model is read off its modules' attributes (no inputs needed). A kernel
@@ -199,19 +237,13 @@ def kernel_layouts(
     if isinstance(model, nnx.Module):
         for path, module in _nnx_modules(model).items():
             if isinstance(module, NNX_TYPES):
-                try:
-                    found[path] = _plan(module, (), {})[:2]
-                except ValueError as err:
-                    found[path] = str(err)
+                found[path] = _layout(module, (), {})
         return found
 
     def record(next_fun, call_args, call_kwargs, context):
         module = context.module
         if context.method_name == "__call__" and isinstance(module, FACTORED_TYPES):
-            try:
-                found["/".join(module.path)] = _plan(module, call_args, call_kwargs)[:2]
-            except ValueError as err:
-                found["/".join(module.path)] = str(err)
+            found["/".join(module.path)] = _layout(module, call_args, call_kwargs)
         return next_fun(*call_args, **call_kwargs)
 
     def init():
@@ -291,8 +323,9 @@ def _factored_call(config: LoraConfig, next_fun, args, kwargs, context, adapter_
             "lj.lora_apply one adapter; this call gave "
             + ("lj.lora_apply a bank." if isinstance(a, Bank) else "lj.routed_apply one adapter.")
         )
-    if adapter_ids is not None and isinstance(module, nn.Einsum):
-        raise ValueError(f"{path}: routing needs nn.Dense/DenseGeneral; this one is nn.Einsum.")
+    if adapter_ids is not None and isinstance(module, nn.Einsum | nn.Conv):
+        raise ValueError(f"{path}: routing needs nn.Dense/DenseGeneral; this one is "
+                         f"nn.{type(module).__name__}.")  # fmt: skip
     # A bank's scales are folded into its A blocks.
     scale = 1.0 if isinstance(a, Bank) else config.scale_for(path, rank)
     y = next_fun(*args, **kwargs)
@@ -355,8 +388,9 @@ def merged_apply(fn: Callable[..., Any], config: LoraConfig) -> Callable[..., An
 
 @functools.cache
 def _factored_class(cls: type) -> type:
-    """`cls` (an NNX Linear / LinearGeneral / Einsum) whose __call__ also adds the adapter held
-    beside its kernel: a plain subclass, as Flax's nnx.LoRALinear is one of nnx.Linear."""
+    """`cls` (an NNX Linear / LinearGeneral / Einsum / Conv) whose __call__ also adds the
+    adapter held beside its kernel: a plain subclass, as Flax's nnx.LoRALinear is one of
+    nnx.Linear."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
         plan = _plan(self, args, kwargs)
@@ -378,7 +412,7 @@ def nnx_adapt(model: nnx.Module, params: Params, config: LoraConfig) -> nnx.Modu
 
     `params` is the model's pure dict (`nnx.to_pure_dict(nnx.state(model))`, or the State)
     with adapters (`lj.init`, `lj.combine`, `lj.load_adapter`). Each adapted nnx.Linear /
-    LinearGeneral / Einsum holds its factors as `nnx.LoRAParam` beside its kernel, so
+    LinearGeneral / Einsum / Conv holds its factors as `nnx.LoRAParam` beside its kernel, so
     `nnx.to_pure_dict` of the copy's state gives the same tree back, `nnx.Optimizer(...,
     wrt=nnx.LoRAParam)` trains the adapter alone and `nnx.scan` slices stacked adapters with
     their kernels. A module the factored forward cannot run raises, naming its path; `model`

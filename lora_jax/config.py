@@ -14,7 +14,9 @@ from lora_jax import variants
 
 # gaussian/kaiming: random A, B = 0. pissa/olora: A, B from W0's SVD/QR, W0 replaced by the
 # residual so the output is unchanged (they rewrite the base; see lj.init and lj.save_adapter).
-INITS = tuple(variants.INITS)
+# loftq: A, B and the quantized base fitted together, by lj.loftq (it needs the quantizer).
+LOFTQ = "loftq"
+INITS = (*variants.INITS, LOFTQ)
 
 # Presets usable in `targets`. "all-linear" is resolved in code (every kernel but the output
 # head); "attention" is a regex over module paths.

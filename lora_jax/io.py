@@ -1,7 +1,9 @@
 """Adapter files in peft's format, both ways: adapter_config.json + adapter_model.safetensors.
 
 peft stores A as (r, in), B as (out, r); ours are (in, r) and (r, out) with stacked layers
-on axis 0. Tensor names come from a `models.Naming` (the only home of names, both ways).
+on axis 0; for a convolution peft's are (r, in, *spatial) and (out, r, 1, ...), ours
+(*spatial, in, r) and (r, out). Tensor names come from a `models.Naming` (the only home of
+names and torch layouts, both ways).
 Files are read from safetensors only: a pickle file can run code when loaded.
 """
 
@@ -25,13 +27,13 @@ from safetensors.flax import save_file
 from lora_jax.config import LoraConfig
 from lora_jax.files import atomic_dir, check_finite, read_json
 from lora_jax.models.hub import build, config_of, from_pretrained, naming_of
-from lora_jax.models.naming import Naming
+from lora_jax.models.naming import Naming, from_torch, to_torch
 from lora_jax.tree import (
     ADAPTER_LEAVES,
     KERNEL,
     LORA_A,
     LORA_B,
-    LORA_M,
+    ConvLayout,
     Layouts,
     Params,
     as_dict,
@@ -146,13 +148,16 @@ def save_adapter(
     base: Params | None = None,
     base_model_id: str | None = None,
     initial_adapter: Params | None = None,
+    layouts: Layouts | None = None,
 ) -> Path:
     """Writes the adapter as peft does for the matching torch model.
 
     For a zoo model, `hf_config` is the base's config.json (from `lj.models.from_pretrained`):
     it fixes the tensor names, the task type and GPT-2's fan_in_fan_out. For your own Linen
     model, pass its `naming` (`lora_jax.models.Naming`) and its `base` params (or their
-    abstract shapes), which give every module's layout and name. Warns when vLLM could not
+    abstract shapes), which give every module's layout and name, and for a model with
+    convolutions its `layouts` (`lj.kernel_layouts`), which say which kernels are
+    convolutions: peft stores their factors as convolution weights. Warns when vLLM could not
     serve it (a causal LM's adapter: the only kind vLLM serves). PiSSA/OLoRA inits rewrote
     the base, so pass `initial_adapter` (the adapter of the tree `lj.init` returned) to save
     the adapter relative to the original model, as peft does.
@@ -194,14 +199,11 @@ def save_adapter(
         # One entry per layer: unstacked leaves get a leading axis of one.
         present = [n for n in ADAPTER_LEAVES if (*module, n) in flat]
         layered = {n: flat[(*module, n)] if stacked else flat[(*module, n)][None] for n in present}
+        conv = site.n_in - 1 if isinstance((layouts or {}).get(site.path), ConvLayout) else 0
         for i, name in enumerate(names):
-            a_i, b_i = layered[LORA_A][i], layered[LORA_B][i]
-            tensors[naming.peft_name(name, LORA_A)] = jnp.asarray(a_i.reshape(-1, rank).T)
-            tensors[naming.peft_name(name, LORA_B)] = jnp.asarray(b_i.reshape(rank, -1).T)
-            if LORA_M in layered:
-                tensors[naming.peft_name(name, LORA_M)] = jnp.asarray(
-                    layered[LORA_M][i].reshape(-1)
-                )
+            for leaf in present:
+                factor = _to_peft(leaf, layered[leaf][i], rank, conv)
+                tensors[naming.peft_name(name, leaf)] = jnp.asarray(factor)
         adapted += names
         ranks[_exact(names)], alphas[_exact(names)] = rank, config.alpha_for(site.path)
     full = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
@@ -240,6 +242,30 @@ def save_adapter(
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2, sort_keys=True))
     return Path(out_dir)
+
+
+def _to_peft(leaf: str, factor: Any, rank: int, conv: int) -> Any:
+    """One layer's factor as peft stores it: A (r, in), B (out, r), DoRA's magnitude (out,),
+    several input or output axes flattened row-major as peft's Linear sees them; for a
+    convolution of `conv` spatial axes A (r, in, *spatial), B (out, r, 1, ...), the
+    magnitude (1, out, 1, ...)."""
+    ones = (1,) * conv
+    if leaf == LORA_A:
+        return to_torch(factor) if conv else factor.reshape(-1, rank).T
+    if leaf == LORA_B:
+        return factor.reshape(rank, -1).T.reshape(-1, rank, *ones)
+    return factor.reshape(1, -1, *ones) if conv else factor.reshape(-1)
+
+
+def _from_peft(name: str, leaf: str, tensor: np.ndarray) -> np.ndarray:
+    """`_to_peft` inverted: A (.., in, r), B (r, out), the magnitude (out,); a convolution's
+    factors are told by their extra axes."""
+    if leaf == LORA_A:
+        return from_torch(tensor)
+    if leaf == LORA_B and tensor.ndim > 2 and any(n != 1 for n in tensor.shape[2:]):
+        raise ValueError(f"{name}: shape {tensor.shape}; a convolution's lora_B is (out, r, 1, "
+                         "...), a 1x1 convolution.")  # fmt: skip
+    return tensor.reshape(tensor.shape[:2]).T if leaf == LORA_B else tensor.reshape(-1)
 
 
 def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
@@ -346,10 +372,11 @@ def _fit_factor(
     name: str, keys: tuple, layer: int | None, factor: np.ndarray, base: dict,
     layouts: Layouts | None,
 ) -> np.ndarray:  # fmt: skip
-    """peft's A (in, r), B (r, out) or DoRA magnitude (out,) of the leaf at `keys`, checked
-    against the base kernel before anything is stacked or attached, and shaped like it: a
-    kernel of several input or output axes (DenseGeneral, LinearGeneral) has them flattened
-    row-major in peft's Linear."""
+    """peft's A (in, r), B (r, out) or DoRA magnitude (out,) of the leaf at `keys` (from
+    `_from_peft`), checked against the base kernel before anything is stacked or attached,
+    and shaped like it: a kernel of several input or output axes (DenseGeneral,
+    LinearGeneral) has them flattened row-major in peft's Linear; a convolution's A comes
+    as (*spatial, in, r)."""
     module, leaf = keys[:-1], keys[-1]
     path = path_str(keys)
     if (*module, KERNEL) not in base:
@@ -364,6 +391,8 @@ def _fit_factor(
         LORA_A: ((math.prod(ins), None), "(in, r)"),
         LORA_B: ((None, math.prod(outs)), "(r, out)"),
     }.get(leaf, ((math.prod(outs),), "(out,)"))
+    if leaf == LORA_A and factor.ndim > 2:
+        want, form = (*ins, None), "(*spatial, in, r), a convolution's"
     if factor.ndim != len(want) or any(
         w not in (None, n) for w, n in zip(want, factor.shape, strict=True)
     ):
@@ -417,7 +446,8 @@ def load_adapter(
     for name, tensor in tensors.items():
         keys, layer, module_name = naming.peft_entry(name, known)
         if keys[-1] in ADAPTER_LEAVES:
-            factor = _fit_factor(name, keys, layer, tensor.T, base, layouts)
+            factor = _from_peft(name, keys[-1], tensor)
+            factor = _fit_factor(name, keys, layer, factor, base, layouts)
             lora.setdefault(keys[:-1], {}).setdefault(keys[-1], {})[layer] = factor
             dotted.setdefault(path_str(keys[:-1]), set()).add(module_name)
             continue
@@ -425,7 +455,7 @@ def load_adapter(
             raise ValueError(f"{directory}: {name} is a full tensor of {module_name}, which "
                              "adapter_config.json's modules_to_save does not list; a peft "
                              "adapter holds only what its config explains.")  # fmt: skip
-        full.setdefault(keys, {})[layer] = tensor.T if naming.transposed(keys) else tensor
+        full.setdefault(keys, {})[layer] = naming.our_layout(keys, tensor)
     flat, config = _assemble(lora, dotted, full, peft_config)
     adapter = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     adapter = {"params": adapter} if "params" in base_params else adapter
@@ -443,6 +473,7 @@ def read_adapter(
     Each adapted module gets lora_a (layers, in, r), lora_b (layers, r, out) (DoRA: its
     magnitude) and an abstract `kernel` (a jax.ShapeDtypeStruct (layers, in, out)) that gives
     the layout without any base weights; modules without a layer index have no layer axis.
+    A convolution's A is (layers, *spatial, in, r) and its kernel (layers, *spatial, in, out).
     Fully trained modules (modules_to_save) are left out: they are not low-rank updates.
     """
     directory = Path(directory)
@@ -453,14 +484,15 @@ def read_adapter(
     for name, tensor in tensors.items():
         keys, layer, module_name = naming.peft_entry(name)
         if keys[-1] in ADAPTER_LEAVES:
-            lora.setdefault(keys[:-1], {}).setdefault(keys[-1], {})[layer] = tensor.T
+            factor = _from_peft(name, keys[-1], tensor)
+            lora.setdefault(keys[:-1], {}).setdefault(keys[-1], {})[layer] = factor
             dotted.setdefault(path_str(keys[:-1]), set()).add(module_name)
     if not lora:
         raise ValueError(f"{directory}: the file holds no lora_A/lora_B tensors.")
     flat, config = _assemble(lora, dotted, {}, peft_config)
     for keys in lora:
         a, b = flat[(*keys, LORA_A)], flat[(*keys, LORA_B)]
-        if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        if a.shape[: b.ndim - 2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
             raise ValueError(
                 f"{directory}: {path_str(keys)}: lora_A {a.shape} and lora_B "
                 f"{b.shape} do not fit (expected (.., in, r) and (.., r, out))."

@@ -14,10 +14,14 @@ Storage, per block of `block_size` consecutive entries along the last axis:
 - double quantization (the paper's, with rows as the second-level groups): each row's float32
   block scales become int8 codes around the row's mean, adding at most
   (max |absmax − mean| over the row)/254 to each scale.
+
+`loftq` quantizes the base and initialises the adapters together (LoftQ), so that quantized
+base + adapter starts closer to the float weights than the quantized base alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -29,8 +33,9 @@ import numpy as np
 from flax import struct, traverse_util
 from flax.core import meta
 
+from lora_jax import variants
 from lora_jax.config import LoraConfig
-from lora_jax.tree import path_str
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, Layouts, init, path_str, sites
 
 # bitsandbytes' NF4 table (QLoRA, appendix E): 7 negative and 8 positive quantiles of N(0, 1)
 # with an exact zero, normalised to [-1, 1].
@@ -189,3 +194,68 @@ def nbytes(params: Any) -> int:
     """Bytes the tree's arrays occupy (codes and scales for quantized weights); abstract
     trees (`jax.eval_shape`) count too, so a large model's footprint needs no memory."""
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+
+
+def loftq(
+    params: Any,
+    config: LoraConfig,
+    kind: str = "nf4",
+    block_size: int = 64,
+    double_quant: bool = True,
+    iters: int = 1,
+    layouts: Layouts | None = None,
+) -> tuple[dict[str, Any], dict[str, tuple[float, float]]]:
+    """QLoRA's base and adapters initialised together (LoftQ), so that the quantized base plus
+    the adapter starts close to the float weights rather than at their quantization.
+
+    For each targeted kernel W, `iters` rounds of: Q = the quantization of W − s·A·B (of W
+    itself in the first round), then s·A·B = the top-r SVD of W − Q (peft's `loftq_init`,
+    which fits A·B without the scale s; the two agree when alpha = rank). Returns the tree
+    `quantize` would give, with the targets' kernels holding the last Q and the adapters
+    beside them, and per target path (‖W − Q(W)‖, ‖W − Q − s·A·B‖) relative to ‖W‖: the
+    error of plain quantization and LoftQ's. The adapter fits this Q, not the float base
+    (LoftQ is deterministic: the same base and settings give the same Q again). `config.init`
+    may be "loftq" (the config then records it) or a plain init; either way A and B are LoftQ's.
+    """
+    if iters < 1:
+        raise ValueError(f"loftq: iters is {iters}; at least one round is needed.")
+    if config.use_dora or config.init in variants.BASE_MODIFYING_INITS:
+        raise ValueError("loftq: sets A and B itself; use it with plain LoRA (no DoRA, no "
+                         f"init={config.init!r}).")  # fmt: skip
+    # `init` checks targets, ranks and layouts and lays the factors out; LoftQ then sets them.
+    laid_out = init(jax.random.key(0), params, dataclasses.replace(config, init="gaussian"),
+                    layouts)  # fmt: skip
+    flat = traverse_util.flatten_dict(laid_out, keep_empty_nodes=True)
+    report = {}
+    for site in sites(traverse_util.unflatten_dict(flat), config, "loftq"):
+        if isinstance(site.kernel, meta.AxisMetadata):
+            raise ValueError(f"loftq: {site.path} is already quantized; pass the float base "
+                             "(LoftQ quantizes it itself).")  # fmt: skip
+        if site.kernel.shape[-1] % block_size:
+            raise ValueError(f"loftq: {site.path}: last axis {site.kernel.shape[-1]} is not a "
+                             f"multiple of block_size {block_size}.")  # fmt: skip
+        q, a, b, errors = _loftq_kernel(site, kind, block_size, double_quant, iters, config)
+        flat[(*site.keys, KERNEL)], flat[(*site.keys, LORA_A)], flat[(*site.keys, LORA_B)] = q, a, b
+        report[site.path] = errors
+    return quantize(traverse_util.unflatten_dict(flat), config, kind, block_size,
+                    double_quant), report  # fmt: skip
+
+
+def _loftq_kernel(
+    site: Any, kind: str, block_size: int, double_quant: bool, iters: int, config: LoraConfig
+) -> tuple[QuantizedKernel, jax.Array, jax.Array, tuple[float, float]]:
+    """LoftQ's alternation on one kernel: (Q, A, B, (plain error, LoftQ's error))."""
+    w = jnp.asarray(site.kernel)
+    w32, svd = w.astype(jnp.float32), variants.INITS["pissa"]
+    norm = float(jnp.linalg.norm(w32)) or 1.0
+    target = w32
+    for round_ in range(iters):
+        q = quantize_array(target.astype(w.dtype), kind, block_size, double_quant)
+        gap = w32 - q.unbox().astype(jnp.float32)
+        if round_ == 0:
+            plain = float(jnp.linalg.norm(gap)) / norm
+        # PiSSA's init on W − Q: s·A·B its top-r SVD, and the rest W − Q − s·A·B.
+        a, b, rest = svd(None, gap, site.rank, site.scale, site.lead, site.n_in, jnp.float32)
+        target = w32 - (gap - rest)
+    dtype = config.dtype or jnp.float32
+    return q, a.astype(dtype), b.astype(dtype), (plain, float(jnp.linalg.norm(rest)) / norm)

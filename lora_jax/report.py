@@ -12,7 +12,7 @@ import jax
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from lora_jax.config import LoraConfig
+from lora_jax.config import LOFTQ, LoraConfig
 from lora_jax.files import atomic, write_text
 
 
@@ -126,5 +126,11 @@ def finish(
         f"adapter {adapter_dir}: {small / 2**20:.2f} MiB on disk; base {big / 2**20:.1f} MiB "
         f"({100 * small / max(big, 1):.1f}%)"
     )
+    if config.init == LOFTQ:
+        log(
+            "lora.init=loftq: the adapter fits the LoftQ-quantized base (lj.loftq recomputes it "
+            "from this base and the run's model settings, as lora-jax eval does), not the "
+            "float checkpoint peft and vLLM would put it on"
+        )
     loss_curve(out / "metrics.jsonl", out / "loss.png")
     log(f"loss curve: {out / 'loss.png'}; metrics: {out / 'metrics.jsonl'}")

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from lora_jax.config import LoraConfig
+from lora_jax.config import LOFTQ, LoraConfig
 from lora_jax.models.options import DTYPES, REMAT_POLICIES
 from lora_jax.quant import KINDS
 from lora_jax.tasks import TASKS
@@ -52,12 +52,14 @@ class ModelSettings:
     num_labels: int | None = 2  # a new classifier on a bare encoder (classify only)
     quantize: Quantization | None = None  # QLoRA's frozen base
     quantize_block: int = 64
+    loftq_iters: int = 1  # with lora.init=loftq: rounds of quantize / SVD (peft's loftq_iter)
 
     def __post_init__(self) -> None:
         _require(self.num_labels is None or self.num_labels >= 1, "model.num_labels",
                  self.num_labels, "must be >= 1 or None")  # fmt: skip
         even = self.quantize_block >= 2 and self.quantize_block % 2 == 0
         _require(even, "model.quantize_block", self.quantize_block, "must be an even number >= 2")
+        _require(self.loftq_iters >= 1, "model.loftq_iters", self.loftq_iters, "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +187,9 @@ class RunConfig:
         _require(self.output_dir.strip() != "" and where not in above, "output_dir",
                  self.output_dir, "must name a directory of the run's own, not the current "
                  "directory, one above it or the home directory")  # fmt: skip
+        _require(self.lora.init != LOFTQ or self.model.quantize is not None, "lora.init",
+                 self.lora.init, "fits the adapter to a quantized base: set model.quantize "
+                 "(nf4 or int8) too")  # fmt: skip
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any] | RunConfig) -> RunConfig:

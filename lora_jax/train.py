@@ -30,10 +30,10 @@ from lora_jax import data as data_lib
 from lora_jax import sharding
 from lora_jax.apply import kernel_layouts, lora_apply
 from lora_jax.checkpoint import Checkpoints
-from lora_jax.config import LoraConfig
+from lora_jax.config import LOFTQ, LoraConfig
 from lora_jax.launch import Stopped
 from lora_jax.models.options import DTYPES
-from lora_jax.quant import quantize
+from lora_jax.quant import loftq, quantize
 from lora_jax.rundir import RunDir
 from lora_jax.settings import (
     DistributedSettings,
@@ -155,8 +155,13 @@ def agreed(batch: data_lib.Batch, pad_id: int) -> data_lib.Batch:
 
 def adapted(cfg: RunConfig, model: Any, params: Any, example: Any) -> Any:
     """The base quantized where model.quantize asks (QLoRA's nf4 / int8 codes), with LoRA
-    leaves added (seeded by train.seed); `example` is an input batch the model takes."""
+    leaves added (seeded by train.seed; with lora.init=loftq, fitted to the quantized base
+    by LoftQ, which is deterministic); `example` is an input batch the model takes."""
     key, layouts = jax.random.key(cfg.train.seed), kernel_layouts(model, example)
+    if cfg.lora.init == LOFTQ:  # the quantized base and the adapter, fitted together
+        model_cfg = cfg.model
+        return loftq(params, cfg.lora, model_cfg.quantize, model_cfg.quantize_block,
+                     iters=model_cfg.loftq_iters, layouts=layouts)[0]  # fmt: skip
     # PiSSA/OLoRA rewrite the kernels: they start from the float base, and their residual is
     # what gets quantized. Other inits come after quantizing, so that DoRA's magnitudes are
     # those of the weights the model computes with.

@@ -18,7 +18,7 @@ import math
 import re
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from flax.core import meta
 from jax.sharding import PartitionSpec
 
 from lora_jax import variants
-from lora_jax.config import LoraConfig
+from lora_jax.config import LOFTQ, LoraConfig
 from lora_jax.variants import BASE_MODIFYING_INITS
 
 KERNEL = "kernel"
@@ -41,8 +41,21 @@ LORA, FROZEN = "lora", "frozen"
 
 Params = Mapping[str, Any]
 Keys = tuple[Any, ...]  # dict keys: str for Linen, also int for NNX lists
-# Per module path: (number of input axes, number of output axes) of its kernel, or a string
-# saying why that kernel cannot be adapted (see `lora_jax.apply.kernel_layouts`).
+
+
+class ConvLayout(NamedTuple):
+    """A convolution's kernel layout: its spatial axes and input channels are the input axes,
+    its output channels the one output axis. A plain (n_in, n_out) pair to everything that
+    only needs the axis counts; `io` reads the type, since torch stores a convolution's weight
+    (out, in, *spatial) and peft its factors (r, in, *spatial) and (out, r, 1, ...)."""
+
+    n_in: int
+    n_out: int
+
+
+# Per module path: (number of input axes, number of output axes) of its kernel (a ConvLayout
+# for a convolution), or a string saying why that kernel cannot be adapted (see
+# `lora_jax.apply.kernel_layouts`).
 Layouts = Mapping[str, tuple[int, int] | str]
 
 
@@ -253,7 +266,7 @@ def _targets(modules: Mapping[Keys, Mapping[str, Any]], config: LoraConfig) -> l
         if KERNEL not in leaves and leaves and config.is_target(path, presets=False):
             raise ValueError(
                 f"target matches {path!r}, which holds {sorted(leaves)} but no kernel; LoRA "
-                "adapts Dense/DenseGeneral/Einsum kernels. Narrow `targets` or add `exclude`."
+                "adapts Dense/DenseGeneral/Einsum/Conv kernels. Narrow `targets` or add `exclude`."
             )
     for keys in chosen:
         if config.is_saved(f"{path_str(keys)}/{KERNEL}"):
@@ -308,6 +321,10 @@ def init(
     reads it off the model.
     Each adapter's randomness depends on its path alone, so adding a target leaves the others'.
     """
+    if config.init == LOFTQ:
+        raise ValueError("init='loftq' fits the adapter and the quantized base together: call "
+                         "lj.loftq(params, config, kind, block_size, ...) instead of lj.init "
+                         "(lora-jax train: lora.init=loftq with model.quantize).")  # fmt: skip
     flat = _flatten(params)
     _no_adapter(flat, "init")
     modules = _modules(flat)

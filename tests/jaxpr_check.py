@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from jax.extend import core as jex_core
@@ -84,3 +85,23 @@ def leaves_named(tree, name):
     return [
         v for p, v in jax.tree_util.tree_leaves_with_path(tree) if name in jax.tree_util.keystr(p)
     ]
+
+
+def factored_like_merged(factored, merged, args, a_leaves, b_leaves, x_leaves, shapes):
+    """Asserts that `factored(adapter, ...)` and the gradient of its mean square w.r.t. the
+    adapter build no kernel-shaped product from A and B, that `merged` does (so the check can
+    fail), and that both give the same, non-zero gradients; returns the factored ones."""
+
+    def loss(fn):
+        return lambda *a: jnp.mean(fn(*a) ** 2)
+
+    ab = (a_leaves, b_leaves, x_leaves)
+    assert materialised(factored, args, *ab, shapes) == []
+    assert materialised(jax.grad(loss(factored)), args, *ab, shapes) == []
+    assert materialised(merged, args, *ab, shapes)
+    g_f = jax.jit(jax.grad(loss(factored)))(*args)
+    g_m = jax.jit(jax.grad(loss(merged)))(*args)
+    for f, m in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_m), strict=True):
+        np.testing.assert_allclose(f, m, rtol=1e-4, atol=1e-5 * np.abs(m).max())
+    assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(g_f))
+    return g_f

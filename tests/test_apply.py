@@ -151,12 +151,12 @@ def test_bfloat16_compute_with_float32_adapter():
 
 
 def test_unsupported_module_with_adapter_fails_loudly():
-    conv = nn.Conv(4, (3,))
+    conv = nn.ConvTranspose(4, (3,))
     x = jnp.ones((1, 6, 2))
     variables = conv.init(jax.random.key(0), x)
     config = lj.LoraConfig(rank=1, targets=(".*",))
     params = lj.init(jax.random.key(1), variables, config, {"": (2, 1)})
-    with pytest.raises(ValueError, match="Conv is not one of Dense, DenseGeneral, Einsum"):
+    with pytest.raises(ValueError, match="ConvTranspose is not one of Dense, DenseGeneral, Ein"):
         lj.lora_apply(conv.apply, config)(params, x)
 
 

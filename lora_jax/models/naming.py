@@ -2,8 +2,9 @@
 
 Our module trees mirror transformers' names, so one rule maps every tensor: the keys joined
 by ".", the layer index put back after the key that numbers a scanned stack (its axis 0),
-`weight` <-> kernel (transposed, unless `fan_in_fan_out`) / scale / embedding, `bias` <->
-bias. peft's adapter files add a prefix and its factors' names (`lora_A.weight`, ...).
+`weight` <-> kernel (transposed, unless `fan_in_fan_out`; a convolution's (*spatial, in,
+out) <-> (out, in, *spatial)) / scale / embedding, `bias` <-> bias. peft's adapter files add
+a prefix and its factors' names (`lora_A.weight`, ...).
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bia
 PEFT_PREFIX = "base_model.model."
 # peft's tensor name, after the module's, for each of our adapter leaves (DoRA: magnitude).
 PEFT_LEAVES = {LORA_A: "lora_A.weight", LORA_B: "lora_B.weight", LORA_M: "lora_magnitude_vector"}
+
+
+def to_torch(array: Any) -> Any:
+    """A kernel in torch's layout: (in, out) -> (out, in), and a convolution's (*spatial, in,
+    out) -> (out, in, *spatial); peft's factors A (.., in, r) and (r, out) map the same way."""
+    n = array.ndim
+    return array.transpose(n - 1, n - 2, *range(n - 2))
+
+
+def from_torch(tensor: Any) -> Any:
+    """`to_torch` inverted: (out, in, *spatial) -> (*spatial, in, out)."""
+    n = tensor.ndim
+    return tensor.transpose(*range(2, n), 1, 0)
+
 
 Keys = tuple  # a params path: str keys, and int ones for the items of an NNX list
 Modules = Mapping[Keys, Collection[str]]  # a base's module keys -> the leaf names it holds
@@ -76,8 +91,16 @@ class Naming:
         return [f"{m}.{LEAF_TO_HF[keys[-1]]}" for m in self.modules(keys[:-1], layers)]
 
     def transposed(self, keys: Keys) -> bool:
-        """Whether this leaf is stored transposed in torch (so `.T` maps it either way)."""
+        """Whether this leaf is stored transposed in torch (`to_torch` / `from_torch` map it)."""
         return keys[-1] == KERNEL and not self.fan_in_fan_out
+
+    def torch_layout(self, keys: Keys, array: Any) -> Any:
+        """One layer of the leaf at `keys` as torch stores it."""
+        return to_torch(array) if self.transposed(keys) else array
+
+    def our_layout(self, keys: Keys, tensor: Any) -> Any:
+        """A torch tensor as the leaf at `keys` holds it: `torch_layout` inverted."""
+        return from_torch(tensor) if self.transposed(keys) else tensor
 
     def tensors(self, params: dict[str, Any]) -> Iterator[tuple[str, jax.Array]]:
         """(checkpoint name, tensor in torch's layout) for every leaf of a params tree."""
@@ -85,7 +108,7 @@ class Naming:
             stacked = self.stacked(keys)
             names = self.names(keys, value.shape[0] if stacked else 1)
             for name, array in zip(names, value if stacked else [value], strict=True):
-                yield name, jnp.asarray(array.T if self.transposed(keys) else array)
+                yield name, jnp.asarray(self.torch_layout(keys, array))
 
     @staticmethod
     def peft_name(name: str, leaf: str | None = None) -> str:
