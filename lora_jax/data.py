@@ -178,6 +178,9 @@ def _write_index(path: Path, target: Path) -> None:
                 break
 
 
+_ARROW_SUFFIXES = (".arrow", ".parquet")
+
+
 class ArrowRows:
     """Rows of an Arrow or Parquet file, or of a directory of them (shards in name order, as
     `datasets.save_to_disk` and the hub's Parquet exports hold a split). Arrow files (IPC
@@ -224,9 +227,6 @@ class ArrowRows:
         row = index - (int(self.ends[shard - 1]) if shard else 0)
         table = self._open()[shard]
         return table.slice(row, 1).to_pylist()[0], f"{self.shards[shard]}: row {row + 1}"
-
-
-_ARROW_SUFFIXES = (".arrow", ".parquet")
 
 
 def _pyarrow(path: Path) -> Any:

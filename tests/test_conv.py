@@ -148,6 +148,21 @@ def test_no_kernel_shaped_product_and_gradients_equal_the_merged_formulation(kin
     factored_like_merged(factored, merged, args, *ab, shapes)
 
 
+@pytest.mark.filterwarnings("ignore:left unquantized")  # the 3-way head
+@pytest.mark.parametrize("dora", [False, True])
+def test_convolutions_on_a_quantized_base_run_factored_like_merged(dora):
+    # QLoRA: the conv kernels stored as NF4 codes, dequantized inside nn.Conv's own forward.
+    flax_model, x = Flax("linen"), images()
+    config = lj.LoraConfig(rank=2, alpha=4.0, targets=TARGETS, use_dora=dora)
+    qbase = lj.quantize(flax_model.pure, config, block_size=2)
+    assert isinstance(qbase["conv2"]["kernel"], lj.QuantizedKernel)
+    params = lj.init(jax.random.key(1), qbase, config, flax_model.layouts)
+    params = randomize_adapters(params, jax.random.key(2), 0.3)
+    ours = flax_model.factored(params, config, x)
+    np.testing.assert_allclose(ours, flax_model.plain(lj.merge(params, config), x), atol=1e-5)
+    assert np.abs(ours - flax_model.plain(lj.dequantize(qbase), x)).max() > 1e-2
+
+
 class Geometry(nn.Module):
     """One nn.Conv of the given settings."""
 
