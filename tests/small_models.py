@@ -8,6 +8,7 @@ import zlib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 D, HEADS, HEAD_DIM, FF, VOCAB = 16, 2, 4, 24, 11
 
@@ -96,3 +97,10 @@ def randomize_adapters(params, key, scale=0.1):
         return leaf
 
     return jax.tree_util.tree_map_with_path(fill, params)
+
+
+def run_merged(model, merged, *inputs):
+    """An unmodified NNX module on a merged pure dict: nnx.merge of its own graphdef."""
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, merged)
+    return nnx.merge(graphdef, state)(*inputs)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from flax import nnx
 from jaxpr_check import factored_like_merged, kernel_shapes, leaves_named
-from small_models import randomize_adapters
+from small_models import randomize_adapters, run_merged
 
 import lora_jax as lj
 from lora_jax import compose, io, models
@@ -100,11 +100,7 @@ class Flax:
     def plain(self, params, x):
         if self.kind == "linen":
             return self.model.apply({"params": params}, x)
-        model = nnx.clone(self.model)
-        state = nnx.state(model)
-        nnx.replace_by_pure_dict(state, params)
-        nnx.update(model, state)
-        return model(x)
+        return run_merged(self.model, params, x)
 
 
 KINDS = ("linen", "nnx")

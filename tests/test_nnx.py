@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxpr_check import factored_like_merged, kernel_shapes, leaves_named
-from small_models import randomize_adapters
+from small_models import randomize_adapters, run_merged
 
 import lora_jax as lj
 from lora_jax import compose, models, sharding
@@ -152,13 +152,6 @@ def setup(seed=0):
     params = lj.init(jax.random.key(1), pure, CONFIG, lj.kernel_layouts(model))
     tokens = jax.random.randint(jax.random.key(2), (3, 7), 0, VOCAB)
     return model, randomize_adapters(params, jax.random.key(3), 0.3), tokens
-
-
-def run_merged(model, merged, tokens):
-    """The unmodified module on a merged pure dict: nnx.merge of its own graphdef."""
-    graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, merged)
-    return nnx.merge(graphdef, state)(tokens)
 
 
 def test_layouts_come_from_the_modules_and_match_linen():
