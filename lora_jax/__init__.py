@@ -15,7 +15,8 @@ _HOMES = {
     **dict.fromkeys(
         ("kernel_layouts", "lora_apply", "merged_apply", "nnx_adapt", "routed_apply"), "apply"
     ),
-    "LoraConfig": "config",
+    **dict.fromkeys(("AdaLora", "LoraConfig"), "config"),
+    **dict.fromkeys(("adalora_allocator", "adalora_penalty", "adalora_ranks"), "adalora"),
     # `generation`, not `generate`: a submodule's import binds its name on the package.
     **dict.fromkeys(("generate", "generate_text"), "generation"),
     **dict.fromkeys(("QuantizedKernel", "dequantize", "loftq", "nbytes", "quantize"), "quant"),

@@ -35,7 +35,7 @@ def _layers(x: object, lead: int, n_in: int) -> np.ndarray:
 
 def _factors(site: Site) -> tuple[np.ndarray, np.ndarray]:
     """A as (layers, in, r) and B as (layers, r, out), float64."""
-    return _layers(site.lora_a, site.lead, site.n_in), _layers(site.lora_b, site.lead, 1)
+    return _layers(site.update_a, site.lead, site.n_in), _layers(site.lora_b, site.lead, 1)
 
 
 def _svd(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

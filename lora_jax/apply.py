@@ -38,6 +38,7 @@ from lora_jax.tree import (
     KERNEL,
     LORA_A,
     LORA_B,
+    LORA_E,
     LORA_M,
     Bank,
     ConvLayout,
@@ -289,10 +290,12 @@ def _checked_rank(path: str, plan: Plan, module: Any, kernel: Any, a: Any, b: An
 
 def _with_adapter(
     plan: Plan, path: str, module: Any, y: jax.Array, x: jax.Array, kernel: Any, a: Any, b: Any,
-    m: Any, bias: Any, scale: float, routing: tuple[jax.Array, int] | None = None,
+    m: Any, e: Any, bias: Any, scale: float, routing: tuple[jax.Array, int] | None = None,
 ) -> jax.Array:  # fmt: skip
-    """The adapted output from the base output y: y + s·(x·A)·B, or the variant's form of it."""
-    x, a_c, b_c = nn.dtypes.promote_dtype(x, nn.meta.unbox(a), nn.meta.unbox(b), dtype=module.dtype)
+    """The adapted output from the base output y: y + s·(x·A)·B, or the variant's form of it
+    (AdaLoRA: A·diag(E) as A; DoRA: rescaled by its magnitude m)."""
+    a = nn.meta.unbox(a) if e is None else variants.fold(nn.meta.unbox(a), e)
+    x, a_c, b_c = nn.dtypes.promote_dtype(x, a, nn.meta.unbox(b), dtype=module.dtype)
     if routing is None:
         delta = plan.low_rank(x, a_c, b_c, module.precision)
     else:
@@ -331,10 +334,10 @@ def _factored_call(config: LoraConfig, next_fun, args, kwargs, context, adapter_
     y = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     x = _adapter_dropout(module, x, config.dropout)
-    m = module.get_variable("params", LORA_M) if module.has_variable("params", LORA_M) else None
-    bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
+    m, e, bias = (module.get_variable("params", n) if module.has_variable("params", n) else None
+                  for n in (LORA_M, LORA_E, "bias"))  # fmt: skip
     routing = None if adapter_ids is None else (adapter_ids, a.block)
-    return _with_adapter(plan, path, module, y, x, kernel, a, b, m, bias, scale, routing)
+    return _with_adapter(plan, path, module, y, x, kernel, a, b, m, e, bias, scale, routing)
 
 
 def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
@@ -398,10 +401,10 @@ def _factored_class(cls: type) -> type:
         _checked_rank(self.lora_path, plan, self, kernel, a, b)
         y = cls.__call__(self, *args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
-        m, bias = getattr(self, LORA_M, None), getattr(self, "bias", None)
-        m, bias = (None if v is None else v[...] for v in (m, bias))
+        m, e, bias = (getattr(self, n, None) for n in (LORA_M, LORA_E, "bias"))
+        m, e, bias = (None if v is None else v[...] for v in (m, e, bias))
         path, scale = self.lora_path, self.lora_scale
-        return _with_adapter(plan, path, self, y, x, kernel, a, b, m, bias, scale)
+        return _with_adapter(plan, path, self, y, x, kernel, a, b, m, e, bias, scale)
 
     doc = f"{cls.__name__} computing x·W0 + (α/r)·(x·A)·B without forming W0 + A·B (lj.nnx_adapt)."
     return type(f"LoRA{cls.__name__}", (cls,), {"__call__": __call__, "__doc__": doc})

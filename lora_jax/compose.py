@@ -127,7 +127,7 @@ def cat(
     out = {}
     for keys, parts in modules.items():
         lead = parts[0].site.lead
-        a = jnp.concatenate([p.site.lora_a * (p.weight * p.site.scale) for p in parts], axis=-1)
+        a = jnp.concatenate([p.site.update_a * (p.weight * p.site.scale) for p in parts], axis=-1)
         b = jnp.concatenate([p.site.lora_b for p in parts], axis=lead)
         out[keys] = {LORA_A: _pad_rank(a, a.ndim - 1, rank), LORA_B: _pad_rank(b, lead, rank)}
     return _assemble(configs, out, saved, rank)
@@ -154,7 +154,7 @@ def stack(
         blocks_a, blocks_b = [], []
         for i in range(len(adapters)):
             if (site := by_index.get(i)) is not None:
-                a, b = site.lora_a * site.scale, site.lora_b
+                a, b = site.update_a * site.scale, site.lora_b
             else:
                 a = jnp.zeros((*a0.shape[:-1], 1), a0.dtype)
                 b = jnp.zeros((*b0.shape[:lead], 1, *b0.shape[lead + 1 :]), b0.dtype)
@@ -266,7 +266,7 @@ def _factorwise(
         root = jnp.sqrt(jnp.abs(scaled))
         sub = None if key is None else jax.random.split(jax.random.fold_in(key, i))
         a = _combine_factor(
-            [p.site.lora_a for p in parts],
+            [p.site.update_a for p in parts],
             root * jnp.sign(scaled),
             lead,
             method,
@@ -372,7 +372,7 @@ def svd(
         delta = sum(
             (p.weight * p.site.scale)
             * jnp.matmul(
-                p.site.lora_a.reshape(*layers, fan_in, -1).astype(jnp.float32),
+                p.site.update_a.reshape(*layers, fan_in, -1).astype(jnp.float32),
                 p.site.lora_b.reshape(*layers, -1, fan_out).astype(jnp.float32),
                 precision="highest",
             )

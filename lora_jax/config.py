@@ -32,6 +32,51 @@ ATTENTION_PATTERN = (
 HEAD_NAMES = ("lm_head", "classifier", "score", "head")
 
 
+@dataclasses.dataclass(frozen=True)
+class AdaLora:
+    """AdaLoRA's rank allocation (peft's AdaLoraConfig fields): `LoraConfig.rank` is the
+    initial rank of each update s·A·diag(E)·B; from step `tinit` to `total_steps - tfinal`
+    the budget falls on a cubic schedule to `target_rank` per module on average, every
+    `delta_t` steps the least important singular values (E entries) are zeroed, and from
+    `total_steps - tfinal` on the final pattern is kept. Importance is |w·∇w| smoothed by
+    EMAs with `beta1` (sensitivity) and `beta2` (uncertainty); `orth_reg_weight` weighs the
+    penalty that keeps A and B orthogonal. `total_steps` None: set by `lora-jax train`."""
+
+    target_rank: int = 8
+    total_steps: int | None = None
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("target_rank", "tinit", "tfinal", "delta_t", "total_steps"):
+            value, least = getattr(self, name), 1 if name in ("target_rank", "delta_t") else 0
+            if value is None and name == "total_steps":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"AdaLora.{name} is {value!r}; must be an int >= {least}.")
+        for name in ("beta1", "beta2"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"AdaLora.{name} is {getattr(self, name)}; must be in (0, 1).")
+        if not self.orth_reg_weight >= 0:
+            raise ValueError(f"AdaLora.orth_reg_weight is {self.orth_reg_weight}; must be >= 0.")
+        if self.total_steps is not None and self.tinit >= self.total_steps - self.tfinal:
+            raise ValueError(
+                f"AdaLora: tinit {self.tinit} >= total_steps {self.total_steps} - "
+                f"tfinal {self.tfinal} leaves no steps to reduce the budget."
+            )
+
+    @property
+    def final_step(self) -> int:
+        """The step at which the budget reaches target_rank and the pattern is fixed."""
+        if self.total_steps is None:
+            raise ValueError("AdaLora.total_steps is not set: give the run's number of steps.")
+        return self.total_steps - self.tfinal
+
+
 def _as_tuple(value: str | Iterable[str], name: str) -> tuple[str, ...]:
     items = (value,) if isinstance(value, str) else tuple(value)
     for item in items:
@@ -77,6 +122,7 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] = ()
     use_rslora: bool = False
     use_dora: bool = False
+    adalora: AdaLora | None = None
 
     def __post_init__(self) -> None:
         # Normalise to tuples so the config is hashable and usable as a jit static argument.
@@ -99,6 +145,18 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout is {self.dropout}; must be in [0, 1).")
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init is {self.init!r}; choose one of {INITS}.")
+        if self.adalora is not None:
+            others = {"use_dora": self.use_dora, "use_rslora": self.use_rslora,
+                      "init": self.init != "gaussian", "rank_pattern": self.rank_pattern,
+                      "alpha_pattern": self.alpha_pattern}  # fmt: skip
+            if clash := [k for k, v in others.items() if v]:
+                raise ValueError(f"LoraConfig.adalora with {clash[0]}: AdaLoRA has its own "
+                                 "update (s·A·diag(E)·B, s = alpha/rank), start (E = 0, A and B "
+                                 "~ N(0, 0.02)), one initial rank and alpha, and no DoRA, as in "
+                                 "peft.")  # fmt: skip
+            if self.adalora.target_rank > self.rank:
+                raise ValueError(f"LoraConfig.adalora.target_rank {self.adalora.target_rank} "
+                                 f"exceeds the initial rank {self.rank}.")  # fmt: skip
         set_("dtype", jnp.dtype(self.dtype if self.dtype is not None else jnp.float32))
 
     def rank_for(self, path: str) -> int:
@@ -111,7 +169,7 @@ class LoraConfig:
 
     def scale_for(self, path: str, rank: int) -> float:
         """The factor that multiplies A·B at this path: α/r, or α/√r with rsLoRA."""
-        return variants.scale(self.alpha_for(path), rank, self.use_rslora)
+        return variants.scale(self.alpha_for(path), rank, self.use_rslora, self.adalora is not None)
 
     def is_target(self, path: str, presets: bool = True) -> bool:
         """Whether the kernel at this module path gets an adapter (presets=False: regexes only)."""

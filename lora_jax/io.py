@@ -2,8 +2,9 @@
 
 peft stores A as (r, in), B as (out, r); ours are (in, r) and (r, out) with stacked layers
 on axis 0; for a convolution peft's are (r, in, *spatial) and (out, r, 1, ...), ours
-(*spatial, in, r) and (r, out). Tensor names come from a `models.Naming` (the only home of
-names and torch layouts, both ways).
+(*spatial, in, r) and (r, out). AdaLoRA's files (peft_type ADALORA) add E (r, 1) and slice
+off each layer's pruned ranks, listing the kept ones in rank_pattern. Tensor names come from
+a `models.Naming` (the only home of names and torch layouts, both ways).
 Files are read from safetensors only: a pickle file can run code when loaded.
 """
 
@@ -24,7 +25,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from lora_jax.config import LoraConfig
+from lora_jax.config import AdaLora, LoraConfig
 from lora_jax.files import atomic_dir, check_finite, read_json
 from lora_jax.models.hub import build, config_of, from_pretrained, naming_of
 from lora_jax.models.naming import Naming, from_torch, to_torch
@@ -33,6 +34,7 @@ from lora_jax.tree import (
     KERNEL,
     LORA_A,
     LORA_B,
+    LORA_E,
     ConvLayout,
     Layouts,
     Params,
@@ -48,6 +50,7 @@ from lora_jax.variants import BASE_MODIFYING_INITS
 # an earlier adapter's, which a save replaces whole.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
                  "README.md", "*.png")  # fmt: skip
+ADALORA = "ADALORA"
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 UNSUPPORTED = ("lora_bias", "layers_to_transform")
 
@@ -86,9 +89,9 @@ def _saved_modules(saved: list[str], base_names: list[str]) -> list[str] | None:
     return sorted(modules) or None
 
 
-def _vllm_warnings(ranks: set[int], saved: list[str], dora: bool) -> None:
-    if dora:
-        warnings.warn("vLLM does not serve DoRA adapters; serve a merged model instead.",
+def _vllm_warnings(ranks: set[int], saved: list[str], variant: str | None) -> None:
+    if variant:
+        warnings.warn(f"vLLM does not serve {variant} adapters; serve a merged model instead.",
                       stacklevel=3)  # fmt: skip
     if bad := sorted(r for r in ranks if r not in VLLM_RANKS):
         warnings.warn(f"vLLM serves LoRA ranks {VLLM_RANKS}; this adapter has ranks {bad}.",
@@ -190,7 +193,8 @@ def save_adapter(
                       "initial_adapter= (lj.split's adapter right after lj.init) to convert it.",
                       stacklevel=2)  # fmt: skip
     tensors: dict[str, jax.Array] = {}
-    adapted, ranks, alphas = [], {}, {}
+    adapted, ranks, alphas, kept = [], {}, {}, {}
+    ada = config.adalora is not None
     for site in found:
         module, stacked = site.keys, bool(site.lead)
         a = flat[(*module, LORA_A)]
@@ -200,10 +204,18 @@ def save_adapter(
         present = [n for n in ADAPTER_LEAVES if (*module, n) in flat]
         layered = {n: flat[(*module, n)] if stacked else flat[(*module, n)][None] for n in present}
         conv = site.n_in - 1 if isinstance((layouts or {}).get(site.path), ConvLayout) else 0
+        if ada and conv:
+            raise ValueError(f"save_adapter: {site.path} is a convolution; AdaLoRA adapters "
+                             "are written for dense layers only.")  # fmt: skip
         for i, name in enumerate(names):
+            if ada:  # as peft: pruned ranks (E = 0) sliced off, the kept ones listed
+                keep = np.asarray(layered[LORA_E][i]) != 0
+                kept[f"{name}.lora_E"], index = keep.tolist(), np.flatnonzero(keep)
             for leaf in present:
                 factor = _to_peft(leaf, layered[leaf][i], rank, conv)
-                tensors[naming.peft_name(name, leaf)] = jnp.asarray(factor)
+                if ada:
+                    factor = factor[:, index] if leaf == LORA_B else factor[index]
+                tensors[naming.peft_name(name, leaf, ada)] = jnp.asarray(factor)
         adapted += names
         ranks[_exact(names)], alphas[_exact(names)] = rank, config.alpha_for(site.path)
     full = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
@@ -212,7 +224,8 @@ def save_adapter(
         tensors[naming.peft_name(name)] = jnp.array(tensor, copy=True)
         saved.append(name)
     if naming.task_type == "CAUSAL_LM":  # what vLLM would be asked to serve
-        _vllm_warnings(set(ranks.values()), saved, config.use_dora)
+        variant = "DoRA" if config.use_dora else "AdaLoRA" if ada else None
+        _vllm_warnings(set(ranks.values()), saved, variant)
 
     base_flat = traverse_util.flatten_dict(base)
     layers = lambda k, s: s.shape[0] if naming.stacked(k) else 1  # noqa: E731
@@ -237,11 +250,26 @@ def save_adapter(
         "init_lora_weights": config.init if config.init in BASE_MODIFYING_INITS else True,
         "inference_mode": True,
     }
+    if ada:
+        peft_config.update(_adalora_fields(config, kept))
     check_finite(tensors, out_dir)
     with atomic_dir(out_dir, "peft adapter", ADAPTER_FILES) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2, sort_keys=True))
     return Path(out_dir)
+
+
+def _adalora_fields(config: LoraConfig, kept: dict[str, list[bool]]) -> dict[str, Any]:
+    """adapter_config.json's AdaLoRA entries (peft's AdaLoraConfig): the schedule, and the
+    ranks kept per module in `rank_pattern`. peft ignores `r` (init_r is the rank) and warns
+    unless it is its default, 8."""
+    spec = config.adalora
+    if spec.total_steps is None:
+        raise ValueError("save_adapter: peft needs AdaLora.total_steps (> 0) in the config.")
+    return {"peft_type": ADALORA, "r": 8, "init_r": config.rank, "target_r": spec.target_rank,
+            "tinit": spec.tinit, "tfinal": spec.tfinal, "deltaT": spec.delta_t,
+            "beta1": spec.beta1, "beta2": spec.beta2, "orth_reg_weight": spec.orth_reg_weight,
+            "total_step": spec.total_steps, "rank_pattern": kept}  # fmt: skip
 
 
 def _to_peft(leaf: str, factor: Any, rank: int, conv: int) -> Any:
@@ -254,6 +282,8 @@ def _to_peft(leaf: str, factor: Any, rank: int, conv: int) -> Any:
         return to_torch(factor) if conv else factor.reshape(-1, rank).T
     if leaf == LORA_B:
         return factor.reshape(rank, -1).T.reshape(-1, rank, *ones)
+    if leaf == LORA_E:  # AdaLoRA's singular values, (r, 1)
+        return factor.reshape(-1, 1)
     return factor.reshape(1, -1, *ones) if conv else factor.reshape(-1)
 
 
@@ -266,6 +296,25 @@ def _from_peft(name: str, leaf: str, tensor: np.ndarray) -> np.ndarray:
         raise ValueError(f"{name}: shape {tensor.shape}; a convolution's lora_B is (out, r, 1, "
                          "...), a 1x1 convolution.")  # fmt: skip
     return tensor.reshape(tensor.shape[:2]).T if leaf == LORA_B else tensor.reshape(-1)
+
+
+def _peft_factor(name: str, leaf: str, module: str, tensor: np.ndarray, peft_config: dict) -> Any:
+    """`_from_peft`, and for an AdaLoRA file the pruned ranks put back as zeros where its
+    rank_pattern says, so every layer has init_r ranks again (as in training)."""
+    factor = _from_peft(name, leaf, tensor)
+    if peft_config.get("peft_type") != ADALORA:
+        return factor
+    rank = peft_config["init_r"]
+    pattern = (peft_config.get("rank_pattern") or {}).get(f"{module}.lora_E")
+    keep = np.ones(rank, bool) if pattern is None else np.asarray(pattern, bool)
+    axis = factor.ndim - 1 if leaf == LORA_A else 0
+    if keep.shape != (rank,) or factor.shape[axis] != keep.sum():
+        raise ValueError(f"{name}: {factor.shape[axis]} ranks, but adapter_config.json's "
+                         f"rank_pattern keeps {int(keep.sum())} of {keep.size} for {module} "
+                         f"(init_r {rank}).")  # fmt: skip
+    full = np.zeros((rank, *np.delete(factor.shape, axis)), factor.dtype)
+    full[keep] = np.moveaxis(factor, axis, 0)
+    return np.moveaxis(full, 0, axis)
 
 
 def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
@@ -305,8 +354,8 @@ def _peft_files(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]
     path = directory / "adapter_config.json"
     peft_config = read_json(path)
     kind = peft_config.get("peft_type")
-    if kind != "LORA":
-        raise ValueError(f"{path}: peft_type {kind!r}, not LORA.")
+    if kind not in ("LORA", ADALORA):
+        raise ValueError(f"{path}: peft_type {kind!r}, not LORA or ADALORA.")
     if flags := [f for f in UNSUPPORTED if peft_config.get(f)]:
         raise ValueError(f"{directory}: adapters with {flags} are not supported yet.")
     return tensors, peft_config
@@ -353,7 +402,8 @@ def _assemble(
                                    peft_config["lora_alpha"])  # fmt: skip
     for keys, per_layer in full.items():
         flat[keys] = _stack(per_layer, path_str(keys))
-    rank, alpha = peft_config["r"], peft_config["lora_alpha"]
+    ada = peft_config.get("peft_type") == ADALORA
+    rank, alpha = peft_config["init_r" if ada else "r"], peft_config["lora_alpha"]
     config = LoraConfig(
         rank=rank,
         alpha=alpha,
@@ -364,8 +414,18 @@ def _assemble(
         dropout=peft_config.get("lora_dropout") or 0.0,
         use_rslora=bool(peft_config.get("use_rslora")),
         use_dora=bool(peft_config.get("use_dora")),
+        adalora=_adalora_spec(peft_config) if ada else None,
     )
     return flat, config
+
+
+def _adalora_spec(peft_config: dict[str, Any]) -> AdaLora:
+    """`_adalora_fields` inverted: the schedule an AdaLoRA file was trained with."""
+    return AdaLora(target_rank=peft_config["target_r"], total_steps=peft_config["total_step"],
+                   tinit=peft_config["tinit"], tfinal=peft_config["tfinal"],
+                   delta_t=peft_config["deltaT"], beta1=peft_config["beta1"],
+                   beta2=peft_config["beta2"],
+                   orth_reg_weight=peft_config["orth_reg_weight"])  # fmt: skip
 
 
 def _fit_factor(
@@ -390,6 +450,7 @@ def _fit_factor(
     want, form = {
         LORA_A: ((math.prod(ins), None), "(in, r)"),
         LORA_B: ((None, math.prod(outs)), "(r, out)"),
+        LORA_E: ((None,), "(r,)"),
     }.get(leaf, ((math.prod(outs),), "(out,)"))
     if leaf == LORA_A and factor.ndim > 2:
         want, form = (*ins, None), "(*spatial, in, r), a convolution's"
@@ -400,6 +461,8 @@ def _fit_factor(
                          f"{shape[lead:]} (expected {form}).")  # fmt: skip
     if leaf == LORA_A:
         return factor.reshape(*ins, -1)
+    if leaf == LORA_E:
+        return factor
     return factor.reshape(-1, *outs) if leaf == LORA_B else factor.reshape(outs)
 
 
@@ -446,7 +509,7 @@ def load_adapter(
     for name, tensor in tensors.items():
         keys, layer, module_name = naming.peft_entry(name, known)
         if keys[-1] in ADAPTER_LEAVES:
-            factor = _from_peft(name, keys[-1], tensor)
+            factor = _peft_factor(name, keys[-1], module_name, tensor, peft_config)
             factor = _fit_factor(name, keys, layer, factor, base, layouts)
             lora.setdefault(keys[:-1], {}).setdefault(keys[-1], {})[layer] = factor
             dotted.setdefault(path_str(keys[:-1]), set()).add(module_name)
@@ -484,7 +547,7 @@ def read_adapter(
     for name, tensor in tensors.items():
         keys, layer, module_name = naming.peft_entry(name)
         if keys[-1] in ADAPTER_LEAVES:
-            factor = _from_peft(name, keys[-1], tensor)
+            factor = _peft_factor(name, keys[-1], module_name, tensor, peft_config)
             lora.setdefault(keys[:-1], {}).setdefault(keys[-1], {})[layer] = factor
             dotted.setdefault(path_str(keys[:-1]), set()).add(module_name)
     if not lora:

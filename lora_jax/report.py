@@ -12,6 +12,7 @@ import jax
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from lora_jax.adalora import adalora_ranks
 from lora_jax.config import LOFTQ, LoraConfig
 from lora_jax.files import atomic, write_text
 
@@ -126,6 +127,13 @@ def finish(
         f"adapter {adapter_dir}: {small / 2**20:.2f} MiB on disk; base {big / 2**20:.1f} MiB "
         f"({100 * small / max(big, 1):.1f}%)"
     )
+    if (spec := config.adalora) is not None:
+        ranks = adalora_ranks(host_adapter).values()
+        kept, layers = sum(int(r.sum()) for r in ranks), sum(r.size for r in ranks)
+        log(
+            f"AdaLoRA: {kept} ranks kept of {layers * config.rank} ({layers} module layers, "
+            f"target {spec.target_rank} each: {layers * spec.target_rank})"
+        )
     if config.init == LOFTQ:
         log(
             "lora.init=loftq: the adapter fits the LoftQ-quantized base (lj.loftq recomputes it "

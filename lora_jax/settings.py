@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from lora_jax.config import LOFTQ, LoraConfig
+from lora_jax.config import LOFTQ, AdaLora, LoraConfig
 from lora_jax.models.options import DTYPES, REMAT_POLICIES
 from lora_jax.quant import KINDS
 from lora_jax.tasks import TASKS
@@ -190,6 +190,24 @@ class RunConfig:
         _require(self.lora.init != LOFTQ or self.model.quantize is not None, "lora.init",
                  self.lora.init, "fits the adapter to a quantized base: set model.quantize "
                  "(nf4 or int8) too")  # fmt: skip
+        if (spec := self.lora.adalora) is not None:
+            self._schedule_adalora(spec)
+
+    def _schedule_adalora(self, spec: AdaLora) -> None:
+        """AdaLoRA's total_steps defaults to train.steps; its final pattern (fixed at step
+        total_steps - tfinal, steps counted from 0) must come within the run."""
+        if spec.total_steps is None:
+            try:
+                spec = dataclasses.replace(spec, total_steps=self.train.steps)
+            except ValueError as err:
+                raise ValueError(
+                    f"config lora.adalora: {err} (total_steps is train.steps)"
+                ) from None
+            object.__setattr__(self, "lora", dataclasses.replace(self.lora, adalora=spec))
+        _require(spec.final_step < self.train.steps, "lora.adalora", dataclasses.asdict(spec),
+                 f"fixes its final pattern at step total_steps - tfinal = {spec.final_step}, "
+                 f"after the run's last step ({self.train.steps - 1}): set tfinal >= 1 (the "
+                 "steps trained at the target budget)")  # fmt: skip
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any] | RunConfig) -> RunConfig:
@@ -267,6 +285,12 @@ def _checked(value: Any, kind: Any, key: str) -> Any:
         if not isinstance(items, list | tuple):
             raise ValueError(f"config {key} is {value!r}; expected a list of {args[0].__name__}.")
         return tuple(_checked(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
+    if dataclasses.is_dataclass(kind) and isinstance(value, Mapping):  # lora.adalora
+        try:
+            return _build(kind, value, key)
+        except ValueError as err:
+            raise ValueError(str(err) if str(err).startswith("config") else
+                             f"config {key}: {err}") from None  # fmt: skip
     if origin in (Mapping, dict) or kind is Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):

@@ -106,6 +106,7 @@ def make_step(
     dropout_seed: int | None = None,
     metrics: Callable[[Mapping[str, jax.Array], jax.Array], dict[str, jax.Array]] | None = None,
     shardings: StepShardings | None = None,
+    penalty: Callable[[Params], jax.Array] | None = None,
 ) -> Callable:
     """(adapter, opt_state, base, batch, step) -> (adapter, opt_state, metrics), jitted.
 
@@ -114,7 +115,8 @@ def make_step(
     each device keeps its share of each). With `dropout_seed`, rngs = {"dropout": a key folded
     with the step}. Metrics: loss (sum / count), grad_norm, and whatever `metrics(batch, step)`
     adds. `shardings` pins every argument and result (else jit decides); the adapter and
-    optimizer state are donated.
+    optimizer state are donated. `penalty(adapter)` is a term added to the mean loss once a
+    step (AdaLoRA's orthogonality, `lj.adalora_penalty`), reported as "penalty".
     """
 
     def step(adapter, opt_state, base, batch, step):
@@ -136,8 +138,12 @@ def make_step(
         (grads, total, count), _ = jax.lax.scan(micro, zero, micro_batches)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
+        out = {"loss": total / count}
+        if penalty is not None:
+            out["penalty"], more = jax.value_and_grad(penalty)(adapter)
+            grads = jax.tree.map(jnp.add, grads, more)
         updates, opt_state = tx.update(grads, opt_state, adapter)
-        out = {"loss": total / count, "grad_norm": optax.tree.norm(grads)}
+        out["grad_norm"] = optax.tree.norm(grads)
         out.update(metrics(batch, step) if metrics else {})
         return optax.apply_updates(adapter, updates), opt_state, out
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
 from lora_jax import sharding
+from lora_jax.adalora import adalora_allocator, adalora_penalty
 from lora_jax.apply import kernel_layouts, lora_apply
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.config import LOFTQ, LoraConfig
@@ -280,8 +281,10 @@ def loss_terms(run: Setup, params: Any, batch: Mapping[str, jax.Array], rngs: An
 
 
 def run_tx(run: Setup, head_only: bool) -> optax.GradientTransformation:
-    """The run's AdamW, with the LoRA factors frozen in the head-only phase (same state)."""
-    return factors_only(adamw(run.config.train), run.adapter, run.lora, frozen=head_only)
+    """The run's AdamW, with the LoRA factors frozen in the head-only phase (same state),
+    then AdaLoRA's rank allocation where lora.adalora is set."""
+    tx = factors_only(adamw(run.config.train), run.adapter, run.lora, frozen=head_only)
+    return tx if run.lora.adalora is None else adalora_allocator(tx, run.lora)
 
 
 def step_shardings(run: Setup, tx: optax.GradientTransformation) -> StepShardings:
@@ -304,8 +307,9 @@ def make_train_step(run: Setup, tx: optax.GradientTransformation, shardings: Ste
     def metrics(batch, step):
         return {"lr": lr(step), "tokens": jnp.sum(batch["attention_mask"] > 0)}
 
+    penalty = None if run.lora.adalora is None else adalora_penalty(run.lora)
     return make_step(loss, tx, accum=train.grad_accum, dropout_seed=train.seed + 1,
-                     metrics=metrics, shardings=shardings)  # fmt: skip
+                     metrics=metrics, shardings=shardings, penalty=penalty)  # fmt: skip
 
 
 def saved_adapter(run: Run, directory: str | Path) -> Any:
@@ -327,7 +331,9 @@ def saved_adapter(run: Run, directory: str | Path) -> Any:
         for key, got, want in (("lora.rank", site.rank, mine.rank),
                                ("lora.alpha", site.scale, mine.scale),
                                ("lora.use_dora", site.magnitude is not None,
-                                mine.magnitude is not None)):  # fmt: skip
+                                mine.magnitude is not None),
+                               ("lora.adalora", site.singular is not None,
+                                mine.singular is not None)):  # fmt: skip
             if not math.isclose(got, want, rel_tol=1e-6):
                 raise ValueError(f"{key}: {where} with {'scale' if key == 'lora.alpha' else key} "
                                  f"{got} at {path}, the settings give {want}; set {key} (and "

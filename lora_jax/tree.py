@@ -2,7 +2,8 @@
 
 A targeted module's dict holds `kernel` of shape lead + in + out (lead: stacked-layer axes from
 `nn.scan`, in/out: the input and output axes). `init` adds `lora_a` (lead + in + (r,)) and
-`lora_b` (lead + (r,) + out) beside it, and for DoRA `lora_magnitude` (lead + out). From then
+`lora_b` (lead + (r,) + out) beside it, for DoRA `lora_magnitude` (lead + out), for AdaLoRA
+`lora_e` (lead + (r,), its singular values: the update is s·A·diag(E)·B). From then
 on the tree describes itself: the shapes determine lead, in and out (see `adapter_layout`), so
 no other function needs the model.
 
@@ -36,6 +37,7 @@ KERNEL = "kernel"
 LORA_A = "lora_a"
 LORA_B = "lora_b"
 LORA_M = variants.MAGNITUDE
+LORA_E = variants.SINGULAR
 ADAPTER_LEAVES = (LORA_A, LORA_B, *variants.EXTRA_LEAVES)
 LORA, FROZEN = "lora", "frozen"
 
@@ -133,14 +135,15 @@ class Site:
     """One adapted module: its leaves and layout, the one record every other part reads.
 
     The kernel is lead + in + out, lora_a lead + in + (rank,), lora_b lead + (rank,) + out
-    (lead: stacked-layer axes); magnitude is DoRA's (lead + out); scale multiplies A·B (None
-    when `sites` was given no config)."""
+    (lead: stacked-layer axes); magnitude is DoRA's (lead + out), singular AdaLoRA's E
+    (lead + (rank,)); scale multiplies A·B (None when `sites` was given no config)."""
 
     keys: Keys
     kernel: Any
     lora_a: Any
     lora_b: Any
     magnitude: Any | None
+    singular: Any | None
     lead: int
     n_in: int
     n_out: int
@@ -151,6 +154,11 @@ class Site:
     def path(self) -> str:
         """The module path, '/'-joined, without a leading "params"."""
         return path_str(self.keys)
+
+    @property
+    def update_a(self) -> Any:
+        """The A of the update s·A·B: lora_a, times diag(E) for AdaLoRA."""
+        return self.lora_a if self.singular is None else variants.fold(self.lora_a, self.singular)
 
 
 class Bank(struct.PyTreeNode, meta.AxisMetadata):
@@ -220,7 +228,7 @@ def sites(params: Params, config: LoraConfig | None = None, what: str = "sites")
         refuse_bank(path, a, what)
         layout = adapter_layout(path, _shape(w), _shape(a), _shape(b))
         scale = None if config is None else config.scale_for(path, layout[-1])
-        found.append(Site(keys, w, a, b, leaves.get(LORA_M), *layout, scale))
+        found.append(Site(keys, w, a, b, leaves.get(LORA_M), leaves.get(LORA_E), *layout, scale))
     return found
 
 
@@ -316,6 +324,7 @@ def init(
     "olora", A and B take W0's principal part (SVD / QR) and the kernel becomes the residual
     W0 − s·A·B (float32, then the kernel's dtype): same output, but a new base tree, so keep
     this tree's adapter (`lj.split`) to convert the trained one for peft (`lj.save_adapter`).
+    With `config.adalora`, A and B start as peft's AdaLoRA (N(0, 0.02)) and E at zero.
     `layouts` says how many input/output axes each kernel has; it is only needed for kernels
     of more than two axes (stacked or DenseGeneral), and `lj.kernel_layouts(model, *inputs)`
     reads it off the model.
@@ -350,6 +359,10 @@ def init(
             )
         w = meta.unbox(w)  # a quantized kernel: DoRA's norm needs its values
         sub = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        if config.adalora is not None:
+            a, b, e = variants.init_factors(sub, w.shape, rank, lead, n_in, config.dtype)
+            new[(*keys, LORA_A)], new[(*keys, LORA_B)], new[(*keys, LORA_E)] = a, b, e
+            continue
         init_fn = variants.INITS[config.init]
         a, b, residual = init_fn(sub, w, rank, scale, lead, n_in, config.dtype)
         if residual is not None:
@@ -416,9 +429,11 @@ def split(params: Params, config: LoraConfig) -> tuple[dict[str, Any], dict[str,
     return _unflatten(adapter), _unflatten(base)
 
 
-def _groups(kernel: tuple, lead: int, n_in: int) -> dict[str, tuple]:
-    """A kernel's shape (or spec) cut into its layer, input and output axes."""
-    return {"lead": kernel[:lead], "in": kernel[lead : lead + n_in], "out": kernel[lead + n_in :]}
+def _groups(kernel: tuple, lead: int, n_in: int, rank: Any) -> dict[str, tuple]:
+    """A kernel's shape (or spec) cut into its layer, input and output axes, and the rank
+    axis (its size, or None for a spec: never split)."""
+    return {"lead": kernel[:lead], "in": kernel[lead : lead + n_in],
+            "out": kernel[lead + n_in :], "rank": (rank,)}  # fmt: skip
 
 
 def _extra_axes(name: str, groups: dict[str, tuple]) -> tuple:
@@ -447,10 +462,10 @@ def combine(adapter: Params, base: Params) -> dict[str, Any]:
                     f"kernel; adapter has {sorted(leaves)}, base {sorted(module)}."
                 )
             w = _shape(module[KERNEL])
-            lead, n_in, *_ = adapter_layout(path, w, _shape(leaves[LORA_A]),
-                                            _shape(leaves[LORA_B]))  # fmt: skip
+            lead, n_in, _, rank = adapter_layout(path, w, _shape(leaves[LORA_A]),
+                                                 _shape(leaves[LORA_B]))  # fmt: skip
             for name in variants.EXTRA_LEAVES:
-                want = _extra_axes(name, _groups(w, lead, n_in))
+                want = _extra_axes(name, _groups(w, lead, n_in, rank))
                 if name in leaves and _shape(leaves[name]) != want:
                     raise ValueError(f"{path}: {name} {_shape(leaves[name])} != the kernel's "
                                      f"{variants.EXTRA_LEAVES[name]} axes {want}.")  # fmt: skip
@@ -488,7 +503,7 @@ def adapter_specs(params: Params, base_specs: Params) -> dict[str, Any]:
             kernel = jax.tree.leaves(kernel)[0]
         kernel = tuple(kernel)
         kernel += (None,) * (len(_shape(site.kernel)) - len(kernel))  # trailing axes left out
-        g = _groups(kernel, site.lead, site.n_in)
+        g = _groups(kernel, site.lead, site.n_in, None)
         out[(*site.keys, LORA_A)] = PartitionSpec(*g["lead"], *g["in"], None)
         out[(*site.keys, LORA_B)] = PartitionSpec(*g["lead"], None, *g["out"])
         for name in variants.EXTRA_LEAVES:
@@ -520,7 +535,7 @@ def _fold(params: Params, config: LoraConfig, sign: float, what: str) -> dict[st
             variants.refuse_unmerge(site.path, site.magnitude)
         w, scale = meta.unbox(site.kernel), sign * site.scale
         out[(*site.keys, KERNEL)] = _apply_delta(
-            w, site.lora_a, site.lora_b, site.magnitude, scale, site.lead, site.n_in
+            w, site.update_a, site.lora_b, site.magnitude, scale, site.lead, site.n_in
         )
     return _unflatten(out)
 

@@ -1,6 +1,7 @@
 """Every LoRA variant's maths, on one adapted module's arrays: how the update is scaled (α/r,
-rsLoRA's α/√r), how A and B start (gaussian, kaiming, PiSSA, OLoRA), and how the output is
-shaped (plain, or DoRA's learned magnitude per output unit).
+rsLoRA's α/√r, AdaLoRA's), how A and B start (gaussian, kaiming, PiSSA, OLoRA, AdaLoRA's), and
+how the output is shaped (plain, AdaLoRA's singular values folded into A, or DoRA's learned
+magnitude per output unit). AdaLoRA's training-time rank allocation is `lora_jax.adalora`.
 
 `tree` walks trees and `apply` intercepts Linen calls; both ask this module, so a new variant
 is an entry in `INITS`, a branch in `scale`, or a leaf in `EXTRA_LEAVES` with its two output
@@ -12,18 +13,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 MAGNITUDE = "lora_magnitude"  # DoRA: lead + out, the learned norm of each output unit's weights
-# Leaves a variant adds beside lora_a / lora_b, with the kernel axes they keep (for sharding).
-EXTRA_LEAVES = {MAGNITUDE: "lead+out"}
+SINGULAR = "lora_e"  # AdaLoRA: lead + (r,), the singular values E of s·A·diag(E)·B
+# Leaves a variant adds beside lora_a / lora_b, with the axes they keep (for sharding).
+EXTRA_LEAVES = {MAGNITUDE: "lead+out", SINGULAR: "lead+rank"}
 
 
-def scale(alpha: float, rank: int, rslora: bool) -> float:
+def scale(alpha: float, rank: int, rslora: bool, adalora: bool = False) -> float:
     """The factor that multiplies A·B: α/r, or α/√r with rsLoRA (the update keeps its size as
-    the rank grows)."""
+    the rank grows); AdaLoRA's α/(r + 1e-5), peft's, r its initial rank however many it keeps."""
+    if adalora:
+        return alpha / (rank + 1e-5)
     return alpha / (math.sqrt(rank) if rslora else rank)
 
 
@@ -102,6 +107,26 @@ INITS: dict[str, Init] = {
 }
 # Inits that rewrite the base kernel (so a saved adapter needs converting; see io).
 BASE_MODIFYING_INITS = ("pissa", "olora")
+
+
+# ----------------------------------------------------------------------------- AdaLoRA
+
+
+def init_factors(
+    key: jax.Array, shape: tuple[int, ...], rank: int, lead: int, n_in: int, dtype: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """AdaLoRA's (A, B, E) as peft starts them: A and B ~ N(0, 0.02), E = 0 (a zero update)."""
+    ka, kb = jax.random.split(key)
+    a = 0.02 * jax.random.normal(ka, (*shape[: lead + n_in], rank), dtype)
+    b = 0.02 * jax.random.normal(kb, (*shape[:lead], rank, *shape[lead + n_in :]), dtype)
+    return a, b, jnp.zeros((*shape[:lead], rank), dtype)
+
+
+def fold(a: Any, e: Any) -> Any:
+    """A·diag(E): A (lead + in + (r,)) with each rank column scaled by its singular value
+    (E: lead + (r,)), the factor every LoRA function then uses as A."""
+    n_in = a.ndim - e.ndim
+    return a * jnp.expand_dims(e, tuple(range(e.ndim - 1, e.ndim - 1 + n_in))).astype(a.dtype)
 
 
 # ----------------------------------------------------------------------------- DoRA

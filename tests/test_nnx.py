@@ -1,6 +1,7 @@
 """The factored forward for Flax NNX models, against the merged model, the same model written
 with Linen, and peft on its torch twin; sharded over 8 devices like one."""
 
+import dataclasses
 import json
 import math
 
@@ -423,3 +424,22 @@ def test_peft_adapters_both_ways_for_layers_in_an_nnx_list(tmp_path):
     got = np.asarray(lj.nnx_adapt(model, lj.combine(adapter, base), loaded)(x))
     np.testing.assert_allclose(got, theirs, atol=1e-4)
     assert np.abs(got - np.asarray(model(x))).max() > 1e-2
+
+
+def test_an_adalora_adapter_runs_factored_in_nnx():
+    """AdaLoRA's E is an nnx.LoRAParam beside A and B, folded into A in the forward: the
+    NNX model (stacked layers, LinearGeneral and Linear) gives the merged model's output."""
+    config = dataclasses.replace(CONFIG, adalora=lj.AdaLora(target_rank=2, total_steps=10))
+    model, _, tokens = setup()
+    pure = nnx.to_pure_dict(nnx.state(model))
+    params = lj.init(jax.random.key(1), pure, config, lj.kernel_layouts(model))
+    params = randomize_adapters(params, jax.random.key(3), 0.3)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.linspace(-1.0, 1.0, x.size).reshape(x.shape) if p[-1].key == "lora_e"
+        else x, params)  # fmt: skip
+    adapted = lj.nnx_adapt(model, params, config)
+    assert isinstance(adapted.layers.q.lora_e, nnx.LoRAParam)
+    factored = adapted(tokens)
+    merged = run_merged(model, lj.merge(params, config), tokens)
+    np.testing.assert_allclose(factored, merged, rtol=1e-5, atol=1e-5 * np.abs(merged).max())
+    assert np.abs(factored - model(tokens)).max() > 1e-2

@@ -17,12 +17,14 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_M, path_str
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_E, LORA_M, path_str
 
 LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 PEFT_PREFIX = "base_model.model."
 # peft's tensor name, after the module's, for each of our adapter leaves (DoRA: magnitude).
 PEFT_LEAVES = {LORA_A: "lora_A.weight", LORA_B: "lora_B.weight", LORA_M: "lora_magnitude_vector"}
+# AdaLoRA's (peft_type ADALORA): its factors are bare parameters, not Linear modules.
+ADALORA_LEAVES = {LORA_A: "lora_A", LORA_B: "lora_B", LORA_E: "lora_E"}
 
 
 def to_torch(array: Any) -> Any:
@@ -111,10 +113,13 @@ class Naming:
                 yield name, jnp.asarray(self.torch_layout(keys, array))
 
     @staticmethod
-    def peft_name(name: str, leaf: str | None = None) -> str:
-        """peft's tensor name for one of our adapter leaves (`PEFT_LEAVES`) of the torch
-        module `name`, or with no leaf for the torch tensor `name` of a fully trained module."""
-        return PEFT_PREFIX + (name if leaf is None else f"{name}.{PEFT_LEAVES[leaf]}")
+    def peft_name(name: str, leaf: str | None = None, adalora: bool = False) -> str:
+        """peft's tensor name for one of our adapter leaves (`PEFT_LEAVES`, or AdaLoRA's
+        `ADALORA_LEAVES`) of the torch module `name`, or with no leaf for the torch tensor
+        `name` of a fully trained module."""
+        if leaf is None:
+            return PEFT_PREFIX + name
+        return f"{PEFT_PREFIX}{name}.{(ADALORA_LEAVES if adalora else PEFT_LEAVES)[leaf]}"
 
     # ----------------------------------------------------------------- torch -> ours
 
@@ -137,10 +142,11 @@ class Naming:
         if not name.startswith(PEFT_PREFIX):
             raise ValueError(f"{name}: not a peft tensor name (expected {PEFT_PREFIX}...).")
         rest = name[len(PEFT_PREFIX) :]
-        leaf = next((k for k, s in PEFT_LEAVES.items() if rest.endswith(f".{s}")), None)
+        suffixes = (*PEFT_LEAVES.items(), *ADALORA_LEAVES.items())
+        leaf, suffix = next(((k, s) for k, s in suffixes if rest.endswith(f".{s}")), (None, ""))
         module, _, tensor = rest.rpartition(".")
         if leaf is not None:
-            module = rest[: -len(PEFT_LEAVES[leaf]) - 1]
+            module = rest[: -len(suffix) - 1]
         elif tensor not in ("weight", "bias"):
             raise ValueError(f"{name}: neither a LoRA factor nor a module's weight or bias.")
         keys, layer = self.module_keys(module, known)
