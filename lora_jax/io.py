@@ -204,9 +204,6 @@ def save_adapter(
         present = [n for n in ADAPTER_LEAVES if (*module, n) in flat]
         layered = {n: flat[(*module, n)] if stacked else flat[(*module, n)][None] for n in present}
         conv = site.n_in - 1 if isinstance((layouts or {}).get(site.path), ConvLayout) else 0
-        if ada and conv:
-            raise ValueError(f"save_adapter: {site.path} is a convolution; AdaLoRA adapters "
-                             "are written for dense layers only.")  # fmt: skip
         for i, name in enumerate(names):
             if ada:  # as peft: pruned ranks (E = 0) sliced off, the kept ones listed
                 keep = np.asarray(layered[LORA_E][i]) != 0
@@ -214,7 +211,7 @@ def save_adapter(
             for leaf in present:
                 factor = _to_peft(leaf, layered[leaf][i], rank, conv)
                 if ada:
-                    factor = factor[:, index] if leaf == LORA_B else factor[index]
+                    factor = _pruned(leaf, factor, index, conv)
                 tensors[naming.peft_name(name, leaf, ada)] = jnp.asarray(factor)
         adapted += names
         ranks[_exact(names)], alphas[_exact(names)] = rank, config.alpha_for(site.path)
@@ -270,6 +267,15 @@ def _adalora_fields(config: LoraConfig, kept: dict[str, list[bool]]) -> dict[str
             "tinit": spec.tinit, "tfinal": spec.tfinal, "deltaT": spec.delta_t,
             "beta1": spec.beta1, "beta2": spec.beta2, "orth_reg_weight": spec.orth_reg_weight,
             "total_step": spec.total_steps, "rank_pattern": kept}  # fmt: skip
+
+
+def _pruned(leaf: str, factor: Any, index: np.ndarray, conv: int) -> Any:
+    """An AdaLoRA factor in peft's layout (`_to_peft`) with only the kept ranks `index`; a
+    convolution's as peft's SVDConv2d holds them: A (r, in·kh·kw), B (out, r)."""
+    factor = factor[:, index] if leaf == LORA_B else factor[index]
+    if not conv or leaf == LORA_E:
+        return factor
+    return factor.reshape(factor.shape[:2]) if leaf == LORA_B else factor.reshape(len(index), -1)
 
 
 def _to_peft(leaf: str, factor: Any, rank: int, conv: int) -> Any:
@@ -453,6 +459,11 @@ def _fit_factor(
         LORA_E: ((None,), "(r,)"),
     }.get(leaf, ((math.prod(outs),), "(out,)"))
     if leaf == LORA_A and factor.ndim > 2:
+        want, form = (*ins, None), "(*spatial, in, r), a convolution's"
+    elif (leaf == LORA_A and factor.shape[0] == math.prod(ins)
+          and isinstance((layouts or {}).get(path_str(module)), ConvLayout)):  # fmt: skip
+        # AdaLoRA's SVDConv2d: A (r, in·kh·kw), its columns in torch's (in, *spatial) order
+        factor = np.moveaxis(factor.reshape(ins[-1], *ins[:-1], -1), 0, -2)
         want, form = (*ins, None), "(*spatial, in, r), a convolution's"
     if factor.ndim != len(want) or any(
         w not in (None, n) for w, n in zip(want, factor.shape, strict=True)

@@ -291,3 +291,36 @@ def test_routing_a_bank_through_a_convolution_is_refused_naming_the_path():
     with pytest.raises(ValueError, match=r"conv1: routing needs nn.Dense/DenseGeneral; this one "
                                          r"is nn.Conv"):  # fmt: skip
         routed({"params": lj.combine(bank, flax_model.pure)}, x, adapter_ids=jnp.array([0, 1]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adalora_conv_adapters_go_both_ways_with_peft(kind, tmp_path):
+    """peft's SVDConv2d stores A flat, (r, in·kh·kw): a peft AdaLoRA adapter on the twin's
+    convolutions (some ranks pruned) gives peft's logits here, and ours give ours in peft."""
+    flax_model, x = Flax(kind), images(seed=5)
+    torch.manual_seed(0)
+    cfg = peft.AdaLoraConfig(init_r=3, target_r=1, total_step=10, lora_alpha=4,
+                             target_modules=list(TARGETS))  # fmt: skip
+    peer = peft.get_peft_model(twin_of(flax_model.pure), cfg).eval()
+    with torch.no_grad():
+        for name, p in peer.named_parameters():
+            if "lora_" in name:  # E away from zero, its first entry pruned
+                p.copy_(torch.randn_like(p) * (0.3 if "lora_E" not in name else 1.0))
+            if "lora_E" in name:
+                p[0] = 0.0
+    peer.base_model.peft_config["default"].rank_pattern = {
+        f"{m}.lora_E": [False, True, True] for m in TARGETS
+    }
+    peer.save_pretrained(tmp_path / "theirs")
+    adapter, config = lj.load_adapter(tmp_path / "theirs", flax_model.pure, flax_model.layouts,
+                                      naming=NAMING)  # fmt: skip
+    assert adapter["conv1"]["lora_a"].shape == (3, 3, CHANNELS, 3) and config.adalora
+    params = lj.combine(adapter, flax_model.pure)
+    ours = np.asarray(flax_model.factored(params, config, x))
+    np.testing.assert_allclose(ours, torch_logits(peer, x), atol=1e-4)
+    assert np.abs(ours - np.asarray(flax_model.plain(flax_model.pure, x))).max() > 1e-2
+
+    lj.save_adapter(tmp_path / "ours", adapter, config, naming=NAMING, base=flax_model.pure,
+                    layouts=flax_model.layouts)  # fmt: skip
+    again = peft.PeftModel.from_pretrained(twin_of(flax_model.pure), tmp_path / "ours").eval()
+    np.testing.assert_allclose(torch_logits(again, x), ours, atol=1e-4)
