@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -204,6 +205,7 @@ def loftq(
     double_quant: bool = True,
     iters: int = 1,
     layouts: Layouts | None = None,
+    progress: Callable[[Sequence[Any]], Iterable[Any]] = iter,
 ) -> tuple[dict[str, Any], dict[str, tuple[float, float]]]:
     """QLoRA's base and adapters initialised together (LoftQ), so that the quantized base plus
     the adapter starts close to the float weights rather than at their quantization.
@@ -216,6 +218,8 @@ def loftq(
     error of plain quantization and LoftQ's. The adapter fits this Q, not the float base
     (LoftQ is deterministic: the same base and settings give the same Q again). `config.init`
     may be "loftq" (the config then records it) or a plain init; either way A and B are LoftQ's.
+    `progress` wraps the list of targets as it is worked through (`tqdm` shows a bar: each
+    target costs `iters` quantizations and SVDs).
     """
     if iters < 1:
         raise ValueError(f"loftq: iters is {iters}; at least one round is needed.")
@@ -227,7 +231,7 @@ def loftq(
                     layouts)  # fmt: skip
     flat = traverse_util.flatten_dict(laid_out, keep_empty_nodes=True)
     report = {}
-    for site in sites(traverse_util.unflatten_dict(flat), config, "loftq"):
+    for site in progress(sites(traverse_util.unflatten_dict(flat), config, "loftq")):
         if isinstance(site.kernel, meta.AxisMetadata):
             raise ValueError(f"loftq: {site.path} is already quantized; pass the float base "
                              "(LoftQ quantizes it itself).")  # fmt: skip

@@ -161,8 +161,9 @@ def adapted(cfg: RunConfig, model: Any, params: Any, example: Any) -> Any:
     key, layouts = jax.random.key(cfg.train.seed), kernel_layouts(model, example)
     if cfg.lora.init == LOFTQ:  # the quantized base and the adapter, fitted together
         model_cfg = cfg.model
+        bar = functools.partial(tqdm, desc="loftq", unit="kernel", leave=False, delay=1)
         return loftq(params, cfg.lora, model_cfg.quantize, model_cfg.quantize_block,
-                     iters=model_cfg.loftq_iters, layouts=layouts)[0]  # fmt: skip
+                     iters=model_cfg.loftq_iters, layouts=layouts, progress=bar)[0]  # fmt: skip
     # PiSSA/OLoRA rewrite the kernels: they start from the float base, and their residual is
     # what gets quantized. Other inits come after quantizing, so that DoRA's magnitudes are
     # those of the weights the model computes with.
