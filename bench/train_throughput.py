@@ -7,6 +7,9 @@ Llama-architecture checkpoint that transformers writes:
   lora_jax API    the public-API loop: lj.lora_apply, split/combine, optax.adamw, jax.jit
   lora_jax full   full fine-tuning of the same model
   peft eager      peft + torch, and `--compile` adds peft under torch.compile
+  `--adalora`     adds AdaLoRA (init rank r, target r/2, mid-schedule: a mask every step) on
+                  both sides: lora_jax's step with lj.adalora_allocator and the penalty, and
+                  peft eager with its orthogonal term and update_and_allocate
 Also printed: forward and value_and_grad times of the LoRA loss, XLA's FLOPs of the LoRA and
 full steps, and (`--memory-1b`) XLA's memory analysis of the LoRA step compiled for the
 Llama-3.2-1B shape at 8 x 2048 in bfloat16, from abstract inputs (nothing allocated).
@@ -22,6 +25,7 @@ KiB pages.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -39,6 +43,9 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LR = 16, 32.0, 1e-4
+# AdaLoRA's schedule on both sides: budget r -> r/2 per module over 1000 steps, a mask every
+# step, so the timed steps are mid-schedule (the allocator's every part runs).
+ADALORA = dict(target_rank=RANK // 2, total_steps=1000, tinit=0, tfinal=100, delta_t=1)
 
 
 def hf_config(size: str) -> dict:
@@ -127,11 +134,14 @@ def lora_jax_worker(kind: str, ckpt: str, batch: int, seq: int, steps: int, dtyp
     from lora_jax.step import make_step
 
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    remat = train_remat() if kind == "step" else "none"  # "none": from_pretrained's default
+    remat = train_remat() if kind in ("step", "adalora") else "none"  # "none": the default
     model, params, _ = models.from_pretrained(ckpt, dt, remat=remat)
     ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, model.config.vocab_size)
     config = lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=tuple(TARGETS))
-    tx = optax.adamw(LR)
+    tx, penalty = optax.adamw(LR), None
+    if kind == "adalora":
+        config = dataclasses.replace(config, adalora=lj.AdaLora(**ADALORA))
+        tx, penalty = lj.adalora_allocator(tx, config), lj.adalora_penalty(config)
 
     def mean_loss(apply, p):  # the public-API loss: the whole batch's float32 logits
         logits = apply(p, ids).astype(jnp.float32)
@@ -145,8 +155,8 @@ def lora_jax_worker(kind: str, ckpt: str, batch: int, seq: int, steps: int, dtyp
         apply = lj.lora_apply(model.apply, config)
         value = lambda a: mean_loss(apply, lj.combine(a, base))  # noqa: E731
     state = tx.init(trained)
-    if kind == "step":
-        step = make_step(lambda p, b, _: chunked_loss(apply, p, b), tx)
+    if kind in ("step", "adalora"):
+        step = make_step(lambda p, b, _: chunked_loss(apply, p, b), tx, penalty=penalty)
         compiled = step.lower(trained, state, base, {"input_ids": ids}, jnp.int32(0)).compile()
         # The step donates the adapter and state: feed each call the previous one's.
         carry = {"adapter": trained, "state": state}
@@ -217,7 +227,7 @@ def memory_1b_worker(remat: str) -> dict:
 # ----------------------------------------------------------------------------- peft
 
 
-def peft_worker(compiled: bool, ckpt: str, batch: int, seq: int, steps: int, dtype: str) -> dict:
+def peft_worker(kind: str, ckpt: str, batch: int, seq: int, steps: int, dtype: str) -> dict:
     import peft
     import torch
     import transformers
@@ -226,6 +236,11 @@ def peft_worker(compiled: bool, ckpt: str, batch: int, seq: int, steps: int, dty
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=dt).to(device)
     lora = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0)
+    if kind == "adalora":
+        lora = peft.AdaLoraConfig(init_r=RANK, target_r=ADALORA["target_rank"],
+                                  total_step=ADALORA["total_steps"], tfinal=ADALORA["tfinal"],
+                                  lora_alpha=ALPHA, target_modules=TARGETS,
+                                  task_type="CAUSAL_LM")  # fmt: skip
     model = peft.get_peft_model(model, lora)
     for p in model.parameters():  # the adapter in float32, as lora_jax keeps it
         if p.requires_grad:
@@ -234,7 +249,8 @@ def peft_worker(compiled: bool, ckpt: str, batch: int, seq: int, steps: int, dty
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model) if kind == "compile" else model
+    done = [0]  # steps taken: AdaLoRA's allocator is told the step
 
     def sync():
         if device == "cuda":
@@ -242,15 +258,21 @@ def peft_worker(compiled: bool, ckpt: str, batch: int, seq: int, steps: int, dty
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = forward(input_ids=ids).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab),
-                                                 ids[:, 1:].reshape(-1))  # fmt: skip
+        if kind == "adalora":  # with labels, peft adds its orthogonal term to the loss
+            loss = forward(input_ids=ids, labels=ids).loss
+        else:
+            logits = forward(input_ids=ids).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab),
+                                                     ids[:, 1:].reshape(-1))  # fmt: skip
         loss.backward()
         opt.step()
+        if kind == "adalora":
+            model.base_model.update_and_allocate(done[0])
+        done[0] += 1
         sync()
 
     out = {"step": timed(step, steps)}
-    if not compiled:
+    if kind == "eager":
         with torch.no_grad():
             out["forward"] = timed(lambda: (forward(input_ids=ids), sync()), steps)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
@@ -266,7 +288,11 @@ SIDES = {
     "lora_jax full": ("lora_jax", "full"),
     "peft eager": ("peft", "eager"),
     "peft compile": ("peft", "compile"),
+    "lora_jax AdaLoRA": ("lora_jax", "adalora"),
+    "peft AdaLoRA eager": ("peft", "adalora"),
 }
+OPTIONAL = {"peft compile": "compile", "lora_jax AdaLoRA": "adalora",
+            "peft AdaLoRA eager": "adalora"}  # fmt: skip
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -277,7 +303,7 @@ def worker(args: argparse.Namespace) -> None:
     if lib == "lora_jax":
         out = lora_jax_worker(kind, *common)
     elif lib == "peft":
-        out = peft_worker(kind == "compile", *common)
+        out = peft_worker(kind, *common)
     else:
         out = memory_1b_worker(args.remat)
     print("RESULT " + json.dumps(out))
@@ -315,6 +341,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (best kept)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--compile", action="store_true", help="also peft under torch.compile")
+    p.add_argument("--adalora", action="store_true", help="also AdaLoRA on both sides")
     p.add_argument("--memory-1b", action="store_true", help="XLA memory analysis, 1B shape")
     p.add_argument("--no-huge-pages", action="store_true", help="malloc in 4 KiB pages")
     p.add_argument("--cores", type=int, default=0,
@@ -343,7 +370,7 @@ def main() -> None:
         env.pop("GLIBC_TUNABLES", None)
     else:
         env = huge_pages_env(env) or env
-    names = [n for n in SIDES if n != "peft compile" or args.compile]
+    names = [n for n in SIDES if n not in OPTIONAL or getattr(args, OPTIONAL[n])]
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         config = transformers.LlamaConfig(**hf_config(args.size))
@@ -384,6 +411,11 @@ def main() -> None:
         vs_full = f"{r['step'] / full_step:.2f}" if full_step and name != "lora_jax full" else "-"
         print(f"| {name} | {r['step']:.3f} | {tokens / r['step']:,.0f} | "
               f"{r['peak'] / 2**20:,.0f} | {vs_peft} | {vs_full} |")  # fmt: skip
+    ours_ada, peft_ada = results.get("lora_jax AdaLoRA", {}), results.get("peft AdaLoRA eager", {})
+    if "step" in ours_ada and "step" in peft_ada:
+        print(f"AdaLoRA (r {RANK} -> {ADALORA['target_rank']}, a mask every step): lora_jax "
+              f"{ours_ada['step']:.3f} s, peft eager {peft_ada['step']:.3f} s "
+              f"({peft_ada['step'] / ours_ada['step']:.2f}x)")  # fmt: skip
     api, peft_eager = results.get("lora_jax API", {}), results.get("peft eager", {})
     if "value_and_grad" in api:
         print(f"lora_jax LoRA: forward {api['forward']:.3f} s, value_and_grad "

@@ -118,9 +118,11 @@ def adalora_allocator(
     final = spec.final_step
 
     def init(params: Any) -> AdaLoraState:
-        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        def zeros():  # one tree per EMA: a step that donates its state needs distinct buffers
+            return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+
         keep = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
-        return AdaLoraState(jnp.zeros((), jnp.int32), zeros, zeros, keep, inner.init(params))
+        return AdaLoraState(jnp.zeros((), jnp.int32), zeros(), zeros(), keep, inner.init(params))
 
     def update(grads: Any, state: AdaLoraState, params: Any = None, **extra: Any):
         if params is None:

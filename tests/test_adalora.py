@@ -210,10 +210,11 @@ def test_make_step_adds_the_penalty_s_gradient_once():
     def loss(p, batch, rngs):
         return jnp.sum(apply(p, batch["x"]) ** 2), jnp.float32(batch["x"].shape[0])
 
-    penalty = lj.adalora_penalty(config)
-    step = make_step(loss, optax.sgd(1.0), accum=2, penalty=penalty)
+    # The allocator's first step (before tinit) is plain SGD's; its fresh state is donated.
+    penalty, tx = lj.adalora_penalty(config), lj.adalora_allocator(optax.sgd(1.0), config)
+    step = make_step(loss, tx, accum=2, penalty=penalty)
     copy = jax.tree.map(jnp.copy, adapter)  # the step donates its adapter
-    new, _, metrics = step(copy, optax.sgd(1.0).init(copy), base, {"x": x}, 0)
+    new, _, metrics = step(copy, tx.init(copy), base, {"x": x}, 0)
 
     def total(a):
         return loss(lj.combine(a, base), {"x": x}, None)[0] / 8 + penalty(a)
