@@ -25,19 +25,23 @@ def rows(
     amp: Mapping[str, analysis.Amplification] | None = None,
     phi: Mapping[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per adapted module and layer (layer None for an unstacked module): rank,
-    ‖ΔW‖_F, its singular values and energy; the `analysis.amplification` columns, and
-    φ(1, 1) and φ(r1, r2) from `analysis.subspace_similarity`, where given."""
+    """One dict per adapted module and layer (layer None for an unstacked module): rank (an
+    AdaLoRA layer's: the ranks it keeps), ‖ΔW‖_F, its singular values and energy; the
+    `analysis.amplification` columns, and φ(1, 1) and φ(r1, r2) from
+    `analysis.subspace_similarity`, where given."""
     spectra = analysis.spectrum(params, config)
     amp, phi = amp or {}, phi or {}
     out = []
     for site in sites(params):
         sigma = spectra[site.path]
+        ranks = [site.rank] * len(sigma)
+        if site.singular is not None:  # AdaLoRA: E's nonzero entries, per layer
+            ranks = np.count_nonzero(np.asarray(site.singular).reshape(-1, site.rank), axis=-1)
         for layer, s in enumerate(sigma):
             row: dict[str, Any] = {
                 "module": site.path,
                 "layer": layer if site.lead else None,
-                "rank": site.rank,
+                "rank": int(ranks[layer]),
                 "delta_norm": float(np.linalg.norm(s)),
                 **{f"energy_top{k}": float(analysis.energy(s, k)) for k in TOP},
                 "k90": _covering(s),

@@ -159,9 +159,10 @@ def adapted(cfg: RunConfig, model: Any, params: Any, example: Any) -> Any:
     leaves added (seeded by train.seed; with lora.init=loftq, fitted to the quantized base
     by LoftQ, which is deterministic); `example` is an input batch the model takes."""
     key, layouts = jax.random.key(cfg.train.seed), kernel_layouts(model, example)
+    # A bar over the targets where their init takes long (an SVD or QR each): after a second.
+    bar = functools.partial(tqdm, desc=cfg.lora.init, unit="kernel", leave=False, delay=1)
     if cfg.lora.init == LOFTQ:  # the quantized base and the adapter, fitted together
         model_cfg = cfg.model
-        bar = functools.partial(tqdm, desc="loftq", unit="kernel", leave=False, delay=1)
         return loftq(params, cfg.lora, model_cfg.quantize, model_cfg.quantize_block,
                      iters=model_cfg.loftq_iters, layouts=layouts, progress=bar)[0]  # fmt: skip
     # PiSSA/OLoRA rewrite the kernels: they start from the float base, and their residual is
@@ -169,7 +170,7 @@ def adapted(cfg: RunConfig, model: Any, params: Any, example: Any) -> Any:
     # those of the weights the model computes with.
     rewrites = cfg.lora.init in BASE_MODIFYING_INITS
     if rewrites:
-        params = init(key, params, cfg.lora, layouts)
+        params = init(key, params, cfg.lora, layouts, progress=bar)
     if cfg.model.quantize:
         params = quantize(params, cfg.lora, cfg.model.quantize, cfg.model.quantize_block)
     return params if rewrites else init(key, params, cfg.lora, layouts)

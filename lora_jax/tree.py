@@ -18,7 +18,7 @@ import dataclasses
 import math
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -316,7 +316,11 @@ def targets(params: Params, config: LoraConfig) -> list[str]:
 
 
 def init(
-    key: jax.Array, params: Params, config: LoraConfig, layouts: Layouts | None = None
+    key: jax.Array,
+    params: Params,
+    config: LoraConfig,
+    layouts: Layouts | None = None,
+    progress: Callable[[Sequence[Any]], Iterable[Any]] = iter,
 ) -> dict[str, Any]:
     """Adds `lora_a` (random) and `lora_b` (zeros) beside every targeted kernel.
 
@@ -329,6 +333,8 @@ def init(
     of more than two axes (stacked or DenseGeneral), and `lj.kernel_layouts(model, *inputs)`
     reads it off the model.
     Each adapter's randomness depends on its path alone, so adding a target leaves the others'.
+    `progress` wraps the list of targets as they are initialised (`tqdm` shows a bar: PiSSA
+    and OLoRA take an SVD / QR of each kernel).
     """
     if config.init == LOFTQ:
         raise ValueError("init='loftq' fits the adapter and the quantized base together: call "
@@ -350,7 +356,7 @@ def init(
             )
         plans.append((keys, path, lead, n_in, rank))
     new = dict(flat)
-    for keys, path, lead, n_in, rank in plans:
+    for keys, path, lead, n_in, rank in progress(plans):
         w, scale = modules[keys][KERNEL], config.scale_for(path, rank)
         if config.init in BASE_MODIFYING_INITS and isinstance(w, meta.AxisMetadata):
             raise ValueError(

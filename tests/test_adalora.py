@@ -18,6 +18,7 @@ from small_models import CASES, randomize_adapters
 
 import lora_jax as lj
 from lora_jax import compose, models
+from lora_jax.cli import main as cli_main
 from lora_jax.step import make_step
 
 IDS = np.array([[1, 5, 9, 3, 7, 2], [4, 4, 8, 6, 1, 0]])
@@ -273,7 +274,7 @@ def peer_logits(peer):
         return peer(input_ids=torch.tensor(IDS)).logits.numpy()
 
 
-def test_a_peft_trained_adalora_adapter_loads_with_peft_s_logits(checkpoints, tmp_path):
+def test_a_peft_trained_adalora_adapter_loads_with_peft_s_logits(checkpoints, tmp_path, capsys):
     """Trained by peft's own loop past its final allocation (budget 2 of 6 ranks a module),
     saved by peft (pruned ranks sliced off, rank_pattern listed): the same logits here."""
     directory = checkpoints / "llama"
@@ -304,6 +305,10 @@ def test_a_peft_trained_adalora_adapter_loads_with_peft_s_logits(checkpoints, tm
         assert np.abs(theirs - peer_logits(peer)).max() > 1e-3  # it moved
     ranks = lj.adalora_ranks(adapter)
     assert sorted(int(k) for r in ranks.values() for k in r) == sorted(kept)
+    # `lora-jax inspect` reports each layer's kept ranks as its r.
+    assert cli_main(["inspect", str(tmp_path / "theirs"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert sorted(row["rank"] for row in rows) == sorted(kept)
 
 
 def test_ours_load_in_peft_and_come_back_bit_for_bit(checkpoints, tmp_path):
@@ -366,8 +371,6 @@ def test_a_train_run_ends_at_the_target_budget_and_saves_for_peft(sft, tmp_path,
     pattern would come after the last step is refused in one line, before anything runs."""
     from sft_runs import LLAMA_SFT, as_args, overrides
     from test_train import eval_reproduces_the_run
-
-    from lora_jax.cli import main as cli_main
 
     ada = {"lora.rank": 4, "lora.alpha": 8.0, "train.steps": 6, "checkpoint.every": 3,
            "lora.adalora": {"target_rank": 2, "tinit": 1, "tfinal": 2}}  # fmt: skip

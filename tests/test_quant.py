@@ -189,8 +189,10 @@ def test_loftq_matches_a_float64_reference_on_real_weights(iters):
     _, params, _ = minilm()
     w = np.asarray(params["params"]["encoder"]["layer"]["attention"]["self"]["query"]["kernel"][0])
     config = lj.LoraConfig(rank=16, alpha=8.0, targets=("q",))  # s = 0.5: the scale is honoured
+    seen = []  # what `progress` (a bar in lora-jax train) is handed: the targets' sites
     tree, report = lj.loftq({"q": {"kernel": jnp.asarray(w)}}, config, block_size=64,
-                            iters=iters)  # fmt: skip
+                            iters=iters, progress=lambda xs: seen.extend(xs) or seen)  # fmt: skip
+    assert [site.path for site in seen] == ["q"]
     q, update, plain, error = loftq_reference(w, 16, 0.5, iters, 64)
     got_q = np.asarray(tree["q"]["kernel"].unbox())
     got_update = 0.5 * np.asarray(tree["q"]["lora_a"] @ tree["q"]["lora_b"], np.float64)

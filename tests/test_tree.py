@@ -54,6 +54,26 @@ def test_init_adds_factors_beside_each_kernel_and_shares_base_buffers():
             assert np.std(v) > 0
 
 
+@pytest.mark.parametrize("init", ["gaussian", "pissa"])
+def test_init_reports_its_progress_over_the_targets(init):
+    """`progress` wraps the targets (a tqdm bar in lora-jax train): each one passes through it
+    once, and wrapping changes nothing in the result."""
+    config = lj.LoraConfig(rank=4, alpha=8.0, targets=("all-linear",), init=init)
+    model, x = Stack(), tokens(jax.random.key(0))
+    params, layouts = model.init(jax.random.key(1), x), lj.kernel_layouts(model, x)
+    seen = []
+
+    def progress(targets):
+        for target in targets:
+            seen.append(target)
+            yield target
+
+    got = lj.init(jax.random.key(0), params, config, layouts, progress=progress)
+    assert len(seen) == len(lj.targets(params, config)) > 1
+    jax.tree.map(np.testing.assert_array_equal, got,
+                 lj.init(jax.random.key(0), params, config, layouts))  # fmt: skip
+
+
 def test_gaussian_and_kaiming_inits_follow_peft():
     kernel = {"proj": {"kernel": jnp.zeros((400, 300))}}
     a = lj.init(jax.random.key(0), kernel, lj.LoraConfig(rank=8, targets=("proj",)))["proj"][
