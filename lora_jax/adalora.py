@@ -149,7 +149,7 @@ def adalora_allocator(
         cut = init_budget - jnp.asarray(budgets)[at]  # how many triplets go
         ranked = jnp.sort(jnp.concatenate([s.ravel() for s in scores.values()]))
         threshold = jnp.where(cut > 0, ranked[jnp.maximum(cut - 1, 0)], -jnp.inf)
-        masking, after = jnp.asarray(masks)[at] & (count <= final), count > final
+        masking, after = jnp.asarray(masks)[at], count > final  # after: the final pattern
 
         flat_updates, flat_params = _flat(updates), _flat(params)
         flat_keep = _flat(state.keep)

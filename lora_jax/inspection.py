@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from lora_jax import analysis
+from lora_jax.adalora import adalora_ranks
 from lora_jax.config import LoraConfig
 from lora_jax.report import save_figure
 from lora_jax.tree import Params, sites
@@ -29,14 +30,12 @@ def rows(
     AdaLoRA layer's: the ranks it keeps), ‖ΔW‖_F, its singular values and energy; the
     `analysis.amplification` columns, and φ(1, 1) and φ(r1, r2) from
     `analysis.subspace_similarity`, where given."""
-    spectra = analysis.spectrum(params, config)
+    spectra, kept = analysis.spectrum(params, config), adalora_ranks(params)
     amp, phi = amp or {}, phi or {}
     out = []
     for site in sites(params):
         sigma = spectra[site.path]
-        ranks = [site.rank] * len(sigma)
-        if site.singular is not None:  # AdaLoRA: E's nonzero entries, per layer
-            ranks = np.count_nonzero(np.asarray(site.singular).reshape(-1, site.rank), axis=-1)
+        ranks = np.ravel(kept.get(site.path, [site.rank] * len(sigma)))
         for layer, s in enumerate(sigma):
             row: dict[str, Any] = {
                 "module": site.path,

@@ -28,7 +28,7 @@ from safetensors.flax import save_file
 from lora_jax.config import AdaLora, LoraConfig
 from lora_jax.files import atomic_dir, check_finite, read_json
 from lora_jax.models.hub import build, config_of, from_pretrained, naming_of
-from lora_jax.models.naming import Naming, from_torch, to_torch
+from lora_jax.models.naming import ADALORA_LEAVES, Naming, from_torch, to_torch
 from lora_jax.tree import (
     ADAPTER_LEAVES,
     KERNEL,
@@ -207,7 +207,8 @@ def save_adapter(
         for i, name in enumerate(names):
             if ada:  # as peft: pruned ranks (E = 0) sliced off, the kept ones listed
                 keep = np.asarray(layered[LORA_E][i]) != 0
-                kept[f"{name}.lora_E"], index = keep.tolist(), np.flatnonzero(keep)
+                kept[f"{name}.{ADALORA_LEAVES[LORA_E]}"] = keep.tolist()
+                index = np.flatnonzero(keep)
             for leaf in present:
                 factor = _to_peft(leaf, layered[leaf][i], rank, conv)
                 if ada:
@@ -311,7 +312,7 @@ def _peft_factor(name: str, leaf: str, module: str, tensor: np.ndarray, peft_con
     if peft_config.get("peft_type") != ADALORA:
         return factor
     rank = peft_config["init_r"]
-    pattern = (peft_config.get("rank_pattern") or {}).get(f"{module}.lora_E")
+    pattern = (peft_config.get("rank_pattern") or {}).get(f"{module}.{ADALORA_LEAVES[LORA_E]}")
     keep = np.ones(rank, bool) if pattern is None else np.asarray(pattern, bool)
     axis = factor.ndim - 1 if leaf == LORA_A else 0
     if keep.shape != (rank,) or factor.shape[axis] != keep.sum():

@@ -73,6 +73,14 @@ def reference_output(name: str, directory, ids: np.ndarray, mask: np.ndarray) ->
     return (out.last_hidden_state if name == "bert" else out.logits).numpy()
 
 
+def peer_logits(model, ids: np.ndarray) -> np.ndarray:
+    """A transformers (or peft) model's logits for `ids`, or a bare encoder's (BertModel)
+    last hidden state, without gradients."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids))
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
+
+
 def write_word_tokenizer(directory) -> None:
     """A tokenizer.json for the tiny checkpoints: words w3..w95 are token ids 3..95."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -13,7 +13,7 @@ import optax
 import peft
 import pytest
 import torch
-from hf_peer import PEERS
+from hf_peer import PEERS, peer_logits
 from small_models import CASES, randomize_adapters
 
 import lora_jax as lj
@@ -269,11 +269,6 @@ def test_the_allocator_state_checkpoints_and_a_resumed_run_is_the_same(tmp_path)
 # ----------------------------------------------------------------------------- files
 
 
-def peer_logits(peer):
-    with torch.no_grad():
-        return peer(input_ids=torch.tensor(IDS)).logits.numpy()
-
-
 def test_a_peft_trained_adalora_adapter_loads_with_peft_s_logits(checkpoints, tmp_path, capsys):
     """Trained by peft's own loop past its final allocation (budget 2 of 6 ranks a module),
     saved by peft (pruned ranks sliced off, rank_pattern listed): the same logits here."""
@@ -299,10 +294,10 @@ def test_a_peft_trained_adalora_adapter_loads_with_peft_s_logits(checkpoints, tm
     adapter, config = lj.load_adapter(tmp_path / "theirs", params)
     assert config.rank == 6 and config.adalora.target_rank == 2
     ours = lj.lora_apply(model.apply, config)(lj.combine(adapter, params), jnp.asarray(IDS))
-    theirs = peer_logits(peer)
+    theirs = peer_logits(peer, IDS)
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max())
     with peer.disable_adapter():
-        assert np.abs(theirs - peer_logits(peer)).max() > 1e-3  # it moved
+        assert np.abs(theirs - peer_logits(peer, IDS)).max() > 1e-3  # it moved
     ranks = lj.adalora_ranks(adapter)
     assert sorted(int(k) for r in ranks.values() for k in r) == sorted(kept)
     # `lora-jax inspect` reports each layer's kept ranks as its r.
@@ -325,7 +320,7 @@ def test_ours_load_in_peft_and_come_back_bit_for_bit(checkpoints, tmp_path):
     assert all(sum(k) == 4 for k in saved["rank_pattern"].values())  # 2 of 6 pruned
     peer = PEERS["llama"][1].from_pretrained(directory).eval()
     peer = peft.PeftModel.from_pretrained(peer, tmp_path / "ours").eval()
-    theirs = peer_logits(peer)
+    theirs = peer_logits(peer, IDS)
     ours = np.asarray(lj.lora_apply(model.apply, config)(adapted, jnp.asarray(IDS)))
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
     assert np.abs(ours - np.asarray(model.apply(params, jnp.asarray(IDS)))).max() > 1e-3
@@ -390,7 +385,7 @@ def test_a_train_run_ends_at_the_target_budget_and_saves_for_peft(sft, tmp_path,
     adapter, config = lj.load_adapter(tmp_path / "adapter", params)
     ours = lj.lora_apply(model.apply, config)(lj.combine(adapter, params), jnp.asarray(IDS))
     peer = PEERS["llama"][1].from_pretrained(sft / "llama").eval()
-    theirs = peer_logits(peft.PeftModel.from_pretrained(peer, tmp_path / "adapter").eval())
+    theirs = peer_logits(peft.PeftModel.from_pretrained(peer, tmp_path / "adapter").eval(), IDS)
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max())
 
     capsys.readouterr()

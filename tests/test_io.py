@@ -12,7 +12,7 @@ import optax
 import peft
 import pytest
 import torch
-from hf_peer import PEERS
+from hf_peer import PEERS, peer_logits
 from safetensors.numpy import load_file, save_file
 from small_models import randomize_adapters
 
@@ -68,13 +68,6 @@ def peer_model(name, directory):
     return PEERS[name][1].from_pretrained(directory).eval()
 
 
-def peer_logits(model):
-    """Logits, or the last hidden state for a bare encoder (BertModel)."""
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(IDS))
-    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
-
-
 # peft's side for the families test_trained_adapter... does not train: they load peft's files.
 LOAD_ONLY = {
     "mistral": dict(target_modules=["q_proj", "k_proj", "gate_proj"], rank_pattern={"k_proj": 2}),
@@ -120,7 +113,7 @@ def test_trained_adapter_loads_in_peft_with_equal_logits(checkpoints, name, tmp_
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert written["peft_type"] == "LORA" and written["r"] == config.rank
     theirs = peer_logits(peft.PeftModel.from_pretrained(peer_model(name, checkpoints / name),
-                                                        tmp_path))  # fmt: skip
+                                                        tmp_path), IDS)  # fmt: skip
     scale = np.abs(theirs).max()  # float32 on both sides; compared relative to output scale
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale)
     base = np.asarray(model.apply(params, jnp.asarray(IDS)))
@@ -169,7 +162,7 @@ def test_peft_adapter_loads_with_equal_logits(checkpoints, peft_adapter, name):
     adapter, config = lj.load_adapter(directory, params)
     ours = lj.lora_apply(model.apply, config)(lj.combine(adapter, params), jnp.asarray(IDS))
     ours = np.asarray(ours[0] if isinstance(ours, tuple) else ours)  # BertModel: (hidden, pooled)
-    theirs = peer_logits(peer)
+    theirs = peer_logits(peer, IDS)
     scale = np.abs(theirs).max()  # RoBERTa's head outputs ~0.02, LMs' ~1: compare relatively
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale)
     base = model.apply(params, jnp.asarray(IDS))
@@ -184,8 +177,8 @@ def test_cli_merge_matches_peft_merge_and_unload(checkpoints, peft_adapter, name
     out = tmp_path / "merged"
     assert cli.main(["merge", "--base", str(checkpoints / name), "--adapter", str(directory),
                      "--out", str(out)]) == 0  # fmt: skip
-    merged = peer_logits(peer_model(name, out))
-    np.testing.assert_allclose(merged, peer_logits(peer.merge_and_unload()), atol=1e-4)
+    merged = peer_logits(peer_model(name, out), IDS)
+    np.testing.assert_allclose(merged, peer_logits(peer.merge_and_unload(), IDS), atol=1e-4)
 
 
 def snapshot(params):

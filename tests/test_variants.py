@@ -8,7 +8,7 @@ import optax
 import peft
 import pytest
 import torch
-from hf_peer import PEERS
+from hf_peer import PEERS, peer_logits
 from jaxpr_check import materialised
 from small_models import CASES, randomize_adapters
 
@@ -142,11 +142,6 @@ def test_lora_plus_scales_b_updates_by_the_ratio():
 IDS = np.random.RandomState(0).randint(3, 96, (2, 7))
 
 
-def peer_logits(model):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(IDS)).logits.numpy()
-
-
 def test_rslora_dora_adapter_round_trips_with_peft(checkpoints, tmp_path):
     directory = checkpoints / "llama"
     model, params, hf_config = models.from_pretrained(directory)
@@ -160,7 +155,7 @@ def test_rslora_dora_adapter_round_trips_with_peft(checkpoints, tmp_path):
             tmp_path / "ours", lj.split(adapted, config)[0], config, hf_config=hf_config
         )
     peer = PEERS["llama"][1].from_pretrained(directory).eval()
-    theirs = peer_logits(peft.PeftModel.from_pretrained(peer, tmp_path / "ours").eval())
+    theirs = peer_logits(peft.PeftModel.from_pretrained(peer, tmp_path / "ours").eval(), IDS)
     scale = np.abs(theirs).max()
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale)
     assert np.abs(ours - np.asarray(model.apply(params, jnp.asarray(IDS)))).max() > 1e-3 * scale
@@ -174,7 +169,7 @@ def test_rslora_dora_adapter_round_trips_with_peft(checkpoints, tmp_path):
     adapter, loaded = lj.load_adapter(tmp_path / "theirs", params)
     assert loaded.use_dora and loaded.use_rslora
     ours = lj.lora_apply(model.apply, loaded)(lj.combine(adapter, params), jnp.asarray(IDS))
-    theirs = peer_logits(peer)
+    theirs = peer_logits(peer, IDS)
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max())
 
 
@@ -234,7 +229,7 @@ def test_principal_init_adapters_convert_for_peft(checkpoints, tmp_path, kind):
                     hf_config=hf_config, initial_adapter=lj.split(start, config)[0])  # fmt: skip
     # peft loads the converted (rank 2r) adapter onto the ORIGINAL checkpoint.
     peer = PEERS["llama"][1].from_pretrained(directory).eval()
-    theirs = peer_logits(peft.PeftModel.from_pretrained(peer, tmp_path / "converted").eval())
+    theirs = peer_logits(peft.PeftModel.from_pretrained(peer, tmp_path / "converted").eval(), IDS)
     scale = np.abs(theirs).max()
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale)
     assert np.abs(ours - np.asarray(model.apply(params, jnp.asarray(IDS)))).max() > 1e-3 * scale
