@@ -285,7 +285,10 @@ def _checked(value: Any, kind: Any, key: str) -> Any:
         if not isinstance(items, list | tuple):
             raise ValueError(f"config {key} is {value!r}; expected a list of {args[0].__name__}.")
         return tuple(_checked(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
-    if dataclasses.is_dataclass(kind) and isinstance(value, Mapping):  # lora.adalora
+    if dataclasses.is_dataclass(kind) and not isinstance(value, kind):  # lora.adalora
+        if not isinstance(value, Mapping):
+            raise ValueError(f"config {key} is {value!r}; expected a dict of its settings "
+                             f"{sorted(_fields(kind))}.")  # fmt: skip
         try:
             return _build(kind, value, key)
         except ValueError as err:

@@ -363,7 +363,8 @@ def test_a_train_run_ends_at_the_target_budget_and_saves_for_peft(sft, tmp_path,
     (total_steps defaults to train.steps), a checkpoint holds the allocator's state, the
     saved adapter keeps 2 ranks a module layer on average (target_rank) and gives peft's
     logits, and `lora-jax eval` reproduces the run's final eval. A schedule whose final
-    pattern would come after the last step is refused in one line, before anything runs."""
+    pattern would come after the last step, or a setting that is not one, is refused in one
+    line, before anything runs."""
     from sft_runs import LLAMA_SFT, as_args, overrides
     from test_train import eval_reproduces_the_run
 
@@ -389,8 +390,13 @@ def test_a_train_run_ends_at_the_target_budget_and_saves_for_peft(sft, tmp_path,
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max())
 
     capsys.readouterr()
-    late = overrides(sft, tmp_path / "late", **(ada | {"lora.adalora": {"target_rank": 2}}))
-    assert cli_main(["train", "--config", LLAMA_SFT, *as_args(late)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "lora.adalora" in err[0] and "tfinal >= 1" in err[0], err
-    assert not (tmp_path / "late").exists()
+    for bad, says in (
+        ({"target_rank": 2}, "tfinal >= 1"),
+        (3, "lora.adalora is 3; expected a dict of its settings"),
+        ({"target": 2}, "config key 'lora.adalora.target' does not exist"),
+    ):
+        late = overrides(sft, tmp_path / "late", **(ada | {"lora.adalora": bad}))
+        assert cli_main(["train", "--config", LLAMA_SFT, *as_args(late)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "lora.adalora" in err[0] and says in err[0], err
+        assert not (tmp_path / "late").exists()
