@@ -47,6 +47,13 @@ MODELS = {  # config.json of each shape, as the hub has it
                       num_attention_heads=64, num_key_value_heads=8, head_dim=128,
                       max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
                       tie_word_embeddings=False),
+    "mixtral-8x7b": dict(model_type="mixtral", architectures=["MixtralForCausalLM"],
+                         vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         num_local_experts=8, num_experts_per_tok=2,
+                         max_position_embeddings=32768, rms_norm_eps=1e-5,
+                         rope_theta=1000000.0, router_aux_loss_coef=0.02,
+                         tie_word_embeddings=False),
 }  # fmt: skip
 # (model, shipped config, topology, rows a chip, tokens a row, remat); the configs' own
 # settings first.
@@ -57,6 +64,7 @@ ROWS = [
     ("70b", "llama3_70b_sft.py", "v5e:8x8", 1, 2048, "full"),
     ("70b", "llama3_70b_qlora.py", "v5e:2x4", 1, 2048, "full"),
     ("qwen3-32b", "qwen3_32b_sft.py", "v5e:4x8", 1, 2048, "full"),
+    ("mixtral-8x7b", "mixtral_8x7b_sft.py", "v5e:4x4", 1, 2048, "full"),
     ("8b", "llama3_8b_sft.py", "v5e:2x2", 32, 2048, "full"),  # oversized: must not fit
     ("1b", "llama3_1b_sft.py", "v5e:2x2", 2, 1024, "projections"),
     ("1b", "llama3_1b_sft.py", "v5e:1x1", 8, 1024, "projections"),
@@ -79,20 +87,24 @@ def lower_bound(hf: dict, n: int, rows: int, length: int, remat: str, nf4: bool 
     while a layer's backward runs, its largest kernel gathered whole and its projections'
     outputs for the chip's tokens with their gradients; one loss chunk's float32 logits
     (1024 tokens a chip) with their gradient. `nf4`: QLoRA's 4-bit kernels and tables
-    (their block scales left out)."""
+    (their block scales left out). A mixture (Mixtral): E experts' MLP kernels and adapters,
+    each token through k of them, a layer's stacked expert kernel gathered whole."""
     d, f, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
     vocab = hf["vocab_size"]
+    experts, top_k = hf.get("num_local_experts", 1), hf.get("num_experts_per_tok", 1)
     hd = hf.get("head_dim") or d // hf["num_attention_heads"]
     q, kv = hf["num_attention_heads"] * hd, hf["num_key_value_heads"] * hd
-    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+    attention, mlp = [(d, q), (d, kv), (d, kv), (q, d)], [(d, f), (d, f), (f, d)]
     tables = 1 if hf.get("tie_word_embeddings") else 2  # the embedding, and the LM head
-    weights = layers * sum(i * o for i, o in shapes) + tables * vocab * d
+    per_layer = lambda fn, copies: sum(map(fn, attention)) + copies * sum(map(fn, mlp))  # noqa: E731
+    weights = layers * per_layer(lambda s: s[0] * s[1], experts) + tables * vocab * d
     base = (weights * (0.5 if nf4 else 2) + (2 * layers + 1) * d * 2) / n  # NF4: 4 bits
-    trained = layers * sum(rank * (i + o) for i, o in shapes) * 4 * 4 / n
+    trained = layers * per_layer(lambda s: rank * (s[0] + s[1]), experts) * 4 * 4 / n
     tokens = rows * length
-    outputs = sum(o for _, o in shapes)  # each projection's output, per token
+    outputs = per_layer(lambda s: s[1], top_k)  # each projection's output, per token
     saved = layers * tokens * (d + (outputs if remat == "projections" else 0)) * 2
-    layer = max(i * o for i, o in shapes) * 2 + tokens * outputs * 2 * 2
+    largest = max(max(i * o for i, o in attention), experts * max(i * o for i, o in mlp))
+    layer = largest * 2 + tokens * outputs * 2 * 2
     return base + trained + saved + layer + 1024 * vocab * 4 * 2
 
 

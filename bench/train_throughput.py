@@ -10,6 +10,9 @@ Llama-architecture checkpoint that transformers writes:
   `--adalora`     adds AdaLoRA (init rank r, target r/2, mid-schedule: a mask every step) on
                   both sides: lora_jax's step with lj.adalora_allocator and the penalty, and
                   peft eager with its orthogonal term and update_and_allocate
+  `--moe`         adds the shape as a Mixtral (8 experts of a quarter of the MLP's width,
+                  top-2) on both sides: lora_jax's step with LoRA on attention and every
+                  expert (grouped matmuls), peft eager with target_parameters on the experts
 Also printed: forward and value_and_grad times of the LoRA loss, XLA's FLOPs of the LoRA and
 full steps, and (`--memory-1b`) XLA's memory analysis of the LoRA step compiled for the
 Llama-3.2-1B shape at 8 x 2048 in bfloat16, from abstract inputs (nothing allocated).
@@ -46,6 +49,10 @@ RANK, ALPHA, LR = 16, 32.0, 1e-4
 # AdaLoRA's schedule on both sides: budget r -> r/2 per module over 1000 steps, a mask every
 # step, so the timed steps are mid-schedule (the allocator's every part runs).
 ADALORA = dict(target_rank=RANK // 2, total_steps=1000, tinit=0, tfinal=100, delta_t=1)
+# The MoE row: attention and every expert adapted (peft: target_parameters), the router not.
+MOE_EXPERTS, MOE_TOP_K = 8, 2
+ATTENTION = TARGETS[:4]
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def hf_config(size: str) -> dict:
@@ -54,6 +61,14 @@ def hf_config(size: str) -> dict:
                 hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=4096,
                 tie_word_embeddings=False)  # fmt: skip
+
+
+def moe_config(size: str) -> dict:
+    """The same shape as a Mixtral: MOE_EXPERTS experts of a quarter of the MLP's width each,
+    MOE_TOP_K a token (half the dense MLP's FLOPs a token, twice its weights)."""
+    config = dict(hf_config(size), model_type="mixtral", architectures=["MixtralForCausalLM"],
+                  num_local_experts=MOE_EXPERTS, num_experts_per_tok=MOE_TOP_K)  # fmt: skip
+    return dict(config, intermediate_size=config["intermediate_size"] // 4)
 
 
 def shape_parser(doc: str) -> argparse.ArgumentParser:
@@ -134,10 +149,13 @@ def lora_jax_worker(kind: str, ckpt: str, batch: int, seq: int, steps: int, dtyp
     from lora_jax.step import make_step
 
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    remat = train_remat() if kind in ("step", "adalora") else "none"  # "none": the default
+    stepped = kind in ("step", "adalora", "moe")  # through lora_jax.step.make_step
+    remat = train_remat() if stepped else "none"  # "none": the default
+    ckpt = os.path.join(ckpt, "moe") if kind == "moe" else ckpt
     model, params, _ = models.from_pretrained(ckpt, dt, remat=remat)
     ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, model.config.vocab_size)
-    config = lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=tuple(TARGETS))
+    targets = (*ATTENTION, "experts") if kind == "moe" else tuple(TARGETS)
+    config = lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=targets)
     tx, penalty = optax.adamw(LR), None
     if kind == "adalora":
         config = dataclasses.replace(config, adalora=lj.AdaLora(**ADALORA))
@@ -155,7 +173,7 @@ def lora_jax_worker(kind: str, ckpt: str, batch: int, seq: int, steps: int, dtyp
         apply = lj.lora_apply(model.apply, config)
         value = lambda a: mean_loss(apply, lj.combine(a, base))  # noqa: E731
     state = tx.init(trained)
-    if kind in ("step", "adalora"):
+    if stepped:
         step = make_step(lambda p, b, _: chunked_loss(apply, p, b), tx, penalty=penalty)
         compiled = step.lower(trained, state, base, {"input_ids": ids}, jnp.int32(0)).compile()
         # The step donates the adapter and state: feed each call the previous one's.
@@ -234,8 +252,17 @@ def peft_worker(kind: str, ckpt: str, batch: int, seq: int, steps: int, dtype: s
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    ckpt = os.path.join(ckpt, "moe") if kind == "moe" else ckpt
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=dt).to(device)
     lora = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0)
+    if kind == "moe":
+        lora = peft.LoraConfig(
+            r=RANK,
+            lora_alpha=ALPHA,
+            target_modules=ATTENTION,
+            target_parameters=EXPERT_PARAMETERS,
+            lora_dropout=0.0,
+        )
     if kind == "adalora":
         lora = peft.AdaLoraConfig(init_r=RANK, target_r=ADALORA["target_rank"],
                                   total_step=ADALORA["total_steps"], tfinal=ADALORA["tfinal"],
@@ -290,9 +317,12 @@ SIDES = {
     "peft compile": ("peft", "compile"),
     "lora_jax AdaLoRA": ("lora_jax", "adalora"),
     "peft AdaLoRA eager": ("peft", "adalora"),
+    "lora_jax MoE": ("lora_jax", "moe"),
+    "peft MoE eager": ("peft", "moe"),
 }
 OPTIONAL = {"peft compile": "compile", "lora_jax AdaLoRA": "adalora",
-            "peft AdaLoRA eager": "adalora"}  # fmt: skip
+            "peft AdaLoRA eager": "adalora", "lora_jax MoE": "moe",
+            "peft MoE eager": "moe"}  # fmt: skip
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -342,6 +372,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--compile", action="store_true", help="also peft under torch.compile")
     p.add_argument("--adalora", action="store_true", help="also AdaLoRA on both sides")
+    p.add_argument("--moe", action="store_true", help="also the shape as a Mixtral, both sides")
     p.add_argument("--memory-1b", action="store_true", help="XLA memory analysis, 1B shape")
     p.add_argument("--no-huge-pages", action="store_true", help="malloc in 4 KiB pages")
     p.add_argument("--cores", type=int, default=0,
@@ -375,6 +406,9 @@ def main() -> None:
         torch.manual_seed(0)
         config = transformers.LlamaConfig(**hf_config(args.size))
         transformers.LlamaForCausalLM(config).save_pretrained(tmp)
+        if args.moe:
+            moe = transformers.MixtralConfig(**moe_config(args.size))
+            transformers.MixtralForCausalLM(moe).save_pretrained(os.path.join(tmp, "moe"))
         args.ckpt = tmp
         results: dict[str, dict] = {}
         for _ in range(args.rounds):
@@ -416,6 +450,13 @@ def main() -> None:
         print(f"AdaLoRA (r {RANK} -> {ADALORA['target_rank']}, a mask every step): lora_jax "
               f"{ours_ada['step']:.3f} s, peft eager {peft_ada['step']:.3f} s "
               f"({peft_ada['step'] / ours_ada['step']:.2f}x)")  # fmt: skip
+    ours_moe, peft_moe = results.get("lora_jax MoE", {}), results.get("peft MoE eager", {})
+    if "step" in ours_moe and "step" in peft_moe:
+        moe = moe_config(args.size)
+        print(f"MoE (the shape as a Mixtral: {MOE_EXPERTS} experts of width "
+              f"{moe['intermediate_size']}, top-{MOE_TOP_K}; LoRA on attention and every "
+              f"expert): lora_jax {ours_moe['step']:.3f} s, peft eager {peft_moe['step']:.3f} s "
+              f"({peft_moe['step'] / ours_moe['step']:.2f}x)")  # fmt: skip
     api, peft_eager = results.get("lora_jax API", {}), results.get("peft eager", {})
     if "value_and_grad" in api:
         print(f"lora_jax LoRA: forward {api['forward']:.3f} s, value_and_grad "

@@ -33,6 +33,7 @@ from jax import lax
 
 from lora_jax import variants
 from lora_jax.config import LoraConfig
+from lora_jax.grouped import GroupedDense, grouped_dot
 from lora_jax.tree import (
     ADAPTER_LEAVES,
     KERNEL,
@@ -50,7 +51,7 @@ from lora_jax.tree import (
     sites,
 )
 
-FACTORED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
+FACTORED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, GroupedDense)
 NNX_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
 # Set while lora_apply / routed_apply run a model, so a model can tell a tree whose adapters
 # will be applied from one whose adapters it would silently ignore.
@@ -82,6 +83,7 @@ class Plan(NamedTuple):
     n_out: int  # kernel output axes
     low_rank: LowRank  # (x, A, B, precision) -> (x·A)·B
     trailing: bool  # the output axes come last in y (DoRA scales them by broadcasting)
+    groups: int = 0  # kernel axes before the inputs that the call indexes (a GroupedDense's)
 
 
 def _as_tuple(x: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -185,8 +187,21 @@ def _conv_plan(module: nn.Conv | nnx.Conv) -> Plan:
     return Plan(len(geometry["kernel_size"]) + 1, 1, low_rank, True)
 
 
+def _grouped_plan(args: tuple, kwargs: dict) -> Plan:
+    """A GroupedDense's kernel is (groups, in, out), each group's rows times its own kernel:
+    the update is two grouped products, (x·A_g)·B_g, each group with its own factors."""
+    sizes = args[1] if len(args) > 1 else kwargs.get("group_sizes")
+
+    def low_rank(x, a, b, precision):
+        return grouped_dot(grouped_dot(x, a, sizes, precision), b, sizes, precision)
+
+    return Plan(1, 1, low_rank, True, groups=1)
+
+
 def _plan(module: Any, args: tuple, kwargs: dict) -> Plan:
     """How a call of a supported Linen or NNX module contracts its kernel; ValueError for others."""
+    if isinstance(module, GroupedDense):
+        return _grouped_plan(args, kwargs)
     if isinstance(module, nn.Einsum | nnx.Einsum):
         spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
         return _einsum_plan(spec or module.einsum_str)
@@ -204,8 +219,9 @@ def _plan(module: Any, args: tuple, kwargs: dict) -> Plan:
     if isinstance(module, nn.Conv | nnx.Conv):
         return _conv_plan(module)
     raise ValueError(
-        f"{type(module).__name__} is not one of Dense, DenseGeneral, Einsum, Conv (Linen) or "
-        "Linear, LinearGeneral, Einsum, Conv (NNX); the factored forward does not cover it. "
+        f"{type(module).__name__} is not one of Dense, DenseGeneral, Einsum, Conv, GroupedDense "
+        "(Linen) or Linear, LinearGeneral, Einsum, Conv (NNX); the factored forward does not "
+        "cover it. "
         "Exclude the path, or merge (lj.merge) instead."
     )
 
@@ -280,10 +296,11 @@ def _routed(plan: Plan, x, a, b, precision, ids: jax.Array, block: int, path: st
 def _checked_rank(path: str, plan: Plan, module: Any, kernel: Any, a: Any, b: Any) -> int:
     """The adapter's rank, once its layout is known to fit this call of the module."""
     lead, a_in, _, rank = adapter_layout(path, kernel.shape, a.shape, b.shape)
-    if lead or a_in != plan.n_in:
+    if lead != plan.groups or a_in != plan.n_in:
         raise ValueError(
-            f"{path}: adapter made for {a_in} input axes (+{lead} stacked), but "
-            f"this {type(module).__name__} call contracts {plan.n_in}; was `layouts` right?"
+            f"{path}: adapter made for {a_in} input axes (+{lead} stacked), but this "
+            f"{type(module).__name__} call contracts {plan.n_in} (+{plan.groups} grouped); "
+            "was `layouts` right?"
         )
     return rank
 
@@ -326,9 +343,12 @@ def _factored_call(config: LoraConfig, next_fun, args, kwargs, context, adapter_
             "lj.lora_apply one adapter; this call gave "
             + ("lj.lora_apply a bank." if isinstance(a, Bank) else "lj.routed_apply one adapter.")
         )
-    if adapter_ids is not None and isinstance(module, nn.Einsum | nn.Conv):
+    if adapter_ids is not None and isinstance(module, nn.Einsum | nn.Conv | GroupedDense):
         raise ValueError(f"{path}: routing needs nn.Dense/DenseGeneral; this one is "
-                         f"nn.{type(module).__name__}.")  # fmt: skip
+                         f"{type(module).__name__}.")  # fmt: skip
+    if plan.groups and module.has_variable("params", LORA_M):
+        raise ValueError(f"{path}: DoRA on grouped (expert) kernels is not supported (nor in "
+                         "peft); adapt the experts with plain LoRA.")  # fmt: skip
     # A bank's scales are folded into its A blocks.
     scale = 1.0 if isinstance(a, Bank) else config.scale_for(path, rank)
     y = next_fun(*args, **kwargs)

@@ -30,6 +30,9 @@ ATTENTION_PATTERN = (
 # Module names treated as the output head, which "all-linear" leaves alone (as peft does):
 # adapting the head is rarely wanted and its vocabulary-sized kernel dominates the cost.
 HEAD_NAMES = ("lm_head", "classifier", "score", "head")
+# A mixture of experts' router (transformers: mlp.gate), which "all-linear" leaves alone too:
+# training the routing is a choice to make by name (targets "mlp/gate$").
+ROUTER_NAMES = ("gate", "router")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +105,12 @@ class LoraConfig:
     """What to adapt and how: rank r, scale alpha/r, targets as regexes over module paths.
 
     `targets` and `exclude` are regular expressions searched in the '/'-joined module path of
-    each kernel (e.g. "layers/attn/q_proj"), or the presets "all-linear" and "attention".
-    `rank_pattern` and `alpha_pattern` override rank and alpha per path (first matching regex
-    wins, as in peft). `modules_to_save` are regexes over full leaf paths (e.g. "classifier")
-    of params trained in full and saved with the adapter. `dropout` applies to the adapter's
+    each kernel (e.g. "layers/attn/q_proj"), or the presets "all-linear" (every kernel but
+    the output head and a mixture's router) and "attention"; "experts" names a mixture's
+    expert kernels (each expert its own factors). `rank_pattern` and `alpha_pattern`
+    override rank and alpha per path (first matching regex wins, as in peft).
+    `modules_to_save` are regexes over full leaf paths (e.g. "classifier") of params trained
+    in full and saved with the adapter. `dropout` applies to the adapter's
     input only when a "dropout" rng is given. `dtype` is the adapter params' dtype (float32
     when None, whatever the base's dtype).
     """
@@ -185,7 +190,8 @@ class LoraConfig:
 
 def _matches(target: str, path: str) -> bool:
     if target == ALL_LINEAR:
-        return not any(part in HEAD_NAMES for part in path.split("/"))
+        parts = path.split("/")
+        return not any(p in HEAD_NAMES for p in parts) and parts[-1] not in ROUTER_NAMES
     if target == ATTENTION:
         return re.search(ATTENTION_PATTERN, path) is not None
     return re.search(target, path) is not None

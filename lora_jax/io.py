@@ -180,9 +180,16 @@ def save_adapter(
     if not found:
         raise ValueError("save_adapter: the tree holds no lora_a/lora_b leaves.")
     for site in found:
-        if site.lead != int(naming.stacked(site.keys)):
-            raise ValueError(f"save_adapter: {site.path} has {site.lead} layer axes, but the "
-                             f"naming numbers layers under {naming.layers!r}.")  # fmt: skip
+        grouped = naming.expert(site.keys)
+        if site.lead != int(naming.stacked(site.keys)) + grouped:
+            raise ValueError(f"save_adapter: {site.path} has {site.lead} leading axes, but the "
+                             f"naming numbers layers under {naming.layers!r}"
+                             + (" and it holds experts." if grouped else "."))  # fmt: skip
+        if grouped and (config.adalora is not None or config.use_dora):
+            raise ValueError(
+                f"save_adapter: {site.path}: peft adapts experts "
+                "(target_parameters) with plain LoRA only, not DoRA or AdaLoRA."
+            )
     if config.init in BASE_MODIFYING_INITS and initial_adapter is not None:
         leads = {site.keys: site.lead for site in found}
         adapter, config = _relative_to_original(adapter, initial_adapter, config, leads)
@@ -193,13 +200,20 @@ def save_adapter(
                       "initial_adapter= (lj.split's adapter right after lj.init) to convert it.",
                       stacklevel=2)  # fmt: skip
     tensors: dict[str, jax.Array] = {}
-    adapted, ranks, alphas, kept = [], {}, {}, {}
+    adapted, parameters, ranks, alphas, kept = [], [], {}, {}, {}
     ada = config.adalora is not None
     for site in found:
-        module, stacked = site.keys, bool(site.lead)
+        module, stacked, grouped = site.keys, naming.stacked(site.keys), naming.expert(site.keys)
         a = flat[(*module, LORA_A)]
         rank = a.shape[-1]
         names = naming.modules(module, a.shape[0] if stacked else 1)
+        keys = [naming.pattern_key(module, n) for n in names]  # rank_pattern's, alpha_pattern's
+        if (parameter := naming.parameter(module)) is not None:  # peft's target_parameters
+            parameters.append(parameter)
+        if grouped:  # peft names the wrapper of each expert parameter, nested in their order
+            targeted = [p for p in naming.experts
+                        if any(s.keys == (*module[:-1], p) for s in found)]  # fmt: skip
+            names = [naming.peft_module(n, targeted) for n in names]
         # One entry per layer: unstacked leaves get a leading axis of one.
         present = [n for n in ADAPTER_LEAVES if (*module, n) in flat]
         layered = {n: flat[(*module, n)] if stacked else flat[(*module, n)][None] for n in present}
@@ -210,12 +224,12 @@ def save_adapter(
                 kept[f"{name}.{ADALORA_LEAVES[LORA_E]}"] = keep.tolist()
                 index = np.flatnonzero(keep)
             for leaf in present:
-                factor = _to_peft(leaf, layered[leaf][i], rank, conv)
+                factor = _to_peft(leaf, layered[leaf][i], rank, conv, grouped)
                 if ada:
                     factor = _pruned(leaf, factor, index, conv)
                 tensors[naming.peft_name(name, leaf, ada)] = jnp.asarray(factor)
-        adapted += names
-        ranks[_exact(names)], alphas[_exact(names)] = rank, config.alpha_for(site.path)
+        adapted += [] if parameter else names
+        ranks[_exact(keys)], alphas[_exact(keys)] = rank, config.alpha_for(site.path)
     full = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
     saved = []
     for name, tensor in naming.tensors(traverse_util.unflatten_dict(full)):
@@ -228,6 +242,7 @@ def save_adapter(
     base_flat = traverse_util.flatten_dict(base)
     layers = lambda k, s: s.shape[0] if naming.stacked(k) else 1  # noqa: E731
     kernel_modules = [n for k, s in base_flat.items() if k[-1] == KERNEL
+                      and naming.parameter(k[:-1]) is None
                       for n in naming.modules(k[:-1], layers(k, s))]  # fmt: skip
     base_names = [n for k, s in base_flat.items() for n in naming.names(k, layers(k, s))]
     peft_config = {
@@ -237,6 +252,7 @@ def save_adapter(
         "r": config.rank,
         "lora_alpha": config.alpha,
         "target_modules": _target_modules(adapted, kernel_modules),
+        "target_parameters": sorted(set(parameters)) or None,
         "rank_pattern": {k: r for k, r in ranks.items() if r != config.rank},
         "alpha_pattern": {k: a for k, a in alphas.items() if a != config.alpha},
         "modules_to_save": _saved_modules(saved, base_names),
@@ -279,11 +295,16 @@ def _pruned(leaf: str, factor: Any, index: np.ndarray, conv: int) -> Any:
     return factor.reshape(factor.shape[:2]) if leaf == LORA_B else factor.reshape(len(index), -1)
 
 
-def _to_peft(leaf: str, factor: Any, rank: int, conv: int) -> Any:
+def _to_peft(leaf: str, factor: Any, rank: int, conv: int, grouped: bool = False) -> Any:
     """One layer's factor as peft stores it: A (r, in), B (out, r), DoRA's magnitude (out,),
     several input or output axes flattened row-major as peft's Linear sees them; for a
     convolution of `conv` spatial axes A (r, in, *spatial), B (out, r, 1, ...), the
-    magnitude (1, out, 1, ...)."""
+    magnitude (1, out, 1, ...). Experts' (`grouped`, ours (E, in, r) and (E, r, out)) as
+    peft's ParamWrapper stacks them: A (E·r, in) expert-major, B (out, r·E) rank-major."""
+    if grouped:
+        if leaf == LORA_A:
+            return factor.transpose(0, 2, 1).reshape(-1, factor.shape[1])
+        return factor.transpose(2, 1, 0).reshape(factor.shape[2], -1)
     ones = (1,) * conv
     if leaf == LORA_A:
         return to_torch(factor) if conv else factor.reshape(-1, rank).T
@@ -294,9 +315,19 @@ def _to_peft(leaf: str, factor: Any, rank: int, conv: int) -> Any:
     return factor.reshape(1, -1, *ones) if conv else factor.reshape(-1)
 
 
-def _from_peft(name: str, leaf: str, tensor: np.ndarray) -> np.ndarray:
+def _from_peft(name: str, leaf: str, tensor: np.ndarray, rank: int = 0) -> np.ndarray:
     """`_to_peft` inverted: A (.., in, r), B (r, out), the magnitude (out,); a convolution's
-    factors are told by their extra axes."""
+    factors are told by their extra axes; experts' (a `rank` given) are (E, in, r) and
+    (E, r, out), E from the stacked axis's size over the rank."""
+    if rank:
+        if tensor.ndim != 2 or tensor.shape[leaf == LORA_B] % rank:
+            raise ValueError(
+                f"{name}: shape {tensor.shape}; an expert parameter's lora_A is "
+                f"(E·r, in), lora_B (out, E·r) with r = {rank}."
+            )
+        if leaf == LORA_A:
+            return tensor.reshape(-1, rank, tensor.shape[1]).transpose(0, 2, 1)
+        return tensor.reshape(tensor.shape[0], rank, -1).transpose(2, 1, 0)
     if leaf == LORA_A:
         return from_torch(tensor)
     if leaf == LORA_B and tensor.ndim > 2 and any(n != 1 for n in tensor.shape[2:]):
@@ -305,10 +336,14 @@ def _from_peft(name: str, leaf: str, tensor: np.ndarray) -> np.ndarray:
     return tensor.reshape(tensor.shape[:2]).T if leaf == LORA_B else tensor.reshape(-1)
 
 
-def _peft_factor(name: str, leaf: str, module: str, tensor: np.ndarray, peft_config: dict) -> Any:
-    """`_from_peft`, and for an AdaLoRA file the pruned ranks put back as zeros where its
-    rank_pattern says, so every layer has init_r ranks again (as in training)."""
-    factor = _from_peft(name, leaf, tensor)
+def _peft_factor(
+    name: str, leaf: str, module: str, tensor: np.ndarray, peft_config: dict, grouped: bool
+) -> Any:
+    """`_from_peft` (`grouped`: an expert parameter's, of the rank the file gives the module),
+    and for an AdaLoRA file the pruned ranks put back as zeros where its rank_pattern says,
+    so every layer has init_r ranks again (as in training)."""
+    rank = grouped and _peft_value(peft_config.get("rank_pattern") or {}, module, peft_config["r"])
+    factor = _from_peft(name, leaf, tensor, rank)
     if peft_config.get("peft_type") != ADALORA:
         return factor
     rank = peft_config["init_r"]
@@ -376,11 +411,14 @@ def _file_naming(
     hf_config: dict[str, Any] | None,
 ) -> Naming:
     """The Naming to read a file by: the zoo's for `hf_config`, else `naming`, else the one
-    its tensor names imply, checked against the file's own fan_in_fan_out."""
+    its tensor names and target_parameters imply, checked against the file's own
+    fan_in_fan_out."""
     fan_in_fan_out = bool(peft_config.get("fan_in_fan_out"))
     naming = naming_of(hf_config) if hf_config is not None else naming
-    if naming is None:
-        return Naming.implied(tensors, fan_in_fan_out=fan_in_fan_out)
+    if naming is None:  # bare weights peft adapted as parameters: a MoE router's
+        parameters = peft_config.get("target_parameters") or ()
+        bare = {p.split(".")[-2] for p in parameters if p.count(".") and p.endswith(".weight")}
+        return Naming.implied(tensors, fan_in_fan_out=fan_in_fan_out, bare=tuple(sorted(bare)))
     if naming.fan_in_fan_out != fan_in_fan_out:
         raise ValueError(f"{directory}/adapter_config.json: fan_in_fan_out is {fan_in_fan_out}, "
                          f"but the naming given has {naming.fan_in_fan_out}: an adapter for "
@@ -437,45 +475,51 @@ def _adalora_spec(peft_config: dict[str, Any]) -> AdaLora:
 
 def _fit_factor(
     name: str, keys: tuple, layer: int | None, factor: np.ndarray, base: dict,
-    layouts: Layouts | None,
+    layouts: Layouts | None, grouped: bool,
 ) -> np.ndarray:  # fmt: skip
     """peft's A (in, r), B (r, out) or DoRA magnitude (out,) of the leaf at `keys` (from
     `_from_peft`), checked against the base kernel before anything is stacked or attached,
     and shaped like it: a kernel of several input or output axes (DenseGeneral,
     LinearGeneral) has them flattened row-major in peft's Linear; a convolution's A comes
-    as (*spatial, in, r)."""
+    as (*spatial, in, r); experts' (`grouped`) have the experts' axis first."""
     module, leaf = keys[:-1], keys[-1]
     path = path_str(keys)
     if (*module, KERNEL) not in base:
         raise ValueError(f"{name} ({path}): the base has no kernel at {path_str(module)}.")
     shape = tuple(base[(*module, KERNEL)].shape)
     try:
-        lead, n_in, _ = kernel_layout(path_str(module), shape, layouts, int(layer is not None))
+        stacked = int(layer is not None) + grouped
+        lead, n_in, _ = kernel_layout(path_str(module), shape, layouts, stacked)
     except ValueError as err:
         raise ValueError(f"{name} ({path}): {err}") from None
+    groups = shape[lead - 1 : lead] if grouped else ()
+    if grouped and factor.shape[:1] != groups:
+        raise ValueError(
+            f"{name} ({path}): {factor.shape[0]} experts' factors, but the base "
+            f"kernel {shape} holds {groups[0]}."
+        )
     ins, outs = shape[lead : lead + n_in], shape[lead + n_in :]
     want, form = {
         LORA_A: ((math.prod(ins), None), "(in, r)"),
         LORA_B: ((None, math.prod(outs)), "(r, out)"),
         LORA_E: ((None,), "(r,)"),
     }.get(leaf, ((math.prod(outs),), "(out,)"))
-    if leaf == LORA_A and factor.ndim > 2:
+    if leaf == LORA_A and factor.ndim - len(groups) > 2:
         want, form = (*ins, None), "(*spatial, in, r), a convolution's"
     elif (leaf == LORA_A and factor.shape[0] == math.prod(ins)
           and isinstance((layouts or {}).get(path_str(module)), ConvLayout)):  # fmt: skip
         # AdaLoRA's SVDConv2d: A (r, in·kh·kw), its columns in torch's (in, *spatial) order
         factor = np.moveaxis(factor.reshape(ins[-1], *ins[:-1], -1), 0, -2)
         want, form = (*ins, None), "(*spatial, in, r), a convolution's"
-    if factor.ndim != len(want) or any(
-        w not in (None, n) for w, n in zip(want, factor.shape, strict=True)
-    ):
+    each = factor.shape[len(groups) :]  # one expert's
+    if len(each) != len(want) or any(w not in (None, n) for w, n in zip(want, each, strict=True)):
         raise ValueError(f"{name} ({path}): shape {factor.shape} does not fit the base kernel "
                          f"{shape[lead:]} (expected {form}).")  # fmt: skip
     if leaf == LORA_A:
-        return factor.reshape(*ins, -1)
+        return factor.reshape(*groups, *ins, -1)
     if leaf == LORA_E:
         return factor
-    return factor.reshape(-1, *outs) if leaf == LORA_B else factor.reshape(outs)
+    return factor.reshape(*groups, -1, *outs) if leaf == LORA_B else factor.reshape(outs)
 
 
 def _stack(per_layer: dict[int | None, np.ndarray], what: str) -> np.ndarray:
@@ -510,6 +554,7 @@ def load_adapter(
     directory = Path(directory)
     tensors, peft_config = _peft_files(directory)
     naming = _file_naming(directory, tensors, peft_config, naming, hf_config)
+    targeted = naming.targeted(peft_config.get("target_parameters") or ())
     base = traverse_util.flatten_dict(_params(base_params))
     known: dict[tuple, set[str]] = {}  # the base's modules and their leaves
     for keys in base:
@@ -519,12 +564,15 @@ def load_adapter(
     full: dict[tuple, dict] = {}  # leaf -> layer -> array
     saved = peft_config.get("modules_to_save") or []
     for name, tensor in tensors.items():
-        keys, layer, module_name = naming.peft_entry(name, known)
+        keys, layer, module_name = naming.peft_entry(name, known, targeted)
         if keys[-1] in ADAPTER_LEAVES:
-            factor = _peft_factor(name, keys[-1], module_name, tensor, peft_config)
-            factor = _fit_factor(name, keys, layer, factor, base, layouts)
+            grouped = naming.expert(keys[:-1])
+            factor = _peft_factor(name, keys[-1], module_name, tensor, peft_config, grouped)
+            factor = _fit_factor(name, keys, layer, factor, base, layouts, grouped)
             lora.setdefault(keys[:-1], {}).setdefault(keys[-1], {})[layer] = factor
-            dotted.setdefault(path_str(keys[:-1]), set()).add(module_name)
+            dotted.setdefault(path_str(keys[:-1]), set()).add(
+                naming.pattern_key(keys[:-1], module_name)
+            )
             continue
         if not any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", module_name) for m in saved):
             raise ValueError(f"{directory}: {name} is a full tensor of {module_name}, which "
@@ -554,14 +602,18 @@ def read_adapter(
     directory = Path(directory)
     tensors, peft_config = _peft_files(directory)
     naming = _file_naming(directory, tensors, peft_config, naming, hf_config)
+    targeted = naming.targeted(peft_config.get("target_parameters") or ())
     lora: dict[tuple, dict[str, dict]] = {}
     dotted: dict[str, set[str]] = {}
     for name, tensor in tensors.items():
-        keys, layer, module_name = naming.peft_entry(name)
+        keys, layer, module_name = naming.peft_entry(name, targeted=targeted)
         if keys[-1] in ADAPTER_LEAVES:
-            factor = _peft_factor(name, keys[-1], module_name, tensor, peft_config)
+            grouped = naming.expert(keys[:-1])
+            factor = _peft_factor(name, keys[-1], module_name, tensor, peft_config, grouped)
             lora.setdefault(keys[:-1], {}).setdefault(keys[-1], {})[layer] = factor
-            dotted.setdefault(path_str(keys[:-1]), set()).add(module_name)
+            dotted.setdefault(path_str(keys[:-1]), set()).add(
+                naming.pattern_key(keys[:-1], module_name)
+            )
     if not lora:
         raise ValueError(f"{directory}: the file holds no lora_A/lora_B tensors.")
     flat, config = _assemble(lora, dotted, {}, peft_config)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
@@ -33,6 +34,7 @@ from lora_jax.apply import kernel_layouts, lora_apply
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.config import LOFTQ, LoraConfig
 from lora_jax.launch import Stopped
+from lora_jax.models import moe
 from lora_jax.models.options import DTYPES
 from lora_jax.quant import loftq, quantize
 from lora_jax.rundir import RunDir
@@ -49,7 +51,7 @@ from lora_jax.step import (
     opt_state_shardings,
 )
 from lora_jax.tasks import TASKS, Task
-from lora_jax.tree import combine, init, sites, split
+from lora_jax.tree import as_dict, combine, init, sites, split
 from lora_jax.variants import BASE_MODIFYING_INITS
 
 
@@ -204,6 +206,14 @@ class Setup:
         """The model's apply with the adapters run factored (`lj.lora_apply`)."""
         return lora_apply(self.model.apply, self.lora)
 
+    @functools.cached_property
+    def router_aux(self) -> float:
+        """The checkpoint's router_aux_loss_coef where the run trains a mixture's router (a
+        LoRA target or saved in full), else 0: the step then adds the load-balancing loss."""
+        coef = getattr(self.model.config, "router_aux_loss_coef", 0.0)
+        keys = traverse_util.flatten_dict(as_dict(self.adapter))
+        return coef if any(len(k) > 1 and k[-2] == moe.ROUTER for k in keys) else 0.0
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Run(Setup):
@@ -282,6 +292,27 @@ def loss_terms(run: Setup, params: Any, batch: Mapping[str, jax.Array], rngs: An
     return run.task.loss_terms(run.apply, params, batch, rngs)
 
 
+def with_router_loss(run: Setup, params: Any, batch: Mapping[str, jax.Array], rngs: Any):
+    """(summed loss, count) with the router's load-balancing loss (`moe.load_balancing_loss`,
+    over every layer's real tokens) added to the mean at the checkpoint's
+    router_aux_loss_coef, as transformers adds it; the decoder's router logits come from the
+    task's own forward (sown, not recomputed)."""
+    sown = []
+
+    def apply(*args: Any, method: str | None = None, **kwargs: Any) -> Any:
+        if method == "head":  # the LM head holds no router
+            return run.apply(*args, method=method, **kwargs)
+        out, state = run.apply(*args, method=method, mutable=["intermediates"], **kwargs)
+        sown.append(state["intermediates"])
+        return out
+
+    total, count, _ = run.task.loss_terms(apply, params, batch, rngs)
+    logits = moe.sown_router_logits(sown[0])
+    real = batch["attention_mask"].reshape(-1) > 0
+    aux = moe.load_balancing_loss(logits, run.model.config.experts_per_token, real)
+    return total + run.router_aux * aux * count, count
+
+
 def run_tx(run: Setup, head_only: bool) -> optax.GradientTransformation:
     """The run's AdamW, with the LoRA factors frozen in the head-only phase (same state),
     then AdaLoRA's rank allocation where lora.adalora is set."""
@@ -304,7 +335,9 @@ def make_train_step(run: Setup, tx: optax.GradientTransformation, shardings: Ste
     train, lr = run.config.train, schedule(run.config.train)
 
     def loss(params, batch, rngs):
-        return loss_terms(run, params, batch, rngs)[:2]
+        if not run.router_aux:
+            return loss_terms(run, params, batch, rngs)[:2]
+        return with_router_loss(run, params, batch, rngs)
 
     def metrics(batch, step):
         return {"lr": lr(step), "tokens": jnp.sum(batch["attention_mask"] > 0)}
@@ -475,6 +508,9 @@ def _train(run: Run, resume: bool, log: Callable, stop: _Stop) -> dict:
         log(f"resumed from step {start} ({out / 'checkpoints'})")
     writer = Writer(out, start, enabled=main)
     steps = {f: make_train_step(run, tx, shardings) for f, tx in txs.items()}
+    if run.router_aux:
+        log(f"the router is trained: the loss adds its load-balancing loss x {run.router_aux:g} "
+            "(router_aux_loss_coef)")  # fmt: skip
     if start == 0 and run.task.reports_probe:
         log(f"eval before training: {_fmt(evaluate(run, adapter))}")
     bar = writer.progress(start, train_cfg.steps)

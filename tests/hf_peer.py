@@ -19,7 +19,9 @@ GEMMA = dict(num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_att
 # and an untied head; Qwen3's q/k norms and a window on its second layer only; Gemma's
 # (1 + w) norms, scaled embeddings and GeGLU; Gemma 2's soft-capping and alternating
 # windows; Gemma 3's q/k norms and local RoPE base beside a scaled global one; Phi-3's
-# fused qkv_proj and gate_up_proj, partial rotary and window; GPT-2's
+# fused qkv_proj and gate_up_proj, partial rotary and window; Mixtral's and Qwen3-MoE's
+# experts: an odd number (5), top-2, Mixtral's renormalised weights and Qwen3-MoE's raw ones,
+# a router initialised wide (0.2) so that no two experts' probabilities nearly tie; GPT-2's
 # Conv1D; BERT's pooler and its classifier; RoBERTa's positions and head.
 PEERS = {
     "llama": (tf.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True,
@@ -50,6 +52,13 @@ PEERS = {
                            rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                             "partial_rotary_factor": 0.5}),
              tf.Phi3ForCausalLM),
+    "mixtral": (tf.MixtralConfig(**SMALL, num_key_value_heads=2, num_local_experts=5,
+                                 num_experts_per_tok=2, initializer_range=0.2),
+                tf.MixtralForCausalLM),
+    "qwen3_moe": (tf.Qwen3MoeConfig(**SMALL, num_key_value_heads=2, head_dim=16, num_experts=5,
+                                    num_experts_per_tok=2, moe_intermediate_size=24,
+                                    norm_topk_prob=False, initializer_range=0.2),
+                  tf.Qwen3MoeForCausalLM),
     "gpt2": (tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                            bos_token_id=0, eos_token_id=0), tf.GPT2LMHeadModel),
     "bert": (tf.BertConfig(**SMALL), tf.BertModel),

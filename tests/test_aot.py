@@ -130,3 +130,20 @@ def test_search_finds_the_largest_micro_batch_that_fits(tmp_path):
     best, tried = aot.search(config, deep, "v5e:2x2", policies=("none",), log=lambda _: None)
     assert [(r.micro_batch // 4, r.fits) for r in tried] == [(1, True), (2, True), (4, False)]
     assert best == tried[1] and best.remat == "none" and best.tokens_per_chip == 2 * 4096
+
+
+def test_a_mixture_of_experts_step_compiles_for_tpu(tmp_path):
+    """A Mixtral's LoRA step, every expert adapted inside the grouped matmuls
+    (jax.lax.ragged_dot) and the router trained with its load-balancing loss, compiles for a
+    v5e slice (the 8x7B config's row is in bench/RESULTS.md)."""
+    moe = dict(SMALL, model_type="mixtral", architectures=["MixtralForCausalLM"],
+               num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02)  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(moe))
+    done = compile_cli(tmp_path, "v5e:2x2", **{
+        "data.max_length": 256, "train.batch_size": 8,
+        "lora.targets": '["attention", "experts", "mlp/gate$"]',
+        "lora.rank_pattern": '{"mlp/gate": 4}'})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    report = json.loads(done.stdout)
+    assert report["fits"] is True and report["chips"] == 4

@@ -19,7 +19,7 @@ from lora_jax import cli, compose, models
 PROMPTS = np.random.RandomState(1).randint(3, 96, (3, 6))
 NEW = 10
 # Mistral, Qwen3, Gemma 2 and 3 (4) and Phi-3 (5) have windows the prompts (6 tokens) cross.
-GREEDY = ["llama", "gpt2", "mistral", "qwen3", "gemma2", "gemma3", "phi3"]
+GREEDY = ["llama", "gpt2", "mistral", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"]
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +75,21 @@ def test_greedy_matches_transformers(lively, name):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+ADAPTED = {  # peft's targets: modules, and a mixture's expert parameters
+    "llama": dict(target_modules=["q_proj", "v_proj", "up_proj"]),
+    "gpt2": dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    "mixtral": dict(
+        target_modules=["v_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTED))
 def test_greedy_with_an_adapter_matches_peft(lively, name, tmp_path):
     torch.manual_seed(1)
-    modules = ["q_proj", "v_proj", "up_proj"] if name == "llama" else ["c_attn", "c_fc"]
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=modules, init_lora_weights=False,
-                          fan_in_fan_out=name == "gpt2", task_type="CAUSAL_LM")  # fmt: skip
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
+                          **ADAPTED[name])  # fmt: skip
     peer = peft.get_peft_model(PEERS[name][1].from_pretrained(lively / name), cfg).eval()
     peer.save_pretrained(tmp_path)
     want = hf_generate(peer, PROMPTS)

@@ -24,7 +24,8 @@ LABELS = np.array([0, 2])
 
 # name -> (LoraConfig for our side, peft LoraConfig kwargs for theirs). Together they cover
 # rank/alpha patterns, a regex target (GPT-2's attn/c_proj but not mlp/c_proj, with
-# fan_in_fan_out), fused projections (Phi-3), and a classification head trained in full.
+# fan_in_fan_out), fused projections (Phi-3), experts (peft's target_parameters: both of
+# Mixtral's, nested, and one of Qwen3-MoE's) and a classification head trained in full.
 CASES = {
     "llama": (
         lj.LoraConfig(rank=4, alpha=8.0, targets=("all-linear",), rank_pattern={"v_proj": 2},
@@ -55,6 +56,17 @@ CASES = {
     "phi3": (
         lj.LoraConfig(rank=4, alpha=8.0, targets=("qkv_proj", "gate_up_proj")),
         dict(target_modules=["qkv_proj", "gate_up_proj", "o_proj"]),
+    ),
+    "mixtral": (
+        lj.LoraConfig(rank=4, alpha=8.0, targets=("attention", "experts"),
+                      rank_pattern={"experts/down_proj": 2}, alpha_pattern={"gate_up_proj": 4.0}),
+        dict(target_modules=["q_proj", "v_proj"],
+             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+             rank_pattern={"mlp.experts.down_proj": 2}, alpha_pattern={"gate_up_proj": 4}),
+    ),
+    "qwen3_moe": (
+        lj.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "experts/down_proj")),
+        dict(target_modules=["k_proj"], target_parameters=["mlp.experts.down_proj"]),
     ),
     "roberta": (
         lj.LoraConfig(rank=8, alpha=16.0, targets=("query", "value"),
@@ -171,7 +183,9 @@ def test_peft_adapter_loads_with_equal_logits(checkpoints, peft_adapter, name):
     assert np.abs(ours - base).max() > 10 * 1e-4 * scale
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize(
+    "name", ["llama", "gpt2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe"]
+)
 def test_cli_merge_matches_peft_merge_and_unload(checkpoints, peft_adapter, name, tmp_path):
     peer, directory = peft_adapter(name)
     out = tmp_path / "merged"

@@ -110,7 +110,7 @@ def scanned(
         block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return nn.scan(
         block,
-        variable_axes={"params": 0, "cache": 0},
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * broadcast + (0,) * per_layer,
         length=length,

@@ -26,7 +26,8 @@ from lora_jax.files import atomic_dir, check_finite, read_json
 from lora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from lora_jax.models.naming import Naming
+from lora_jax.models.moe import ROUTER
+from lora_jax.models.naming import TRANSFORMERS_EXPERTS, ExpertFiles, Naming
 from lora_jax.sharding import Rules
 
 TOKENIZER_FILES = (
@@ -77,9 +78,18 @@ class Family:
     rules: Rules = SHARDING_RULES
 
 
-def _llama(arch: str) -> Family:
+def _llama(arch: str, files: ExpertFiles | None = None) -> Family:
     archs = {arch: LlamaForCausalLM}
-    return Family(LlamaConfig, archs, Naming("layers"), buffers=r"rotary_emb\.inv_freq$")
+    moe = {"experts": TRANSFORMERS_EXPERTS, "bare": (ROUTER,), "files": files} if files else {}
+    naming = Naming("layers", **moe)
+    return Family(LlamaConfig, archs, naming, buffers=r"rotary_emb\.inv_freq$")
+
+
+# How checkpoint files name a mixture's experts.
+MIXTRAL_FILES = ExpertFiles("block_sparse_moe", (("gate_up_proj", ("w1", "w3")),
+                                                  ("down_proj", ("w2",))))  # fmt: skip
+QWEN_MOE_FILES = ExpertFiles("mlp", (("gate_up_proj", ("gate_proj", "up_proj")),
+                                     ("down_proj", ("down_proj",))))  # fmt: skip
 
 
 def _bert(prefix: str) -> Family:
@@ -99,6 +109,8 @@ FAMILIES = {
     "gemma2": _llama("Gemma2ForCausalLM"),
     "gemma3_text": _llama("Gemma3ForCausalLM"),
     "phi3": _llama("Phi3ForCausalLM"),
+    "mixtral": _llama("MixtralForCausalLM", MIXTRAL_FILES),
+    "qwen3_moe": _llama("Qwen3MoeForCausalLM", QWEN_MOE_FILES),
     "gpt2": Family(
         GPT2Config,
         {"GPT2LMHeadModel": GPT2LMHeadModel},
@@ -211,15 +223,15 @@ def load_params(
         if new_head and names[0] not in checkpoint.files:  # a bare encoder: no "bert." prefix
             names = names_of(keys[1:], spec.shape[0])
         stacked = family.naming.stacked(keys)
-        used.update(n for n in names if n in checkpoint.files)
-        if absent := [n for n in names if n not in checkpoint.files]:
+        want = spec.shape[1:] if stacked else spec.shape
+        found = [_read(checkpoint, family.naming.files, name, want[0]) for name in names]
+        used.update(file for f in found if f is not None for file in f[1])
+        if absent := [n for n, f in zip(names, found, strict=True) if f is None]:
             missing += absent
             continue
         arrays = []
-        for name in names:
-            array = checkpoint.get(name)
+        for name, (array, _) in zip(names, found, strict=True):
             array = family.naming.our_layout(keys, array)
-            want = spec.shape[1:] if stacked else spec.shape
             if array.shape != want:
                 raise ValueError(
                     f"{name}: checkpoint shape {array.shape} (after layout change) "
@@ -235,6 +247,24 @@ def load_params(
             f"{missing}, unexpected tensors {unexpected}."
         )
     return traverse_util.unflatten_dict(params)
+
+
+def _read(
+    checkpoint: _Checkpoint, files: ExpertFiles | None, name: str, experts: int
+) -> tuple[np.ndarray, list[str]] | None:
+    """(torch's tensor `name`, the file entries it came from), or None where absent: as the
+    checkpoint holds it, or as its files name it (`ExpertFiles`: an expert parameter
+    assembled from each expert's parts)."""
+    if name in checkpoint.files:
+        return checkpoint.get(name), [name]
+    sources = files and files.sources(name, experts)
+    if files is None or sources is None:
+        renamed = files.renamed(name) if files else None
+        return (checkpoint.get(renamed), [renamed]) if renamed in checkpoint.files else None
+    if any(n not in checkpoint.files for part in sources for n in part):
+        return None
+    parts = [np.stack([checkpoint.get(n) for n in part]) for part in sources]
+    return np.concatenate(parts, axis=1), [n for part in sources for n in part]
 
 
 def checkpoint_dir(path_or_repo_id: str | Path, patterns: list[str] | None = None) -> Path:
@@ -358,7 +388,7 @@ def save_pretrained(
     """
     family, _ = family_of(hf_config)
     tree = params.get("params", params)
-    tensors = {name: jnp.array(t, copy=True) for name, t in family.naming.tensors(tree)}
+    tensors = {name: jnp.array(t, copy=True) for name, t in _file_tensors(family.naming, tree)}
     dtypes = {str(t.dtype) for t in tensors.values()}
     config = dict(hf_config, dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
     check_finite(tensors, out_dir)
@@ -369,6 +399,12 @@ def save_pretrained(
             if (Path(copy_from) / name).exists():
                 shutil.copy(Path(copy_from) / name, tmp / name)
     return Path(out_dir)
+
+
+def _file_tensors(naming: Naming, tree: dict[str, Any]) -> Iterator[tuple[str, jax.Array]]:
+    """The tensors a checkpoint file holds, named as transformers writes them."""
+    for name, tensor in naming.tensors(tree):
+        yield from naming.files.split(name, tensor) if naming.files else [(name, tensor)]
 
 
 def random_checkpoint(

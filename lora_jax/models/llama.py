@@ -1,11 +1,12 @@
-"""Llama 2/3, Mistral, Qwen2/3, Gemma 1/2/3 and Phi-3 decoders, named like Hugging Face's
-modules.
+"""Llama 2/3, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, Mixtral and Qwen3-MoE decoders, named
+like Hugging Face's modules.
 
 One module tree serves them all: Qwen2 adds q/k/v biases, Mistral a sliding attention window,
 Llama 3 its rope scaling, Qwen3 per-head q/k norms, Phi-3 fused projections and partial
-rotary; Gemma its (1 + w) norms and scaled embeddings, Gemma 2/3 norms around each
-sublayer, soft-capping and local layers alternating with global ones (a per-layer flag
-scanned with the layers, not a second stack). Params mirror transformers' names
+rotary, Mixtral and Qwen3-MoE a mixture of experts in place of the MLP (`moe`); Gemma its
+(1 + w) norms and scaled embeddings, Gemma 2/3 norms around each sublayer, soft-capping and
+local layers alternating with global ones (a per-layer flag scanned with the layers, not a
+second stack). Params mirror transformers' names
 (model/layers/self_attn/q_proj, ...), with the layers stacked by nn.scan along a leading
 axis.
 """
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models import common
+from lora_jax.models import common, moe
 from lora_jax.sharding import constrain_batch
 
 
@@ -60,6 +61,18 @@ class LlamaConfig:
     query_pre_attn_scalar: float | None = None  # Gemma 2/3: scores scaled by its -1/2 power
     attn_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(score / cap)
     final_logit_softcapping: float | None = None
+    # Mixtral, Qwen3-MoE: a sparse mixture of experts in place of every layer's MLP.
+    num_experts: int = 0
+    experts_per_token: int = 2
+    moe_intermediate_size: int | None = None  # each expert's (default: intermediate_size)
+    norm_topk_prob: bool = True  # the top-k routing weights renormalised to sum 1
+    float32_routing: bool = True  # Mixtral keeps routing weights in float32, Qwen3-MoE casts
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight, when trained
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """Each expert's feed-forward width."""
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def max_positions(self) -> int:
@@ -93,6 +106,7 @@ class LlamaConfig:
                              f"num_key_value_heads ({kv_heads}).")  # fmt: skip
         window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         gemma2, gemma3 = kind == "gemma2", kind == "gemma3_text"
+        experts = _experts(hf)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -122,13 +136,40 @@ class LlamaConfig:
                 "rope_theta", hf.get("rope_local_base_freq", 10000.0 if gemma3 else None)),
             hidden_act=(hf.get("hidden_activation") if gemma2 or gemma3 else None)
             or hf.get("hidden_act", "silu"),
-            qk_norm=kind in ("qwen3", "gemma3_text"),
+            qk_norm=kind in ("qwen3", "qwen3_moe", "gemma3_text"),
             gemma=kind.startswith("gemma"),
             sandwich_norms=gemma2 or gemma3,
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if gemma2 or gemma3 else None,
             attn_logit_softcapping=hf.get("attn_logit_softcapping") if gemma2 else None,
             final_logit_softcapping=hf.get("final_logit_softcapping"),
+            num_experts=experts,
+            experts_per_token=hf.get("num_experts_per_tok", 2),
+            moe_intermediate_size=hf.get("moe_intermediate_size"),
+            norm_topk_prob=hf.get("norm_topk_prob", kind == "mixtral"),
+            float32_routing=kind == "mixtral",
+            router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.0) if experts else 0.0,
         )  # fmt: skip
+
+
+def _experts(hf: dict[str, Any]) -> int:
+    """How many experts each layer's MoE block holds (0: a dense MLP), refusing what one
+    scanned stack of layers cannot hold: Qwen3-MoE's dense layers among sparse ones."""
+    kind = hf.get("model_type")
+    if kind not in ("mixtral", "qwen3_moe"):
+        return 0
+    count = hf.get("num_local_experts") or hf.get("num_experts")
+    if not count or hf.get("num_experts_per_tok", 2) > count:
+        raise ValueError(
+            f"{kind}: num_local_experts={count}, num_experts_per_tok="
+            f"{hf.get('num_experts_per_tok')}; a MoE needs top-k <= experts."
+        )
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        raise ValueError(
+            f"{kind}: mlp_only_layers={hf.get('mlp_only_layers')}, "
+            f"decoder_sparse_step={hf.get('decoder_sparse_step')}: dense layers "
+            "among the sparse ones are not supported (every layer must be a MoE)."
+        )
+    return count
 
 
 def _local_layers(hf: dict[str, Any]) -> tuple[bool, ...]:
@@ -262,7 +303,7 @@ class LlamaDecoderLayer(common.Layer):
     def __call__(self, x, padding, positions, local):
         c = self.config
         attn = LlamaAttention(c, self.dtype, self.attention_impl, name="self_attn")
-        mlp = LlamaMLP(c, self.dtype, name="mlp")
+        mlp = (moe.SparseMoe if c.num_experts else LlamaMLP)(c, self.dtype, name="mlp")
         x = constrain_batch(x)  # the carry between scanned layers: each chip its own rows
         h = attn(norm(c, self.dtype, "input_layernorm")(x), padding, positions, local)
         if not c.sandwich_norms:

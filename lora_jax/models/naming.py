@@ -5,11 +5,17 @@ by ".", the layer index put back after the key that numbers a scanned stack (its
 `weight` <-> kernel (transposed, unless `fan_in_fan_out`; a convolution's (*spatial, in,
 out) <-> (out, in, *spatial)) / scale / embedding, `bias` <-> bias. peft's adapter files add
 a prefix and its factors' names (`lora_A.weight`, ...).
+
+A mixture of experts' kernels are torch parameters of its `experts` module, (E, out, in),
+named after our module (`mlp.experts.gate_up_proj`); peft adapts them as
+`target_parameters`, one wrapper module per parameter nested in the parameters' order. The
+per-expert tensors checkpoint files hold instead (`experts.{e}.w1.weight`) are `ExpertFiles`'.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -25,6 +31,10 @@ PEFT_PREFIX = "base_model.model."
 PEFT_LEAVES = {LORA_A: "lora_A.weight", LORA_B: "lora_B.weight", LORA_M: "lora_magnitude_vector"}
 # AdaLoRA's (peft_type ADALORA): its factors are bare parameters, not Linear modules.
 ADALORA_LEAVES = {LORA_A: "lora_A", LORA_B: "lora_B", LORA_E: "lora_E"}
+EXPERTS = "experts"  # the key of the module that holds a mixture's stacked expert kernels
+# The parameters transformers' experts modules (Mixtral, Qwen3-MoE, ...) define, in order.
+TRANSFORMERS_EXPERTS = ("gate_up_proj", "down_proj")
+WRAPPED = ".base_layer"  # peft's name for the module a wrapper wraps
 
 
 def to_torch(array: Any) -> Any:
@@ -57,18 +67,29 @@ class Naming:
     layers: str | None = None  # the key under which torch numbers its layers
     fan_in_fan_out: bool = False  # kernels stored (in, out), as GPT-2's Conv1D does
     task_type: str | None = None  # peft's task_type, written in adapter_config.json
+    # The parameters of an `experts` module (our modules of that name's children), in the
+    # order torch's module defines them: peft nests its wrappers of them in that order.
+    experts: tuple[str, ...] = ()
+    # Modules torch holds as a bare weight parameter, not a Linear (a MoE router: mlp.gate),
+    # which peft adapts through target_parameters ("mlp.gate.weight").
+    bare: tuple[str, ...] = ()
+    files: ExpertFiles | None = None  # how checkpoint files name the experts, if not as torch
 
     @classmethod
     def implied(cls, names: Iterable[str], **fields: Any) -> Naming:
         """The Naming torch module or tensor names imply: layers numbered under the key
-        before an index (`model.layers.0.q_proj`: "layers"), none where no name holds one."""
+        before an index (`model.layers.0.q_proj`: "layers"), none where no name holds one;
+        transformers' expert parameters where a name holds `.experts.`."""
         keys = set()
+        names = list(names)
         for name in names:
             parts = name.split(".")
             keys |= {parts[i - 1] for i, p in enumerate(parts[1:], 1) if p.isdigit()}
         if len(keys) > 1:
             raise ValueError(f"module names number their layers under several keys "
                              f"{sorted(keys)}; pass naming=models.Naming(layers=...).")  # fmt: skip
+        if any(f".{EXPERTS}." in name for name in names):  # transformers' MoE, as peft wraps it
+            fields.setdefault("experts", TRANSFORMERS_EXPERTS)
         return cls(layers=next(iter(keys), None), **fields)
 
     # ----------------------------------------------------------------- ours -> torch
@@ -85,11 +106,26 @@ class Naming:
         i = modules.index(self.layers) + 1
         return [".".join([*parts[:i], str(n), *parts[i:]]) for n in range(layers)]
 
+    def expert(self, module: Keys) -> bool:
+        """Whether the module at these keys is one of a mixture's stacked expert kernels."""
+        return len(module) > 1 and module[-2] == EXPERTS and module[-1] in self.experts
+
+    def parameter(self, module: Keys) -> str | None:
+        """The torch parameter name peft's target_parameters would give the kernel of the
+        module at these keys, with the layer index left out ("mlp.experts.down_proj",
+        "mlp.gate.weight"); None for a Linear module (target_modules)."""
+        if not self.expert(module) and (not module or module[-1] not in self.bare):
+            return None
+        name = self.names((*module, KERNEL), 1)[0]
+        return re.sub(rf"^(.*\.)?{self.layers}\.\d+\.", "", name) if self.layers else name
+
     def names(self, keys: Keys, layers: int) -> list[str]:
-        """Checkpoint names of one leaf: one per layer for a stacked leaf, else one."""
+        """torch's tensor names of one leaf: one per layer for a stacked leaf, else one."""
         if keys[-1] not in LEAF_TO_HF:
             raise ValueError(f"{path_str(keys)}: not a model parameter (an adapter leaf? "
                              "merge it first with lj.merge).")  # fmt: skip
+        if self.expert(keys[:-1]):  # a parameter of the experts module, named as our module
+            return self.modules(keys[:-1], layers)
         return [f"{m}.{LEAF_TO_HF[keys[-1]]}" for m in self.modules(keys[:-1], layers)]
 
     def transposed(self, keys: Keys) -> bool:
@@ -97,12 +133,39 @@ class Naming:
         return keys[-1] == KERNEL and not self.fan_in_fan_out
 
     def torch_layout(self, keys: Keys, array: Any) -> Any:
-        """One layer of the leaf at `keys` as torch stores it."""
+        """One layer of the leaf at `keys` as torch stores it (experts: (E, out, in))."""
+        if self.expert(keys[:-1]):
+            return array.swapaxes(-1, -2)
         return to_torch(array) if self.transposed(keys) else array
 
     def our_layout(self, keys: Keys, tensor: Any) -> Any:
         """A torch tensor as the leaf at `keys` holds it: `torch_layout` inverted."""
+        if self.expert(keys[:-1]):
+            return tensor.swapaxes(-1, -2)
         return from_torch(tensor) if self.transposed(keys) else tensor
+
+    def pattern_key(self, module: Keys, name: str) -> str:
+        """The name peft matches rank_pattern / alpha_pattern keys against for the adapter of
+        torch module `name` (at our `module` keys): its parameter's for target_parameters
+        (`...mlp.gate.weight`, `...experts.down_proj`), else the module's."""
+        bare = not self.expert(module) and self.parameter(module) is not None
+        return f"{name}.{LEAF_TO_HF[KERNEL]}" if bare else name
+
+    def targeted(self, target_parameters: Iterable[str]) -> list[str]:
+        """The expert parameters peft's `target_parameters` name (peft matches a parameter's
+        full name or a dotted suffix of it), in torch's order."""
+        chosen = list(target_parameters)
+        return [p for p in self.experts
+                if any(t == p or t.endswith(f"{EXPERTS}.{p}") for t in chosen)]  # fmt: skip
+
+    def peft_module(self, name: str, targeted: list[str]) -> str:
+        """peft's module name for the adapter of torch module `name`: an expert parameter's
+        (`...experts.down_proj`) is its wrapper's, the experts module with one `.base_layer`
+        per targeted parameter torch defines after it (peft wraps them in order)."""
+        experts, _, param = name.rpartition(".")
+        if param not in targeted or not experts.endswith(EXPERTS):
+            return name
+        return experts + WRAPPED * (len(targeted) - 1 - targeted.index(param))
 
     def tensors(self, params: dict[str, Any]) -> Iterator[tuple[str, jax.Array]]:
         """(checkpoint name, tensor in torch's layout) for every leaf of a params tree."""
@@ -135,10 +198,13 @@ class Naming:
             return tuple(parts[:i] + parts[i + 1 :]), int(parts[i])
         return listed, None
 
-    def peft_entry(self, name: str, known: Modules | None = None) -> tuple[Keys, int | None, str]:
+    def peft_entry(
+        self, name: str, known: Modules | None = None, targeted: list[str] | None = None
+    ) -> tuple[Keys, int | None, str]:
         """(our leaf's keys, layer index or None, torch module name) of a peft tensor name:
         `peft_name` inverted. `known` (the base's modules and their leaves) places NNX list
-        items and picks the leaf a `weight` is (kernel, scale or embedding)."""
+        items and picks the leaf a `weight` is (kernel, scale or embedding); `targeted` (the
+        file's expert parameters, `targeted`) unwraps peft's nested expert wrappers."""
         if not name.startswith(PEFT_PREFIX):
             raise ValueError(f"{name}: not a peft tensor name (expected {PEFT_PREFIX}...).")
         rest = name[len(PEFT_PREFIX) :]
@@ -149,9 +215,60 @@ class Naming:
             module = rest[: -len(suffix) - 1]
         elif tensor not in ("weight", "bias"):
             raise ValueError(f"{name}: neither a LoRA factor nor a module's weight or bias.")
+        if leaf is not None and targeted:
+            module = self._unwrapped(name, module, targeted)
         keys, layer = self.module_keys(module, known)
         if leaf is None:
             leaves = (known or {}).get(keys, ())
             leaf = "bias" if tensor == "bias" else next(
                 (n for n in leaves if LEAF_TO_HF.get(n) == "weight"), KERNEL)  # fmt: skip
         return (*keys, leaf), layer, module
+
+    def _unwrapped(self, name: str, module: str, targeted: list[str]) -> str:
+        """`peft_module` inverted: the expert parameter a peft wrapper's name stands for."""
+        depth = 0
+        while module.endswith(WRAPPED):
+            module, depth = module[: -len(WRAPPED)], depth + 1
+        if not module.endswith(EXPERTS):
+            return module + WRAPPED * depth
+        if depth >= len(targeted):
+            raise ValueError(
+                f"{name}: {depth} nested wrappers, but adapter_config.json's "
+                f"target_parameters name {targeted} of this model's experts."
+            )
+        return f"{module}.{targeted[len(targeted) - 1 - depth]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertFiles:
+    """How checkpoint files name a mixture's experts, where they differ from torch's run-time
+    names (transformers' conversion_mapping): each expert apart, under `module` in place of
+    `mlp`, and each fused parameter as its `parts` side by side on the output axis
+    (Mixtral's gate_up_proj: experts.{e}.w1.weight and experts.{e}.w3.weight)."""
+
+    module: str  # the files' name for the block (Mixtral: block_sparse_moe)
+    parts: tuple[tuple[str, tuple[str, ...]], ...]  # (parameter, its per-expert parts)
+
+    def renamed(self, name: str) -> str:
+        """A run-time name (not an expert parameter's) as the files write it."""
+        return name.replace(".mlp.", f".{self.module}.")
+
+    def sources(self, name: str, experts: int) -> list[list[str]] | None:
+        """For an expert parameter's run-time name, the files' names of its parts, each a list
+        over the experts; None for any other name."""
+        head, _, param = name.rpartition(".")
+        parts = dict(self.parts).get(param)
+        if parts is None or not head.endswith(f".{EXPERTS}"):
+            return None
+        head = self.renamed(head + ".")
+        return [[f"{head}{e}.{part}.weight" for e in range(experts)] for part in parts]
+
+    def split(self, name: str, tensor: Any) -> list[tuple[str, Any]]:
+        """An expert parameter (E, out, in) as the files hold it: one tensor per expert and
+        part (the output axis split evenly); any other tensor renamed."""
+        sources = self.sources(name, tensor.shape[0])
+        if sources is None:
+            return [(self.renamed(name), tensor)]
+        pieces = jnp.split(tensor, len(sources), axis=1)
+        return [(n, piece[e]) for names, piece in zip(sources, pieces, strict=True)
+                for e, n in enumerate(names)]  # fmt: skip
