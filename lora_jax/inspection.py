@@ -26,7 +26,8 @@ def rows(
     amp: Mapping[str, analysis.Amplification] | None = None,
     phi: Mapping[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per adapted module and layer (layer None for an unstacked module): rank (an
+    """One dict per adapted module and layer (layer None for an unstacked module; a
+    mixture's experts one each, with their `expert` index): rank (an
     AdaLoRA layer's: the ranks it keeps), ‖ΔW‖_F, its singular values and energy; the
     `analysis.amplification` columns, and φ(1, 1) and φ(r1, r2) from
     `analysis.subspace_similarity`, where given."""
@@ -36,10 +37,13 @@ def rows(
     for site in sites(params):
         sigma = spectra[site.path]
         ranks = np.ravel(kept.get(site.path, [site.rank] * len(sigma)))
+        lead = np.shape(site.lora_b)[: site.lead]  # (layers,), a mixture's (layers, experts)
         for layer, s in enumerate(sigma):
+            index = np.unravel_index(layer, lead) if site.lead else (None,)
             row: dict[str, Any] = {
                 "module": site.path,
-                "layer": layer if site.lead else None,
+                "layer": None if index[0] is None else int(index[0]),
+                **({"expert": int(index[1])} if site.lead > 1 else {}),
                 "rank": int(ranks[layer]),
                 "delta_norm": float(np.linalg.norm(s)),
                 **{f"energy_top{k}": float(analysis.energy(s, k)) for k in TOP},
@@ -68,6 +72,7 @@ def _covering(sigma: np.ndarray) -> int | None:
 COLUMNS = (  # (row key, heading, format)
     ("module", "module", "{}"),
     ("layer", "layer", "{}"),
+    ("expert", "expert", "{}"),
     ("rank", "r", "{}"),
     ("delta_norm", "|dW|", "{:.4g}"),
     ("energy_top1", "top1", "{:.3f}"),
@@ -122,15 +127,17 @@ def figures(rows: list[Mapping[str, Any]], phi: Mapping[str, np.ndarray] | None 
         for r in by_path[path]:
             squares = np.square(r["sigma"])
             share = np.cumsum(squares) / squares.sum() if squares.sum() else squares
-            ax.plot(np.arange(1, len(share) + 1), share, marker=".", label=f"layer {r['layer']}")
+            name = f"layer {r['layer']}" + (f" expert {r['expert']}" if "expert" in r else "")
+            ax.plot(np.arange(1, len(share) + 1), share, marker=".", label=name)
         ax.set(xlabel="top k directions", ylabel="share of |dW|^2", ylim=(0, 1.02))
         if path == paths[0] and by_path[path][0]["layer"] is not None:
             ax.legend(fontsize=6, loc="lower right")
 
     def per_layer(key: str, label: str) -> Callable[[Any, str], None]:
         def draw(ax: Any, path: str) -> None:
+            style = "o" if "expert" in by_path[path][0] else "o-"  # experts: a point each
             ax.plot([layer_of(r) for r in by_path[path]], [r[key] for r in by_path[path]],
-                    marker="o")  # fmt: skip
+                    style)  # fmt: skip
             ax.set(xlabel="layer", ylabel=label)
 
         return draw

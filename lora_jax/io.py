@@ -252,7 +252,6 @@ def save_adapter(
         "r": config.rank,
         "lora_alpha": config.alpha,
         "target_modules": _target_modules(adapted, kernel_modules),
-        "target_parameters": sorted(set(parameters)) or None,
         "rank_pattern": {k: r for k, r in ranks.items() if r != config.rank},
         "alpha_pattern": {k: a for k, a in alphas.items() if a != config.alpha},
         "modules_to_save": _saved_modules(saved, base_names),
@@ -264,6 +263,8 @@ def save_adapter(
         "init_lora_weights": config.init if config.init in BASE_MODIFYING_INITS else True,
         "inference_mode": True,
     }
+    if parameters:  # bare weights (a mixture's experts and router): peft >= 0.17
+        peft_config["target_parameters"] = sorted(set(parameters))
     if ada:
         peft_config.update(_adalora_fields(config, kept))
     check_finite(tensors, out_dir)

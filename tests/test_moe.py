@@ -270,6 +270,18 @@ def test_a_train_run_on_mixtral_trains_attention_experts_and_router_for_peft(
     peer = peft.PeftModel.from_pretrained(peer, tmp_path / "out" / "adapter")
     np.testing.assert_allclose(peer_logits(peer, IDS), np.asarray(ours), atol=1e-4)
     assert np.abs(np.asarray(ours) - np.asarray(model.apply(params, jnp.asarray(IDS)))).max() > 1e-3
+    # `lora-jax inspect`: a row per layer and expert, the router's per layer.
+    capsys.readouterr()
+    assert cli_main(["inspect", str(tmp_path / "out" / "adapter"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    experts = [r for r in rows if r["module"] == "model/layers/mlp/experts/down_proj"]
+    assert sorted((r["layer"], r["expert"]) for r in experts) == [
+        (layer, e) for layer in range(2) for e in range(5)]  # fmt: skip
+    router = [r for r in rows if r["module"] == "model/layers/mlp/gate"]
+    assert [(r["layer"], r["rank"], "expert" in r) for r in router] == [
+        (0, 2, False),
+        (1, 2, False),
+    ]
 
 
 def test_routed_apply_serves_attention_adapters_on_a_mixture(checkpoints):

@@ -204,7 +204,8 @@ class Naming:
         """(our leaf's keys, layer index or None, torch module name) of a peft tensor name:
         `peft_name` inverted. `known` (the base's modules and their leaves) places NNX list
         items and picks the leaf a `weight` is (kernel, scale or embedding); `targeted` (the
-        file's expert parameters, `targeted`) unwraps peft's nested expert wrappers."""
+        expert parameters the file's target_parameters name, `Naming.targeted`) unwraps
+        peft's nested expert wrappers."""
         if not name.startswith(PEFT_PREFIX):
             raise ValueError(f"{name}: not a peft tensor name (expected {PEFT_PREFIX}...).")
         rest = name[len(PEFT_PREFIX) :]
