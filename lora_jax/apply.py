@@ -344,8 +344,9 @@ def _factored_call(config: LoraConfig, next_fun, args, kwargs, context, adapter_
             + ("lj.lora_apply a bank." if isinstance(a, Bank) else "lj.routed_apply one adapter.")
         )
     if adapter_ids is not None and isinstance(module, nn.Einsum | nn.Conv | GroupedDense):
+        linen = "" if isinstance(module, GroupedDense) else "nn."
         raise ValueError(f"{path}: routing needs nn.Dense/DenseGeneral; this one is "
-                         f"{type(module).__name__}.")  # fmt: skip
+                         f"{linen}{type(module).__name__}.")  # fmt: skip
     if plan.groups and module.has_variable("params", LORA_M):
         raise ValueError(f"{path}: DoRA on grouped (expert) kernels is not supported (nor in "
                          "peft); adapt the experts with plain LoRA.")  # fmt: skip

@@ -265,6 +265,11 @@ def save_adapter(
     }
     if parameters:  # bare weights (a mixture's experts and router): peft >= 0.17
         peft_config["target_parameters"] = sorted(set(parameters))
+        if config.dropout:
+            warnings.warn(f"peft refuses lora_dropout={config.dropout} on target_parameters "
+                          f"({sorted(set(parameters))}): to load this adapter there, set "
+                          "lora_dropout to 0 in its adapter_config.json (dropout does not act "
+                          "at inference).", stacklevel=2)  # fmt: skip
     if ada:
         peft_config.update(_adalora_fields(config, kept))
     check_finite(tensors, out_dir)

@@ -6,6 +6,7 @@ The generic zoo tests cover these families too (`hf_peer.PEERS`): logits with pa
 exports transformers loads, peft target_parameters adapters both ways and `lora-jax merge`
 against merge_and_unload (test_models, test_io), greedy decoding (test_generate)."""
 
+import dataclasses
 import json
 import shutil
 import types
@@ -143,6 +144,9 @@ def test_one_expert_parameter_and_peft_round_trip_bit_for_bit(checkpoints, tmp_p
     model, _, tree, hf_config = adapted(checkpoints, "qwen3_moe", config)
     adapter, _ = lj.split(tree, config)
     lj.save_adapter(tmp_path / "ours", adapter, config, hf_config=hf_config)
+    with pytest.warns(UserWarning, match=r"peft refuses lora_dropout=0.1 on target_parameters"):
+        lj.save_adapter(tmp_path / "dropout", adapter, dataclasses.replace(config, dropout=0.1),
+                        hf_config=hf_config)  # fmt: skip
     written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert written["target_parameters"] == ["mlp.experts.down_proj"]
     assert written["target_modules"] == []
