@@ -257,9 +257,11 @@ def _read(
     assembled from each expert's parts)."""
     if name in checkpoint.files:
         return checkpoint.get(name), [name]
-    sources = files and files.sources(name, experts)
-    if files is None or sources is None:
-        renamed = files.renamed(name) if files else None
+    if files is None:
+        return None
+    sources = files.sources(name, experts)
+    if sources is None:  # not an expert parameter: at most renamed
+        renamed = files.renamed(name)
         return (checkpoint.get(renamed), [renamed]) if renamed in checkpoint.files else None
     if any(n not in checkpoint.files for part in sources for n in part):
         return None

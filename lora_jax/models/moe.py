@@ -3,10 +3,11 @@ modules: `mlp/gate` (the router, a Dense to one logit per expert) and `mlp/exper
 (E, hidden, 2·ff) and `mlp/experts/down_proj` (E, ff, hidden), one kernel per expert.
 
 Each token goes to its top-k experts. The (token, expert) pairs are sorted by expert and run
-as grouped matmuls (`lora_jax.grouped.GroupedDense`, `jax.lax.ragged_dot`), so each expert
-computes only the tokens routed to it; the outputs are weighted and summed back per token.
-Each block sows its router logits (collection "intermediates"), from which
-`load_balancing_loss` computes transformers' auxiliary loss when the router is trained.
+as grouped matmuls (`lora_jax.grouped.GroupedDense`: ragged_dot on TPU and GPU, blocks of
+rows on the CPU), so each expert computes only the tokens routed to it; the outputs are
+weighted and summed back per token. Each block sows its router logits (collection
+"intermediates"), from which `load_balancing_loss` computes transformers' auxiliary loss
+when the router is trained.
 """
 
 from __future__ import annotations

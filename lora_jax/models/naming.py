@@ -110,11 +110,15 @@ class Naming:
         """Whether the module at these keys is one of a mixture's stacked expert kernels."""
         return len(module) > 1 and module[-2] == EXPERTS and module[-1] in self.experts
 
+    def _bare(self, module: Keys) -> bool:
+        """Whether the module at these keys is one torch holds as a bare weight (a router)."""
+        return bool(module) and module[-1] in self.bare and not self.expert(module)
+
     def parameter(self, module: Keys) -> str | None:
         """The torch parameter name peft's target_parameters would give the kernel of the
         module at these keys, with the layer index left out ("mlp.experts.down_proj",
         "mlp.gate.weight"); None for a Linear module (target_modules)."""
-        if not self.expert(module) and (not module or module[-1] not in self.bare):
+        if not (self.expert(module) or self._bare(module)):
             return None
         name = self.names((*module, KERNEL), 1)[0]
         return re.sub(rf"^(.*\.)?{self.layers}\.\d+\.", "", name) if self.layers else name
@@ -148,8 +152,7 @@ class Naming:
         """The name peft matches rank_pattern / alpha_pattern keys against for the adapter of
         torch module `name` (at our `module` keys): its parameter's for target_parameters
         (`...mlp.gate.weight`, `...experts.down_proj`), else the module's."""
-        bare = not self.expert(module) and self.parameter(module) is not None
-        return f"{name}.{LEAF_TO_HF[KERNEL]}" if bare else name
+        return f"{name}.{LEAF_TO_HF[KERNEL]}" if self._bare(module) else name
 
     def targeted(self, target_parameters: Iterable[str]) -> list[str]:
         """The expert parameters peft's `target_parameters` name (peft matches a parameter's
