@@ -20,4 +20,7 @@ def get_config():
     config["model"]["remat"] = "full"
     config["data"]["max_length"] = 2048
     config["train"].update(batch_size=16, grad_accum=1)  # 1 row a chip
+    # peft refuses lora_dropout on target_parameters (the experts): without dropout the
+    # saved adapter loads in peft as written.
+    config["lora"]["dropout"] = 0.0
     return config
