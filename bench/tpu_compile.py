@@ -64,7 +64,7 @@ ROWS = [
     ("70b", "llama3_70b_sft.py", "v5e:8x8", 1, 2048, "full"),
     ("70b", "llama3_70b_qlora.py", "v5e:2x4", 1, 2048, "full"),
     ("qwen3-32b", "qwen3_32b_sft.py", "v5e:4x8", 1, 2048, "full"),
-    ("mixtral-8x7b", "mixtral_8x7b_sft.py", "v5e:4x4", 1, 2048, "full"),
+    ("mixtral-8x7b", "mixtral_8x7b_sft.py", "v5e:4x4", 2, 2048, "full"),
     ("8b", "llama3_8b_sft.py", "v5e:2x2", 32, 2048, "full"),  # oversized: must not fit
     ("1b", "llama3_1b_sft.py", "v5e:2x2", 2, 1024, "projections"),
     ("1b", "llama3_1b_sft.py", "v5e:1x1", 8, 1024, "projections"),
@@ -80,7 +80,7 @@ def chips(topology: str) -> int:
 
 
 def lower_bound(hf: dict, n: int, rows: int, length: int, remat: str, nf4: bool = False,
-                rank: int = 16) -> float:  # fmt: skip
+                rank: int = 16, expert: int = 1) -> float:  # fmt: skip
     """Bytes a chip cannot do without, bfloat16 base and float32 adapter: its shard of the
     base, of the adapter, its gradient and AdamW's two moments; the activations the remat
     policy saves (each layer's input; under "projections" each projection's output too);
@@ -88,7 +88,9 @@ def lower_bound(hf: dict, n: int, rows: int, length: int, remat: str, nf4: bool 
     outputs for the chip's tokens with their gradients; one loss chunk's float32 logits
     (1024 tokens a chip) with their gradient. `nf4`: QLoRA's 4-bit kernels and tables
     (their block scales left out). A mixture (Mixtral): E experts' MLP kernels and adapters,
-    each token through k of them, a layer's stacked expert kernel gathered whole."""
+    each token through k of them, a layer's stacked expert kernel gathered whole; over an
+    expert axis of `expert` chips, E / expert of them, and the rows of the tokens of the
+    chips along the axis that can reach this chip's experts (the ring of experts)."""
     d, f, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
     vocab = hf["vocab_size"]
     experts, top_k = hf.get("num_local_experts", 1), hf.get("num_experts_per_tok", 1)
@@ -103,8 +105,11 @@ def lower_bound(hf: dict, n: int, rows: int, length: int, remat: str, nf4: bool 
     tokens = rows * length
     outputs = per_layer(lambda s: s[1], top_k)  # each projection's output, per token
     saved = layers * tokens * (d + (outputs if remat == "projections" else 0)) * 2
-    largest = max(max(i * o for i, o in attention), experts * max(i * o for i, o in mlp))
-    layer = largest * 2 + tokens * outputs * 2 * 2
+    local = experts // expert
+    largest = max(max(i * o for i, o in attention), local * max(i * o for i, o in mlp))
+    mlp_rows = tokens * expert * min(top_k, local)  # a dense MLP: one row a token
+    computed = tokens * sum(o for _, o in attention) + mlp_rows * sum(o for _, o in mlp)
+    layer = largest * 2 + computed * 2 * 2
     return base + trained + saved + layer + 1024 * vocab * 4 * 2
 
 
@@ -157,7 +162,8 @@ def main() -> None:
             if "error" in got:
                 print(f"{name} | failed: {got['error']}")
                 continue
-            bound = lower_bound(MODELS[model], got["chips"], rows, length, remat, quantized)
+            bound = lower_bound(MODELS[model], got["chips"], rows, length, remat, quantized,
+                                expert=got["mesh"]["expert"])  # fmt: skip
             plain = (
                 "-" if args.no_probe or quantized else probe(model, topology, rows, length, remat)
             )

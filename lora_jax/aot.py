@@ -131,13 +131,15 @@ class Report:
     max_length: int
     tokens_per_chip: int  # a micro-batch's tokens on each chip
     compile_s: float
+    mesh: dict[str, int]  # the mesh's axis sizes: {"data": 1, "fsdp": 8, "expert": 2, ...}
 
     def line(self) -> str:
         """One line a person reads: the bytes, the verdict."""
         gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
         verdict = "fits" if self.fits else "does NOT fit"
         return (
-            f"{self.topology} ({self.chips} x {self.device_kind}), remat {self.remat!r}, "
+            f"{self.topology} ({self.chips} x {self.device_kind}, mesh "
+            f"{' x '.join(f'{a} {n}' for a, n in self.mesh.items())}), remat {self.remat!r}, "
             f"{self.tokens_per_chip} tokens a chip: {gib(self.bytes)} a chip (base "
             f"{gib(self.base_bytes)}, adapter + optimizer {gib(self.trained_bytes)}, temporaries "
             f"{gib(self.temp_bytes)}) of {gib(self.hbm_bytes)} HBM: {verdict}; compiled in "
@@ -214,13 +216,14 @@ def compile_step(config: Mapping[str, Any] | RunConfig, hf_config: Mapping[str, 
             raise
         temp = refusal[0]
         total = base + trained + temp  # the compiler stopped before counting the rest
-    shards = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+    shards = sharding.batch_shards(setup.mesh)
     micro = rows // cfg.train.grad_accum
     return Report(
         topology=topology, chips=len(devices), device_kind=devices[0].device_kind,
         hbm_bytes=hbm, fits=total <= hbm, bytes=total, base_bytes=base, trained_bytes=trained,
         temp_bytes=temp, remat=cfg.model.remat, micro_batch=micro, max_length=length,
         tokens_per_chip=micro * length // shards, compile_s=time.perf_counter() - start,
+        mesh=dict(setup.mesh.shape),
     )  # fmt: skip
 
 
@@ -255,8 +258,9 @@ def _with(config: dict, remat: str, micro: int) -> dict:
 
 
 def _batch_shards(config: dict, topology: str) -> int:
-    """data x fsdp of the config's mesh on this topology: the chips a micro-batch splits over."""
+    """data x fsdp x expert of the config's mesh on this topology: the chips a micro-batch
+    splits over."""
     from lora_jax.train import settings_mesh
 
     made = settings_mesh(RunConfig.from_dict(config).mesh, topology_devices(topology))
-    return made.shape["data"] * made.shape["fsdp"]
+    return sharding.batch_shards(made)

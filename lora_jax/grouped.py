@@ -47,7 +47,9 @@ def _blocked_dot(x: jax.Array, kernels: jax.Array, sizes: jax.Array, precision) 
     padded = -(-sizes // block) * block  # each group's rows rounded up to whole blocks
     ends = jnp.cumsum(padded)
     first = jnp.arange(blocks) * block
-    group = jnp.searchsorted(ends, first, side="right")  # G: a block past every group
+    # Each block's group: how many groups end at or before its first row (G: past them all).
+    # A comparison, not jnp.searchsorted, which fails inside shard_map (JAX 0.10).
+    group = jnp.sum(ends[None, :] <= first[:, None], axis=1)
     g = jnp.minimum(group, groups - 1)
     offset = first[:, None] + jnp.arange(block) - (ends - padded)[g][:, None]
     real = (group < groups)[:, None] & (offset < sizes[g][:, None])

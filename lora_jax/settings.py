@@ -126,6 +126,7 @@ class MeshSettings:
     fsdp: int = 1
     tensor: int = 1
     devices: int = -1
+    expert: int = 1
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

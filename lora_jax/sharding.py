@@ -1,8 +1,9 @@
 """Device meshes and shardings: base params by path rules, adapters derived from their kernels.
 
-The mesh has three axes: `data` (pure data parallelism), `fsdp` (batch and params both split,
-ZeRO-3 style) and `tensor` (Megatron: column-parallel projections split on their output axis,
-row-parallel ones on their input axis). The batch is split over (data, fsdp).
+The mesh has four axes: `data` (pure data parallelism), `fsdp` (batch and params both split,
+ZeRO-3 style), `expert` (a mixture's experts split, E / n a device, and the batch too, as
+MaxText places them) and `tensor` (Megatron: column-parallel projections split on their output
+axis, row-parallel ones on their input axis). The batch is split over (data, fsdp, expert).
 """
 
 from __future__ import annotations
@@ -15,27 +16,34 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lora_jax.quant import QuantizedKernel
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, adapter_specs, as_dict, path_str
 
-AXES = ("data", "fsdp", "tensor")
-BATCH = PartitionSpec(("data", "fsdp"))
+EXPERT = "expert"
+# `expert` sits next to `tensor`, the fastest links: the experts' tokens cross it every layer.
+AXES = ("data", "fsdp", EXPERT, "tensor")
+BATCH = PartitionSpec(("data", "fsdp", EXPERT))
 
-# A partition rule: (regex over a leaf's path, mesh axes of its trailing axes). The first match
-# wins, the rest is replicated; leading axes (the nn.scan layer axis) are never split. The zoo's
-# rules live with its families (`lora_jax.models.hub.SHARDING_RULES`).
-Rules = Sequence[tuple[str, tuple[str | None, ...]]]
+# A partition rule: (regex over a leaf's path, mesh axes of its trailing axes: each None, an
+# axis or a tuple of axes). The first match wins, the rest is replicated; leading axes (the
+# nn.scan layer axis) are never split. The zoo's rules live with its families
+# (`lora_jax.models.hub.SHARDING_RULES`).
+Rules = Sequence[tuple[str, tuple[str | tuple[str, ...] | None, ...]]]
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence[Any] | None = None,
+    expert: int = 1,
 ) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all, every process); -1 takes
-    what is left. Auto axes: XLA propagates shardings through the model."""
+    """A (data, fsdp, expert, tensor) mesh over `devices` (default: all, every process); -1
+    takes what is left. Auto axes: XLA propagates shardings through the model."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
+    sizes = [data, fsdp, expert, tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh sizes {dict(zip(AXES, sizes, strict=True))}: one -1 at most.")
     known = math.prod(s for s in sizes if s != -1)
@@ -46,20 +54,28 @@ def make_mesh(
             f"mesh {dict(zip(AXES, sizes, strict=True))} needs {math.prod(sizes)} devices; "
             f"there are {len(devices)}."
         )
-    return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
 
 
 def _spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules) -> PartitionSpec:
     for pattern, axes in rules:
         if re.search(pattern, path) and len(axes) <= len(shape):
             trailing = shape[len(shape) - len(axes) :]
-            # An axis that does not divide evenly stays whole (tiny models, odd vocabularies).
-            fit = [
-                a if a is None or n % mesh.shape[a] == 0 else None
-                for a, n in zip(axes, trailing, strict=True)
-            ]
+            fit = [_fit(entry, n, mesh) for entry, n in zip(axes, trailing, strict=True)]
             return PartitionSpec(*(None,) * (len(shape) - len(axes)), *fit)
     return PartitionSpec()
+
+
+def _fit(entry: Any, n: int, mesh: Mesh) -> Any:
+    """A rule's entry (None, an axis, or axes) for an axis of length `n`: the mesh axes it
+    names that the mesh has (a mesh of the caller's own may lack some), those of one device
+    dropped from a tuple, and as many of them as split `n` evenly; None (whole) where none
+    does (tiny models, odd vocabularies)."""
+    axes = [a for a in _as_axes(entry) if a in mesh.shape]
+    axes = [a for a in axes if mesh.shape[a] > 1] or axes[:1]
+    while axes and n % _size(mesh, tuple(axes)):
+        axes.pop()
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
 def _leaf_spec(path: str, leaf: Any, mesh: Mesh, rules) -> Any:
@@ -124,16 +140,26 @@ def _size(mesh: Mesh, entry: Any) -> int:
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
-    """`x` with its leading (batch) axis split over data x fsdp, where the current trace has a
-    mesh (`jax.sharding.use_abstract_mesh`, as `make_step` sets its shardings' mesh; else `x`
-    as is). The zoo pins its activations so: left to itself, XLA's propagation
+    """`x` with its leading (batch) axis split over data x fsdp x expert, where the current
+    trace has a mesh (`jax.sharding.use_abstract_mesh`, as `make_step` sets its shardings'
+    mesh; else `x` as is). The zoo pins its activations so: left to itself, XLA's propagation
     follows the embedding table's split (hidden axis over fsdp), so every chip then holds
     every example's activations; on a TPU slice that cost 77 GiB a chip of an 8B step."""
     mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in BATCH[0] if a in mesh.axis_names)
-    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    axes = batch_axes(mesh)
+    if not axes or x.shape[0] % batch_shards(mesh):
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(axes))
+
+
+def batch_axes(mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
+    """The axes of `BATCH` that `mesh` has (a mesh of the caller's own may lack some)."""
+    return tuple(a for a in BATCH[0] if a in mesh.axis_names)
+
+
+def batch_shards(mesh: Mesh | AbstractMesh) -> int:
+    """How many ways the batch splits: the product of the mesh's batch axes."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -142,7 +168,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Examples split over the data and fsdp axes."""
+    """Examples split over the data, fsdp and expert axes."""
     return NamedSharding(mesh, BATCH)
 
 

@@ -4,7 +4,7 @@ adapter and its metrics out.
 Setup is a few named steps (read the splits, build the mesh, load and shard the base, add the
 adapter); the step itself is `lora_jax.step.make_step` on the task's loss, one `jax.jit` over
 a (data, fsdp, tensor) mesh: the base split by its family's rules, each adapter leaf like its
-kernel, the batch over (data, fsdp).
+kernel, the batch over (data, fsdp, expert).
 """
 
 from __future__ import annotations
@@ -97,14 +97,14 @@ def open_splits(cfg: RunConfig, tokenizer: data_lib.Tokenizer) -> dict[str, data
 def run_mesh(
     mesh: MeshSettings, train: TrainSettings, devices: Sequence[Any] | None = None
 ) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor) mesh over `devices` (default: this run's, `jax.devices()`),
+    """The (data, fsdp, expert, tensor) mesh over `devices` (default: this run's, `jax.devices()`),
     checked to split each micro-batch evenly."""
     made = settings_mesh(mesh, devices)
-    split_over = made.shape["data"] * made.shape["fsdp"]
+    split_over = sharding.batch_shards(made)
     if (train.batch_size // train.grad_accum) % split_over:
         raise ValueError(
             f"micro-batch {train.batch_size // train.grad_accum} does not split over "
-            f"data x fsdp = {split_over} devices."
+            f"data x fsdp x expert = {split_over} devices."
         )
     return made
 
@@ -114,7 +114,7 @@ def settings_mesh(mesh: MeshSettings, devices: Sequence[Any] | None = None) -> j
     first `mesh.devices` of them."""
     devices = list(jax.devices() if devices is None else devices)
     devices = devices[: None if mesh.devices < 0 else mesh.devices]
-    return sharding.make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices=devices)
+    return sharding.make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices, mesh.expert)
 
 
 def check_base(cfg: RunConfig, hf_config: dict[str, Any], model_dir: str) -> None:
@@ -126,6 +126,10 @@ def check_base(cfg: RunConfig, hf_config: dict[str, Any], model_dir: str) -> Non
     if cfg.data.max_length > (limit := max_positions(hf_config)):
         raise ValueError(f"data.max_length {cfg.data.max_length} exceeds the model's {limit} "
                          f"positions ({model_dir}/config.json).")  # fmt: skip
+    experts = getattr(family.config.from_hf(hf_config), "num_experts", 0)
+    if cfg.mesh.expert > 1 and (not experts or experts % cfg.mesh.expert):
+        raise ValueError(f"mesh.expert {cfg.mesh.expert} must divide the model's experts "
+                         f"({experts or 'none'}: {model_dir}/config.json).")  # fmt: skip
 
 
 def model_options(cfg: RunConfig) -> dict[str, Any]:
@@ -322,7 +326,7 @@ def run_tx(run: Setup, head_only: bool) -> optax.GradientTransformation:
 
 def step_shardings(run: Setup, tx: optax.GradientTransformation) -> StepShardings:
     """Adapter leaves like their kernels, the optimizer state like the adapter, the base by
-    the family's rules, the batch over (data, fsdp), scalars replicated."""
+    the family's rules, the batch over (data, fsdp, expert), scalars replicated."""
     scalar = sharding.replicated(run.mesh)
     opt_state = opt_state_shardings(tx, run.adapter, run.adapter_shardings, scalar)
     return StepShardings(run.adapter_shardings, opt_state, run.base_shardings,

@@ -105,3 +105,20 @@ def factored_like_merged(factored, merged, args, a_leaves, b_leaves, x_leaves, s
         np.testing.assert_allclose(f, m, rtol=1e-4, atol=1e-5 * np.abs(m).max())
     assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(g_f))
     return g_f
+
+
+def mapped_operands(jaxpr) -> set[tuple[tuple[int, ...], str]]:
+    """(shape, in_spec) of each operand every shard_map body in `jaxpr` (a ClosedJaxpr;
+    nested ones too) receives: the shape as one device holds it, the spec as written."""
+    found = set()
+
+    def walk(inner):
+        for eqn in inner.eqns:
+            if eqn.primitive.name == "shard_map":
+                body, specs = eqn.params["jaxpr"].invars, eqn.params["in_specs"]
+                found.update((v.aval.shape, str(s)) for v, s in zip(body, specs, strict=True))
+            for sub in _sub_jaxprs(eqn):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return found

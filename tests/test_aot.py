@@ -132,18 +132,21 @@ def test_search_finds_the_largest_micro_batch_that_fits(tmp_path):
     assert best == tried[1] and best.remat == "none" and best.tokens_per_chip == 2 * 4096
 
 
-def test_a_mixture_of_experts_step_compiles_for_tpu(tmp_path):
+@pytest.mark.parametrize("expert", [1, 2])
+def test_a_mixture_of_experts_step_compiles_for_tpu(tmp_path, expert):
     """A Mixtral's LoRA step, every expert adapted inside the grouped matmuls
     (jax.lax.ragged_dot) and the router trained with its load-balancing loss, compiles for a
-    v5e slice (the 8x7B config's row is in bench/RESULTS.md)."""
+    v5e slice, with the experts split over an expert axis too (shard_map, the ring of
+    experts; the 8x7B config's rows are in bench/RESULTS.md)."""
     moe = dict(SMALL, model_type="mixtral", architectures=["MixtralForCausalLM"],
                num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02)  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(moe))
     done = compile_cli(tmp_path, "v5e:2x2", **{
         "data.max_length": 256, "train.batch_size": 8,
         "lora.targets": '["attention", "experts", "mlp/gate$"]',
-        "lora.rank_pattern": '{"mlp/gate": 4}'})  # fmt: skip
+        "lora.rank_pattern": '{"mlp/gate": 4}', "mesh.expert": expert})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     report = json.loads(done.stdout)
     assert report["fits"] is True and report["chips"] == 4
+    assert report["mesh"]["expert"] == expert and report["tokens_per_chip"] == 8 * 256 // 4

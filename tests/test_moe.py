@@ -22,7 +22,7 @@ from flax import traverse_util
 from hf_peer import PEERS, peer_logits, reference_output
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from jaxpr_check import factored_like_merged, kernel_shapes, leaves_named
+from jaxpr_check import factored_like_merged, kernel_shapes, leaves_named, mapped_operands
 from safetensors.numpy import load_file, save_file
 from small_models import randomize_adapters
 
@@ -98,10 +98,10 @@ def test_expert_lora_is_factored_in_the_grouped_matmuls_forward_and_backward(che
     assert per_expert.shape == (2, 5) and (per_expert > 0).all()
 
 
-def test_eight_devices_step_like_one_and_lower_the_loss(checkpoints):
-    """The MoE LoRA step on a (data 2, fsdp 2, tensor 2) mesh, the experts' kernels and
-    factors split by the zoo's rules, equals the one-device step; training lowers the loss."""
-    model, _, tree, _ = adapted(checkpoints)
+def _steps_on_mesh_and_one_device(model, tree, mesh, steps=4):
+    """`steps` LoRA steps on `mesh` (params split by the zoo's rules) and on one device:
+    (the mesh step's jaxpr, the one-device losses), their losses and the adapters they
+    reach checked equal on the way."""
     apply = lj.lora_apply(model.apply, CONFIG)
 
     def loss(params, batch, rngs):
@@ -110,31 +110,86 @@ def test_eight_devices_step_like_one_and_lower_the_loss(checkpoints):
         return nll.sum(), jnp.float32(nll.size)
 
     tx = optax.adam(1e-2)
-    batch = {"ids": jnp.asarray(np.tile(IDS, (2, 1)))}
+    batch = {"ids": jnp.asarray(np.tile(IDS, (2, 1)))}  # 8 rows: 2 a device on (data 2 x 2)
     adapter, base = lj.split(tree, CONFIG)
     one = make_step(loss, tx)
     a1, s1 = jax.tree.map(jnp.copy, adapter), tx.init(adapter)
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    specs = sharding.param_shardings(tree, mesh, SHARDING_RULES)
-    adapter_s, base_s = lj.split(specs, CONFIG)
-    kernel = base_s["params"]["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]["kernel"]
-    assert kernel.spec == P(None, None, "fsdp", "tensor")  # each expert split, not replicated
+    adapter_s, base_s = lj.split(sharding.param_shardings(tree, mesh, SHARDING_RULES), CONFIG)
     scalar = sharding.replicated(mesh)
     shardings = StepShardings(adapter_s, opt_state_shardings(tx, adapter, adapter_s, scalar),
                               base_s, sharding.batch_sharding(mesh), scalar)  # fmt: skip
-    eight = make_step(loss, tx, shardings=shardings)
-    a8, s8 = jax.device_put(adapter, adapter_s), tx.init(adapter)
+    many = make_step(loss, tx, shardings=shardings)
+    # Copies: a device_put may share a whole shard's buffer with the caller's tree, and the
+    # step donates its adapter.
+    a8, s8 = jax.device_put(jax.tree.map(jnp.copy, adapter), adapter_s), tx.init(adapter)
     b8, batch8 = jax.device_put(base, base_s), jax.device_put(batch, shardings.batch)
+    jaxpr = many.trace(a8, s8, b8, batch8, jnp.int32(0)).jaxpr
     losses = []
-    for i in range(4):
+    for i in range(steps):
         a1, s1, m1 = one(a1, s1, base, batch, jnp.int32(i))
-        a8, s8, m8 = eight(a8, s8, b8, batch8, jnp.int32(i))
+        a8, s8, m8 = many(a8, s8, b8, batch8, jnp.int32(i))
         np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
         losses.append(float(m1["loss"]))
     for x, y in zip(jax.tree.leaves(a8), jax.tree.leaves(a1), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
     assert isinstance(jax.tree.leaves(a8)[0].sharding, NamedSharding)
+    return jaxpr, losses
+
+
+def test_eight_devices_step_like_one_and_lower_the_loss(checkpoints):
+    """The MoE LoRA step on a (data 2, fsdp 2, tensor 2) mesh, the experts' kernels and
+    factors split by the zoo's rules, equals the one-device step; training lowers the loss."""
+    model, _, tree, _ = adapted(checkpoints)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    specs = sharding.param_shardings(tree, mesh, SHARDING_RULES)
+    kernel = specs["params"]["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]["kernel"]
+    assert kernel.spec == P(None, "expert", "fsdp", "tensor")  # each expert split
+    _, losses = _steps_on_mesh_and_one_device(model, tree, mesh)
     assert losses[-1] < losses[0]
+
+
+@pytest.fixture(scope="module")
+def four_experts(checkpoints, tmp_path_factory):
+    """The peer Mixtral cut to its first 4 experts (router columns and expert kernels), as a
+    checkpoint: experts that split over 2 or 4 expert shards."""
+    _, params, hf_config = models.from_pretrained(checkpoints / "mixtral")
+    flat = traverse_util.flatten_dict(params)
+    for keys, value in flat.items():
+        if "experts" in keys:
+            flat[keys] = value[:, :4]
+        elif keys[-2:] == ("gate", "kernel"):
+            flat[keys] = value[..., :4]
+    directory = tmp_path_factory.mktemp("mixtral4")
+    models.save_pretrained(traverse_util.unflatten_dict(flat),
+                           {**hf_config, "num_local_experts": 4}, directory)  # fmt: skip
+    return directory
+
+
+@pytest.mark.parametrize("axes", [dict(data=2, expert=2, tensor=2), dict(fsdp=2, expert=4)])
+def test_experts_split_over_an_expert_axis_step_like_one_device(four_experts, axes):
+    """Experts split over the mesh's `expert` axis (E / n a device, its factors with it) and
+    run in shard_map, each device its own experts' rows of the tokens along the axis (the
+    ring of experts): step for step equal to one device, each device's experts computed
+    with its own E / n experts' kernels and factors, never the whole stack."""
+    model, params, _ = models.from_pretrained(four_experts)
+    ids = jnp.asarray(IDS)
+    tree = lj.init(jax.random.key(0), params, CONFIG, lj.kernel_layouts(model, ids))
+    tree = randomize_adapters(tree, jax.random.key(1), scale=0.2)
+    mesh = sharding.make_mesh(**{"data": 1, **axes})
+    specs = sharding.param_shardings(tree, mesh, SHARDING_RULES)
+    experts = specs["params"]["model"]["layers"]["mlp"]["experts"]
+    assert experts["down_proj"]["kernel"].spec == P(None, "expert", "tensor", "fsdp")
+    assert experts["down_proj"]["lora_a"].spec[1] == "expert"
+    # Dense kernels split over the expert axis too, joined to fsdp where that has 2 devices.
+    q_proj = specs["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q_proj.spec[1] == (("fsdp", "expert") if "fsdp" in axes else "expert")
+    jaxpr, _ = _steps_on_mesh_and_one_device(model, tree, mesh, steps=3)
+    operands, local = mapped_operands(jaxpr), 4 // axes["expert"]
+    # A layer's gate_up_proj and down_proj kernels and factors, as each device holds them:
+    # split over `expert`, and never passed in whole (replicated, P()).
+    stacks = [(32, 96), (48, 32), (32, 4), (4, 96), (48, 4), (4, 32)]
+    assert {((local, *s), "P('expert',)") for s in stacks} <= operands
+    assert not {((4, *s), "P()") for s in stacks} & operands
 
 
 def test_one_expert_parameter_and_peft_round_trip_bit_for_bit(checkpoints, tmp_path):
@@ -286,6 +341,33 @@ def test_a_train_run_on_mixtral_trains_attention_experts_and_router_for_peft(
         (0, 2, False),
         (1, 2, False),
     ]
+
+
+def test_a_train_run_over_an_expert_axis_and_its_refusal(
+    checkpoints, four_experts, sft, tmp_path, capsys
+):
+    """`lora-jax train --set mesh.expert=2` on 4 devices (fsdp 2 x expert 2) gives the
+    one-device run's losses; on a checkpoint of 5 experts it is refused in one line (exit 2)
+    before anything is written."""
+    from sft_runs import LLAMA_SFT, as_args, losses, overrides
+
+    from lora_jax.cli import main as cli_main
+
+    mesh = {"mesh.devices": 4, "mesh.fsdp": 2, "mesh.expert": 2}
+    for name, source in (("five", checkpoints / "mixtral"), ("four", four_experts)):
+        shutil.copytree(source, tmp_path / name)
+        shutil.copy(sft / "llama" / "tokenizer.json", tmp_path / name)
+    refused = overrides(sft, tmp_path / "refused", **mesh, **{"model.path": tmp_path / "five"})
+    assert cli_main(["train", "--config", LLAMA_SFT, *as_args(refused)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "mesh.expert 2 must divide the model's experts (5: " in error
+    assert len(error.splitlines()) == 1 and not (tmp_path / "refused").exists()
+    for out, axes in (("one", {}), ("out", mesh)):
+        sets = overrides(sft, tmp_path / out, **{"model.path": tmp_path / "four",
+                                                  "lora.targets": ["experts"], **axes})  # fmt: skip
+        assert cli_main(["train", "--config", LLAMA_SFT, *as_args(sets)]) == 0
+    np.testing.assert_allclose(losses(tmp_path / "out"), losses(tmp_path / "one"), rtol=1e-4)
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_routed_apply_serves_attention_adapters_on_a_mixture(checkpoints):

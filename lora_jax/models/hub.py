@@ -28,7 +28,7 @@ from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from lora_jax.models.moe import ROUTER
 from lora_jax.models.naming import TRANSFORMERS_EXPERTS, ExpertFiles, Naming
-from lora_jax.sharding import Rules
+from lora_jax.sharding import EXPERT, Rules
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -39,7 +39,7 @@ MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pyto
                *TOKENIZER_FILES)  # fmt: skip
 
 
-# How every zoo family's params split over the (data, fsdp, tensor) mesh (see
+# How every zoo family's params split over the (data, fsdp, expert, tensor) mesh (see
 # lora_jax.sharding): column-parallel projections on their output axis, row-parallel ones on
 # their input axis, in transformers' module names.
 COLUMN = (
@@ -47,14 +47,20 @@ COLUMN = (
     r"|c_fc|intermediate/dense)"
 )
 ROW = r"(o_proj|down_proj|c_proj|output/dense)"
+# The rest is split over the expert axis too, as over fsdp (MaxText's placement): the chips
+# along it would otherwise each hold every dense layer whole.
+FSDP = ("fsdp", EXPERT)
 SHARDING_RULES: Rules = (
-    (COLUMN + r"/kernel$", ("fsdp", "tensor")),
+    # A mixture's experts (E, in, out) split over the expert axis first, each like its twin.
+    (r"experts/gate_up_proj/kernel$", (EXPERT, "fsdp", "tensor")),
+    (r"experts/down_proj/kernel$", (EXPERT, "tensor", "fsdp")),
+    (COLUMN + r"/kernel$", (FSDP, "tensor")),
     (COLUMN + r"/bias$", ("tensor",)),
-    (ROW + r"/kernel$", ("tensor", "fsdp")),
+    (ROW + r"/kernel$", ("tensor", FSDP)),
     # Tables split on the hidden axis only: a row gather from a vocabulary-split table is
     # replicated by XLA's SPMD partitioner ("involuntary full rematerialization").
-    (r"(embed_tokens|word_embeddings|wte)/embedding$", (None, "fsdp")),
-    (r"lm_head/kernel$", ("fsdp", "tensor")),
+    (r"(embed_tokens|word_embeddings|wte)/embedding$", (None, FSDP)),
+    (r"lm_head/kernel$", (FSDP, "tensor")),
 )
 
 
