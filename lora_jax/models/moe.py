@@ -13,7 +13,6 @@ computes transformers' auxiliary loss when the router is trained.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -96,7 +95,7 @@ def _manual_axes(batch: int, count: int) -> tuple[str, ...]:
     if count % shards:
         raise ValueError(f"{count} experts do not split over the mesh's {shards} expert shards.")
     axes = tuple(a for a in sharding.batch_axes(mesh) if mesh.shape[a] > 1)
-    return axes if batch % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+    return axes if batch % sharding.batch_shards(mesh) == 0 else ()
 
 
 def _shard_mapped(manual: tuple[str, ...]) -> type[nn.Module]:
