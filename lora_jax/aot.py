@@ -6,7 +6,7 @@ the devices of a TPU topology (v5e:4x4 is 16 chips) without a TPU, and `jit(...)
 .compile()` on them runs the real TPU compiler: it assigns every buffer of the step in a
 chip's HBM and refuses a step that does not fit, exactly as it would on the slice. Nothing
 is read but the checkpoint's config.json (the params are shapes, `abstract_pretrained`),
-nothing is allocated, and the step is the one `lora-jax train` builds (`train.Setup`).
+nothing is allocated, and the step is the one `lora-jax train` builds (`lora_jax.run`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lora_jax import sharding
+from lora_jax import run, sharding
 from lora_jax.settings import RunConfig
 from lora_jax.tasks import TASKS
 
@@ -147,21 +147,18 @@ class Report:
         )
 
 
-def abstract_setup(cfg: RunConfig, hf_config: Mapping[str, Any], devices: list[Any]):
-    """`train.Setup` of shapes only on `devices`: the model, the adapted params as
+def abstract_setup(cfg: RunConfig, hf_config: Mapping[str, Any], devices: list[Any]) -> run.Setup:
+    """`run.Setup` of shapes only on `devices`: the model, the adapted params as
     `jax.ShapeDtypeStruct`s and their shardings, built by the train runner's own steps."""
-    from lora_jax import train
     from lora_jax.models.hub import abstract_pretrained, family_of
 
-    train.check_base(cfg, dict(hf_config), cfg.model.path)
-    model, params, hf_config = abstract_pretrained(dict(hf_config), **train.model_options(cfg))
-    mesh = train.run_mesh(cfg.mesh, cfg.train, devices)
+    run.check_base(cfg, dict(hf_config), cfg.model.path)
+    model, params, hf_config = abstract_pretrained(dict(hf_config), **run.model_options(cfg))
+    mesh = run.run_mesh(cfg.mesh, cfg.train, devices)
     example = np.zeros((1, 2), np.int32)
-    params = jax.eval_shape(lambda p: train.adapted(cfg, model, p, example), params)
-    shardings = sharding.param_shardings(params, mesh, family_of(hf_config)[0].rules)
-    adapter, base = train.split(params, cfg.lora)
-    adapter_shardings, base_shardings = train.split(shardings, cfg.lora)
-    return train.Setup(cfg, mesh, model, adapter, base, adapter_shardings, base_shardings)
+    params = jax.eval_shape(lambda p: run.adapted(cfg, model, p, example), params)
+    rules = family_of(hf_config)[0].rules
+    return run.Setup(cfg, mesh, model, *run.on_mesh(params, mesh, rules, cfg.lora, put=False))
 
 
 def _on(tree: Any, shardings: Any) -> Any:
@@ -186,14 +183,12 @@ def compile_step(config: Mapping[str, Any] | RunConfig, hf_config: Mapping[str, 
     """Compiles `lora-jax train`'s step for `config` on a TPU `topology` (either form of
     `topology_name`) and reports what a chip needs. A step that overflows HBM is a report
     with fits False, not an error."""
-    from lora_jax import train
-
     cfg = RunConfig.from_dict(config)
     devices = topology_devices(topology)
     setup = abstract_setup(cfg, hf_config, devices)
-    tx = train.run_tx(setup, False)
-    shardings = train.step_shardings(setup, tx)
-    step = train.make_train_step(setup, tx, shardings)
+    tx = run.run_tx(setup, False)
+    shardings = run.step_shardings(setup, tx)
+    step = run.make_train_step(setup, tx, shardings)
     opt_state = jax.eval_shape(tx.init, setup.adapter)
     rows, length = cfg.train.batch_size, cfg.data.max_length
     shapes = TASKS[cfg.data.task].batch_shapes(cfg.data, rows)
@@ -260,7 +255,5 @@ def _with(config: dict, remat: str, micro: int) -> dict:
 def _batch_shards(config: dict, topology: str) -> int:
     """data x fsdp x expert of the config's mesh on this topology: the chips a micro-batch
     splits over."""
-    from lora_jax.train import settings_mesh
-
-    made = settings_mesh(RunConfig.from_dict(config).mesh, topology_devices(topology))
+    made = run.settings_mesh(RunConfig.from_dict(config).mesh, topology_devices(topology))
     return sharding.batch_shards(made)

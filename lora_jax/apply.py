@@ -34,6 +34,7 @@ from jax import lax
 from lora_jax import variants
 from lora_jax.config import LoraConfig
 from lora_jax.grouped import GroupedDense, grouped_dot
+from lora_jax.kinds import ConvLayout, Grouped, Kind, Linear
 from lora_jax.tree import (
     ADAPTER_LEAVES,
     KERNEL,
@@ -42,7 +43,6 @@ from lora_jax.tree import (
     LORA_E,
     LORA_M,
     Bank,
-    ConvLayout,
     Params,
     adapter_layout,
     as_dict,
@@ -79,11 +79,9 @@ LowRank = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
 class Plan(NamedTuple):
     """How one call of a supported module contracts its kernel."""
 
-    n_in: int  # kernel input axes
-    n_out: int  # kernel output axes
+    kind: Kind  # the kernel's kind (`lora_jax.kinds`): its input, output and group axes
     low_rank: LowRank  # (x, A, B, precision) -> (x·A)·B
     trailing: bool  # the output axes come last in y (DoRA scales them by broadcasting)
-    groups: int = 0  # kernel axes before the inputs that the call indexes (a GroupedDense's)
 
 
 def _as_tuple(x: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -161,7 +159,7 @@ def _einsum_plan(spec: str) -> Plan:
             second, jnp.einsum(first, x, a, precision=precision), b, precision=precision
         )
 
-    return Plan(len(contracted), len(free), low_rank, out.endswith(free))
+    return Plan(Linear(len(contracted), len(free)), low_rank, out.endswith(free))
 
 
 def _conv_plan(module: nn.Conv | nnx.Conv) -> Plan:
@@ -184,7 +182,7 @@ def _conv_plan(module: nn.Conv | nnx.Conv) -> Plan:
         conv = nn.Conv(a.shape[-1], **geometry, use_bias=False, precision=precision)
         return _h_b(conv.apply({"params": {KERNEL: a}}, x), b, precision)
 
-    return Plan(len(geometry["kernel_size"]) + 1, 1, low_rank, True)
+    return Plan(ConvLayout(len(geometry["kernel_size"]) + 1, 1), low_rank, True)
 
 
 def _grouped_plan(args: tuple, kwargs: dict) -> Plan:
@@ -195,7 +193,7 @@ def _grouped_plan(args: tuple, kwargs: dict) -> Plan:
     def low_rank(x, a, b, precision):
         return grouped_dot(grouped_dot(x, a, sizes, precision), b, sizes, precision)
 
-    return Plan(1, 1, low_rank, True, groups=1)
+    return Plan(Grouped(), low_rank, True)
 
 
 def _plan(module: Any, args: tuple, kwargs: dict) -> Plan:
@@ -213,9 +211,9 @@ def _plan(module: Any, args: tuple, kwargs: dict) -> Plan:
         if x is not None:  # counted from the end, so the plan also holds per example (vmap)
             axis = tuple(ax % jnp.ndim(x) - jnp.ndim(x) for ax in axis)
         n_out = len(_as_tuple(module.features if linen else module.out_features))
-        return Plan(len(axis), n_out, functools.partial(_contract, axis=axis), True)
+        return Plan(Linear(len(axis), n_out), functools.partial(_contract, axis=axis), True)
     if isinstance(module, nn.Dense | nnx.Linear):
-        return Plan(1, 1, functools.partial(_contract, axis=(-1,)), True)
+        return Plan(Linear(1, 1), functools.partial(_contract, axis=(-1,)), True)
     if isinstance(module, nn.Conv | nnx.Conv):
         return _conv_plan(module)
     raise ValueError(
@@ -226,13 +224,12 @@ def _plan(module: Any, args: tuple, kwargs: dict) -> Plan:
     )
 
 
-def _layout(module: Any, args: tuple, kwargs: dict) -> tuple[int, int] | str:
-    """A module's entry in `kernel_layouts`: its plan's axis counts, or why it has none."""
+def _layout(module: Any, args: tuple, kwargs: dict) -> Kind | str:
+    """A module's entry in `kernel_layouts`: its plan's kernel kind, or why it has none."""
     try:
-        n_in, n_out, *_ = _plan(module, args, kwargs)
+        return _plan(module, args, kwargs).kind
     except ValueError as err:
         return str(err)
-    return ConvLayout(n_in, n_out) if isinstance(module, nn.Conv | nnx.Conv) else (n_in, n_out)
 
 
 def _nnx_modules(model: nnx.Module) -> dict[str, Any]:
@@ -242,15 +239,17 @@ def _nnx_modules(model: nnx.Module) -> dict[str, Any]:
 
 def kernel_layouts(
     model: nn.Module | nnx.Module, *args: Any, **kwargs: Any
-) -> dict[str, tuple[int, int] | str]:
-    """{module path: (input axes, output axes)} of every kernel LoRA can factor in `model`
-    (a `ConvLayout` for a convolution: spatial axes + input channels, then output channels).
+) -> dict[str, Kind | str]:
+    """{module path: its kernel's kind} of every kernel LoRA can factor in `model`: a
+    `lora_jax.kinds` record of its input and output axes (equal to the pair (n_in, n_out)), a
+    `ConvLayout` for a convolution (spatial axes + input channels, then output channels), a
+    `Grouped` for a mixture's experts.
 
     A Linen model is traced through `model.init(*args, **kwargs)` abstractly (no FLOPs, no
     memory); an NNX model is read off its modules' attributes (no inputs needed). A kernel
     that LoRA cannot adapt maps to the reason, which `lj.init` raises if it is targeted.
     """
-    found: dict[str, tuple[int, int] | str] = {}
+    found: dict[str, Kind | str] = {}
     if isinstance(model, nnx.Module):
         for path, module in _nnx_modules(model).items():
             if isinstance(module, NNX_TYPES):
@@ -296,10 +295,11 @@ def _routed(plan: Plan, x, a, b, precision, ids: jax.Array, block: int, path: st
 def _checked_rank(path: str, plan: Plan, module: Any, kernel: Any, a: Any, b: Any) -> int:
     """The adapter's rank, once its layout is known to fit this call of the module."""
     lead, a_in, _, rank = adapter_layout(path, kernel.shape, a.shape, b.shape)
-    if lead != plan.groups or a_in != plan.n_in:
+    if lead != plan.kind.groups or a_in != plan.kind.n_in:
         raise ValueError(
             f"{path}: adapter made for {a_in} input axes (+{lead} stacked), but this "
-            f"{type(module).__name__} call contracts {plan.n_in} (+{plan.groups} grouped); "
+            f"{type(module).__name__} call contracts {plan.kind.n_in} (+{plan.kind.groups} "
+            "grouped); "
             "was `layouts` right?"
         )
     return rank
@@ -320,7 +320,8 @@ def _with_adapter(
     delta = (delta * scale).astype(y.dtype)
     if m is not None:  # DoRA's norm reads W0: for QLoRA the dequantized kernel the layer used
         kernel = nn.meta.unbox(kernel)
-    return variants.output(y, delta, m, kernel, a, b, bias, scale, plan.n_in, plan.trailing, path)
+    n_in = plan.kind.n_in
+    return variants.output(y, delta, m, kernel, a, b, bias, scale, n_in, plan.trailing, path)
 
 
 def _factored_call(config: LoraConfig, next_fun, args, kwargs, context, adapter_ids=None):
@@ -347,7 +348,7 @@ def _factored_call(config: LoraConfig, next_fun, args, kwargs, context, adapter_
         linen = "" if isinstance(module, GroupedDense) else "nn."
         raise ValueError(f"{path}: routing needs nn.Dense/DenseGeneral; this one is "
                          f"{linen}{type(module).__name__}.")  # fmt: skip
-    if plan.groups and module.has_variable("params", LORA_M):
+    if plan.kind.groups and module.has_variable("params", LORA_M):
         raise ValueError(f"{path}: DoRA on grouped (expert) kernels is not supported (nor in "
                          "peft); adapt the experts with plain LoRA.")  # fmt: skip
     # A bank's scales are folded into its A blocks.
@@ -460,7 +461,7 @@ def nnx_adapt(model: nnx.Module, params: Params, config: LoraConfig) -> nnx.Modu
         try:
             if module is None:
                 raise ValueError("the model has no module at this path")
-            n_in, n_out, *_ = _plan(module, (), {})
+            n_in, n_out = _plan(module, (), {}).kind
         except ValueError as err:
             raise ValueError(f"{site.path}: holds a LoRA adapter, but {err}") from None
         if (n_in, n_out) != (site.n_in, site.n_out):

@@ -12,19 +12,20 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import jax
 from flax import traverse_util
 
-from lora_jax.files import check_target
+from lora_jax.files import check_target, resolve
 from lora_jax.io import base_for, load_adapter, read_adapter
-from lora_jax.launch import Interrupts, Stopped, WholeLines
 from lora_jax.models import from_pretrained, save_pretrained
 from lora_jax.models.hub import MODEL_FILES
 from lora_jax.models.options import DTYPES
 from lora_jax.report import weights_bytes
+from lora_jax.signals import Interrupts, Stopped
 from lora_jax.tree import KERNEL, Params, combine, merge, sites
 
 
@@ -58,8 +59,8 @@ def train_command(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     """`lora-jax eval`: a saved adapter's loss and accuracy on the config's eval split."""
     from lora_jax.io import converted_config
+    from lora_jax.run import Run, evaluate, saved_adapter
     from lora_jax.settings import RunConfig, load_config
-    from lora_jax.train import Run, evaluate, saved_adapter
     from lora_jax.variants import BASE_MODIFYING_INITS
 
     config = RunConfig.from_dict(load_config(args.config, args.set))
@@ -101,7 +102,6 @@ def compile_command(args: argparse.Namespace) -> int:
     from lora_jax import aot
     from lora_jax.models.hub import config_of
     from lora_jax.settings import load_config
-    from lora_jax.train import resolve
 
     aot.topology_name(args.topology)  # a bad name is refused before anything loads
     # Nothing runs here, it is only compiled: this machine's backend is its CPU, even where
@@ -282,6 +282,73 @@ def parser() -> argparse.ArgumentParser:
     compile_p.add_argument("--json", action="store_true", help="print JSON instead of a line")
     compile_p.set_defaults(run=compile_command)
     return root
+
+
+class WholeLines:
+    """While active, sys.stderr keeps each thread's output whole, a line at a time: text is
+    held per thread until its newline (or a progress bar's carriage return), then written in
+    one piece. Background writer threads (orbax's, tensorstore's) print tracebacks while a
+    command reports its failure; without this, pieces of their lines and of the command's
+    one-line error interleave, and the error is no longer a line of its own.
+
+    One traceback is dropped whole: tensorstore's callbacks into the event loop orbax has
+    already closed after a failed checkpoint write (only asyncio's frames, ending in
+    "RuntimeError: Event loop is closed"). The write's failure itself is the command's
+    error line; these say nothing more, a dozen times over."""
+
+    def __init__(self) -> None:
+        self.lock, self.partial, self.held = threading.Lock(), {}, {}
+
+    def __enter__(self) -> WholeLines:
+        self.stream, sys.stderr = sys.stderr, self
+        return self
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            thread = threading.get_ident()
+            pending = self.partial.pop(thread, "") + text
+            cut = max(pending.rfind("\n"), pending.rfind("\r")) + 1
+            if cut:
+                self.stream.write(self._unheld(thread, pending[:cut]))
+                self.stream.flush()
+            if pending[cut:]:
+                self.partial[thread] = pending[cut:]
+        return len(text)
+
+    def _unheld(self, thread: int, lines: str) -> str:
+        """`lines` less any traceback of a closed event loop (held until its last line)."""
+        out = []
+        for line in lines.splitlines(keepends=True):
+            block = self.held.get(thread)
+            if block is None and line.startswith("Traceback (most recent call last):"):
+                self.held[thread] = [line]
+            elif block is None:
+                out.append(line)
+            elif line[:1].isspace():
+                block.append(line)
+            else:  # the exception's line ends the traceback
+                del self.held[thread]
+                files = [b for b in block if b.lstrip().startswith("File ")]
+                noise = line.strip() == "RuntimeError: Event loop is closed" and all(
+                    f"{os.sep}asyncio{os.sep}" in f for f in files
+                )
+                out += [] if noise else [*block, line]
+        return "".join(out)
+
+    def flush(self) -> None:
+        self.stream.flush()  # a line still open stays held: it is not whole yet
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty, fileno: the stream's
+        return getattr(self.stream, name)
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.stderr = self.stream
+        with self.lock:
+            for text in [*("".join(b) for b in self.held.values()), *self.partial.values()]:
+                self.stream.write(text)
+            self.partial.clear()
+            self.held.clear()
+        self.stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,7 +80,8 @@ class AdaLora:
         return self.total_steps - self.tfinal
 
 
-def _as_tuple(value: str | Iterable[str], name: str) -> tuple[str, ...]:
+def _patterns(value: str | Iterable[str], name: str) -> tuple[str, ...]:
+    """A field's regexes (or presets) as a tuple, each checked to compile."""
     items = (value,) if isinstance(value, str) else tuple(value)
     for item in items:
         if not isinstance(item, str):
@@ -96,7 +97,7 @@ def _as_tuple(value: str | Iterable[str], name: str) -> tuple[str, ...]:
 
 def _as_pairs(value: Mapping[str, Any], name: str) -> tuple[tuple[str, Any], ...]:
     pairs = tuple(dict(value).items())
-    _as_tuple([k for k, _ in pairs], name)
+    _patterns([k for k, _ in pairs], name)
     return pairs
 
 
@@ -132,9 +133,9 @@ class LoraConfig:
     def __post_init__(self) -> None:
         # Normalise to tuples so the config is hashable and usable as a jit static argument.
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("targets", _as_tuple(self.targets, "targets"))
-        set_("exclude", _as_tuple(self.exclude, "exclude"))
-        set_("modules_to_save", _as_tuple(self.modules_to_save, "modules_to_save"))
+        set_("targets", _patterns(self.targets, "targets"))
+        set_("exclude", _patterns(self.exclude, "exclude"))
+        set_("modules_to_save", _patterns(self.modules_to_save, "modules_to_save"))
         set_("rank_pattern", _as_pairs(self.rank_pattern, "rank_pattern"))
         set_("alpha_pattern", _as_pairs(self.alpha_pattern, "alpha_pattern"))
         if not self.targets:

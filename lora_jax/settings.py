@@ -249,7 +249,7 @@ def _build(cls: type, values: Any, where: str) -> Any:
         elif dataclasses.is_dataclass(kind):
             out[name] = _build(kind, values[name], key)
         else:
-            out[name] = _checked(values[name], kind, key)
+            out[name] = _typed(values[name], kind, key)
     if cls is LoraConfig:
         return out
     return cls(**out)
@@ -269,14 +269,14 @@ def _lora(values: Any, key: str) -> LoraConfig:
         raise ValueError(f"config {key}: {err}") from None
 
 
-def _checked(value: Any, kind: Any, key: str) -> Any:
+def _typed(value: Any, kind: Any, key: str) -> Any:
     """`value` as the annotation `kind` wants it, or a ValueError naming the key."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (kind,) = [a for a in args if a is not type(None)]
-        return _checked(value, kind, key)
+        return _typed(value, kind, key)
     if origin is Literal:
         if value not in args:
             raise ValueError(f"config {key} is {value!r}; choose one of {list(args)}.")
@@ -285,7 +285,7 @@ def _checked(value: Any, kind: Any, key: str) -> Any:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
             raise ValueError(f"config {key} is {value!r}; expected a list of {args[0].__name__}.")
-        return tuple(_checked(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
+        return tuple(_typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
     if dataclasses.is_dataclass(kind) and not isinstance(value, kind):  # lora.adalora
         if not isinstance(value, Mapping):
             raise ValueError(f"config {key} is {value!r}; expected a dict of its settings "

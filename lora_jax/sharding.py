@@ -21,10 +21,11 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 from lora_jax.quant import QuantizedKernel
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, adapter_specs, as_dict, path_str
 
-EXPERT = "expert"
-# `expert` sits next to `tensor`, the fastest links: the experts' tokens cross it every layer.
-AXES = ("data", "fsdp", EXPERT, "tensor")
-BATCH = PartitionSpec(("data", "fsdp", EXPERT))
+# The mesh's axes, by name. `expert` sits next to `tensor`, the fastest links: the experts'
+# tokens cross it every layer.
+DATA, FSDP, EXPERT, TENSOR = "data", "fsdp", "expert", "tensor"
+AXES = (DATA, FSDP, EXPERT, TENSOR)
+BATCH = PartitionSpec((DATA, FSDP, EXPERT))
 
 # A partition rule: (regex over a leaf's path, mesh axes of its trailing axes: each None, an
 # axis or a tuple of axes). The first match wins, the rest is replicated; leading axes (the
@@ -120,13 +121,13 @@ def _factor_over_fsdp(spec: PartitionSpec, shape, leaf: str, mesh: Mesh) -> Part
     leaf and its optimizer state split (ZeRO-3). A column kernel's B, split like its output
     axis (over tensor), and a row kernel's A would otherwise be whole on every chip: 1.7 GiB
     a chip of a 70B model's factors and Adam moments."""
-    size = mesh.shape["fsdp"]
+    size = mesh.shape[FSDP]
     entries = list(spec) + [None] * (len(shape) - len(spec))
     axis = len(shape) - (2 if leaf == LORA_A else 1)
     names = [a for e in entries for a in ((e,) if isinstance(e, str) else e or ())]
-    if size == 1 or "fsdp" in names or shape[axis] % (_size(mesh, entries[axis]) * size):
+    if size == 1 or FSDP in names or shape[axis] % (_size(mesh, entries[axis]) * size):
         return spec
-    entries[axis] = (*_as_axes(entries[axis]), "fsdp")
+    entries[axis] = (*_as_axes(entries[axis]), FSDP)
     return PartitionSpec(*entries)
 
 

@@ -1,28 +1,59 @@
 """What the runner does differently per task (`data.task`), in one object per task: the row
 fields it reads and how it checks and encodes them, which models it trains, its loss terms,
 which evals it reports and what it checks at the end. `lora-jax train` / `eval` / `compile`
-look the task up in `TASKS` and never branch on it."""
+look the task up in `TASKS` and never branch on it.
+
+Tasks sit under the settings (which offer `TASKS`' names as `data.task`'s choices) and over
+the data pipeline (an `Encoder` is the `data.RowEncoder` of a task and its settings): what
+they read of the settings and of a run is described here, as protocols (`DataFields`,
+`Trained`), not imported.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+import string
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_jax.data import Example, Tokenizer, template_fields
+from lora_jax.config import LoraConfig
+from lora_jax.data import SEGMENT_IDS, Batch, Example, Tokenizer
 from lora_jax.step import token_terms
-
-if TYPE_CHECKING:
-    from lora_jax.settings import DataSettings
-    from lora_jax.train import Run
+from lora_jax.tree import combine, merge
 
 Terms = tuple[jax.Array, jax.Array, jax.Array]  # (summed loss, summed weight, summed correct)
 Shapes = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+class DataFields(Protocol):
+    """The `data.*` settings a task reads (`lora_jax.settings.DataFields` has them)."""
+
+    text_field: str
+    label_field: str
+    labels: Sequence[str]
+    response_field: str
+    template: str
+    max_length: int
+    pack: bool
+
+
+class Trained(Protocol):
+    """What a task's end-of-run check reads of the run (`lora_jax.run.Run` has it)."""
+
+    model: Any
+    base: Any
+    lora: LoraConfig
+    apply: Callable
+
+    def eval_batches(self, split: str = "eval") -> Iterator[tuple[Batch, int]]:
+        """(this process's rows of a global batch, real rows in it), the split in order."""
+        ...
 
 
 class Task(Protocol):
@@ -30,27 +61,28 @@ class Task(Protocol):
 
     name: str
     reports_probe: bool  # an eval before training and after the head-only phase
+    real_tokens: str  # the batch entry that is 0 on padding and nonzero on real tokens
 
-    def fields(self, data: DataSettings) -> list[str]:
+    def fields(self, data: DataFields) -> list[str]:
         """The row fields it reads."""
         ...
 
-    def check_row(self, row: Mapping[str, Any], at: str, data: DataSettings,
+    def check_row(self, row: Mapping[str, Any], at: str, data: DataFields,
                   classes: int | None) -> None:  # fmt: skip
         """A ValueError starting with `at` (file and row) unless every value has its type."""
         ...
 
     def encode(self, row: Mapping[str, Any], tokenizer: Tokenizer,
-               data: DataSettings) -> Example:  # fmt: skip
+               data: DataFields) -> Example:  # fmt: skip
         """A checked row's example: 1-D int32 token arrays of at most `data.max_length`
         (input_ids, attention_mask, ...) and scalars; `lora_jax.data` pads or packs them."""
         ...
 
-    def packs(self, data: DataSettings) -> bool:
+    def packs(self, data: DataFields) -> bool:
         """Whether training batches pack several examples into a row."""
         ...
 
-    def batch_shapes(self, data: DataSettings, rows: int) -> Shapes:
+    def batch_shapes(self, data: DataFields, rows: int) -> Shapes:
         """{name: (shape, dtype)} of what `encode` gives `rows` rows (for `lora-jax compile`)."""
         ...
 
@@ -67,7 +99,7 @@ class Task(Protocol):
         """(summed loss, summed weight, summed correct) of a batch, in float32."""
         ...
 
-    def finish(self, run: Run, adapter: Any, log: Callable[[str], None]) -> None:
+    def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
         """What the task checks once training is done."""
         ...
 
@@ -83,11 +115,12 @@ class Classify:
 
     name = "classify"
     reports_probe = True
+    real_tokens = "attention_mask"
 
-    def fields(self, data: DataSettings) -> list[str]:
+    def fields(self, data: DataFields) -> list[str]:
         return [data.text_field, data.label_field]
 
-    def check_row(self, row: Mapping[str, Any], at: str, data: DataSettings,
+    def check_row(self, row: Mapping[str, Any], at: str, data: DataFields,
                   classes: int | None) -> None:  # fmt: skip
         """Texts are strings; a label is a name from data.labels or an int in [0, classes),
         nothing coerced (no float, bool or null)."""
@@ -106,7 +139,7 @@ class Classify:
                              f"[0, {classes}).")  # fmt: skip
 
     def encode(self, row: Mapping[str, Any], tokenizer: Tokenizer,
-               data: DataSettings) -> Example:  # fmt: skip
+               data: DataFields) -> Example:  # fmt: skip
         """input_ids, attention_mask and the label (a label name mapped to its index)."""
         ids = tokenizer(row[data.text_field])[: data.max_length]
         label = row[data.label_field]
@@ -114,10 +147,10 @@ class Classify:
         return {"input_ids": _tokens(ids), "attention_mask": np.ones(len(ids), np.int32),
                 "labels": np.int32(label)}  # fmt: skip
 
-    def packs(self, data: DataSettings) -> bool:
+    def packs(self, data: DataFields) -> bool:
         return False  # one example a row: its logits are read at its own tokens
 
-    def batch_shapes(self, data: DataSettings, rows: int) -> Shapes:
+    def batch_shapes(self, data: DataFields, rows: int) -> Shapes:
         tokens = ((rows, data.max_length), np.dtype(np.int32))
         return {"input_ids": tokens, "attention_mask": tokens,
                 "labels": ((rows,), np.dtype(np.int32))}  # fmt: skip
@@ -139,7 +172,7 @@ class Classify:
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         return jnp.sum(losses * weight), jnp.sum(weight), jnp.sum(correct * weight)
 
-    def finish(self, run: Run, adapter: Any, log: Callable[[str], None]) -> None:
+    def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
         """The merged model's eval predictions against the factored forward's (one process:
         the eval split is whole there)."""
         if jax.process_count() == 1:
@@ -155,11 +188,12 @@ class Sft:
 
     name = "sft"
     reports_probe = False
+    real_tokens = SEGMENT_IDS
 
-    def fields(self, data: DataSettings) -> list[str]:
+    def fields(self, data: DataFields) -> list[str]:
         return [*template_fields(data.template), data.response_field]
 
-    def check_row(self, row: Mapping[str, Any], at: str, data: DataSettings,
+    def check_row(self, row: Mapping[str, Any], at: str, data: DataFields,
                   classes: int | None) -> None:  # fmt: skip
         """No template field is null; the response is a string."""
         for field in template_fields(data.template):
@@ -170,10 +204,10 @@ class Sft:
                              "not a string.")  # fmt: skip
 
     def encode(self, row: Mapping[str, Any], tokenizer: Tokenizer,
-               data: DataSettings) -> Example:  # fmt: skip
-        """input_ids (prompt, response, EOS), attention_mask, positions, and loss_mask (1 on
-        response tokens and EOS). Packed, attention_mask holds segment ids (1, 2, ... per
-        example) and positions restart with each example."""
+               data: DataFields) -> Example:  # fmt: skip
+        """input_ids (prompt, response, EOS), segment_ids (1 on every token: the row's one
+        example), positions, and loss_mask (1 on response tokens and EOS). Packed, segment
+        ids number the examples of a row (1, 2, ...) and positions restart with each."""
         prompt = tokenizer(data.template.format(**row))
         answer = tokenizer(row[data.response_field], special=False)
         answer += [tokenizer.eos] if tokenizer.eos is not None else []
@@ -181,17 +215,17 @@ class Sft:
         mask = ([0] * len(prompt) + [1] * len(answer))[: len(ids)]
         return {
             "input_ids": _tokens(ids),
-            "attention_mask": np.ones(len(ids), np.int32),
+            SEGMENT_IDS: np.ones(len(ids), np.int32),
             "positions": np.arange(len(ids), dtype=np.int32),
             "loss_mask": _tokens(mask),
         }
 
-    def packs(self, data: DataSettings) -> bool:
+    def packs(self, data: DataFields) -> bool:
         return data.pack
 
-    def batch_shapes(self, data: DataSettings, rows: int) -> Shapes:
+    def batch_shapes(self, data: DataFields, rows: int) -> Shapes:
         tokens = ((rows, data.max_length), np.dtype(np.int32))
-        return dict.fromkeys(("input_ids", "attention_mask", "positions", "loss_mask"), tokens)
+        return dict.fromkeys(("input_ids", SEGMENT_IDS, "positions", "loss_mask"), tokens)
 
     def num_labels(self, configured: int | None) -> int | None:
         return None  # a decoder keeps its LM head
@@ -207,14 +241,15 @@ class Sft:
     def loss_terms(self, apply: Callable, params: Any, batch: Mapping[str, jax.Array],
                    rngs: Any = None) -> Terms:  # fmt: skip
         """Summed response-token cross-entropy and count, and tokens predicted right."""
-        inputs = [batch[k] for k in ("input_ids", "attention_mask", "positions") if k in batch]
+        # The decoder's attention mask takes segment ids: a token sees its own example only.
+        inputs = [batch[k] for k in ("input_ids", SEGMENT_IDS, "positions") if k in batch]
         hidden = apply(params, *inputs, rngs=rngs, method="hidden")
-        real = batch["attention_mask"][:, 1:] > 0  # segment ids when packed
+        real = batch[SEGMENT_IDS][:, 1:] > 0
         mask = batch["loss_mask"][:, 1:] * real * _weight(batch)[:, None]
         head = functools.partial(apply, params, rngs=rngs, method="head")
         return token_terms(head, hidden[:, :-1], batch["input_ids"][:, 1:], mask)
 
-    def finish(self, run: Run, adapter: Any, log: Callable[[str], None]) -> None:
+    def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
         """Nothing beyond the eval loss: a generation check needs the user's prompts."""
 
 
@@ -226,19 +261,53 @@ def _weight(batch: Mapping[str, jax.Array]) -> jax.Array:
     return batch.get("weight", jnp.ones(batch["input_ids"].shape[0], jnp.float32))
 
 
-def merged_predictions(run: Run, adapter: Any) -> tuple[np.ndarray, np.ndarray]:
+def merged_predictions(run: Trained, adapter: Any) -> tuple[np.ndarray, np.ndarray]:
     """A classifier's eval-split predictions from the factored forward and from the merged
     model."""
-    from lora_jax.data import eval_batches
-    from lora_jax.tree import combine, merge
-
     factored = jax.jit(lambda p, x, m: jnp.argmax(run.apply(p, x, m), -1))
     plain = jax.jit(lambda p, x, m: jnp.argmax(run.model.apply(p, x, m), -1))
     params = combine(adapter, run.base)
     merged = merge(params, run.lora)
     predictions: tuple[list, list] = ([], [])
-    for batch, real in eval_batches(run.examples["eval"], run.config.train.batch_size, run.rows):
+    for batch, real in run.eval_batches():
         x, m = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
         predictions[0].append(np.asarray(factored(params, x, m))[:real])
         predictions[1].append(np.asarray(plain(merged, x, m))[:real])
     return np.concatenate(predictions[0]), np.concatenate(predictions[1])
+
+
+def template_fields(template: str) -> list[str]:
+    """The row fields a prompt template reads ("{prompt}" -> ["prompt"])."""
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """A task's rows of one split as examples (`lora_jax.data.RowEncoder`): its fields there
+    with their types (`classes`: a classifier's class count, None where any is fine), then
+    encoded by the task. Picklable, for grain's worker processes."""
+
+    task: Task
+    tokenizer: Tokenizer
+    data: DataFields
+    classes: int | None = None
+
+    @property
+    def max_length(self) -> int:
+        return self.data.max_length
+
+    @property
+    def pad(self) -> int:
+        return self.tokenizer.pad
+
+    def check(self, row: Mapping[str, Any], at: str) -> None:
+        """A ValueError starting with `at` for a row that lacks a field the task reads, or
+        has a value of the wrong type."""
+        if missing := [f for f in self.task.fields(self.data) if f not in row]:
+            raise ValueError(f"{at}: no field {missing[0]!r} (the row has {sorted(row)}); set "
+                             "data.text_field / label_field / response_field, or the "
+                             "template's fields.")  # fmt: skip
+        self.task.check_row(row, at, self.data, self.classes)
+
+    def __call__(self, row: Mapping[str, Any]) -> Example:
+        return self.task.encode(row, self.tokenizer, self.data)

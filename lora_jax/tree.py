@@ -19,7 +19,7 @@ import math
 import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec
 
 from lora_jax import variants
 from lora_jax.config import LOFTQ, LoraConfig
+from lora_jax.kinds import Kind, Linear, kind_of
 from lora_jax.variants import BASE_MODIFYING_INITS
 
 KERNEL = "kernel"
@@ -45,19 +46,9 @@ Params = Mapping[str, Any]
 Keys = tuple[Any, ...]  # dict keys: str for Linen, also int for NNX lists
 
 
-class ConvLayout(NamedTuple):
-    """A convolution's kernel layout: its spatial axes and input channels are the input axes,
-    its output channels the one output axis. A plain (n_in, n_out) pair to everything that
-    only needs the axis counts; `io` reads the type, since torch stores a convolution's weight
-    (out, in, *spatial) and peft its factors (r, in, *spatial) and (out, r, 1, ...)."""
-
-    n_in: int
-    n_out: int
-
-
-# Per module path: (number of input axes, number of output axes) of its kernel (a ConvLayout
-# for a convolution), or a string saying why that kernel cannot be adapted (see
-# `lora_jax.apply.kernel_layouts`).
+# Per module path: its kernel's kind (`lora_jax.kinds`: a Linear, ConvLayout or Grouped; a
+# plain (number of input axes, number of output axes) is a Linear's), or a string saying why
+# that kernel cannot be adapted (see `lora_jax.apply.kernel_layouts`).
 Layouts = Mapping[str, tuple[int, int] | str]
 
 
@@ -234,21 +225,22 @@ def sites(params: Params, config: LoraConfig | None = None, what: str = "sites")
 
 def kernel_layout(
     path: str, shape: tuple[int, ...], layouts: Layouts | None = None, lead: int = 0
-) -> tuple[int, int, int]:
-    """(lead, n_in, n_out): a kernel's stacked-layer, input and output axis counts, from
-    `layouts` (`lj.kernel_layouts`) where it names `path`, else (lead, 1, 1) where `lead`
-    stacked axes leave two, else a ValueError asking for layouts. The one place a bare
-    kernel's layout is decided: `init` and adapter files (`lj.load_adapter`) ask it."""
+) -> tuple[int, Kind]:
+    """(lead, kind): a kernel's stacked-layer axis count (a group axis included) and its kind
+    (`lora_jax.kinds`: input and output axes), from `layouts` (`lj.kernel_layouts`) where it
+    names `path`, else a Linear (1, 1) where `lead` stacked axes leave two, else a ValueError
+    asking for layouts. The one place a bare kernel's layout is decided: `init` and adapter
+    files (`lj.load_adapter`) ask it."""
     given = (layouts or {}).get(path)
     if isinstance(given, str):
         raise ValueError(f"{path}: cannot be adapted: {given}")
     if given is not None:
-        n_in, n_out = given
-        if n_in < 1 or n_out < 1 or n_in + n_out > len(shape):
+        kind = kind_of(given)
+        if kind.n_in < 1 or kind.n_out < 1 or kind.n_in + kind.n_out > len(shape):
             raise ValueError(f"{path}: layout {given} does not fit kernel shape {shape}.")
-        return len(shape) - n_in - n_out, n_in, n_out
+        return len(shape) - kind.n_in - kind.n_out, kind
     if len(shape) - lead == 2:
-        return lead, 1, 1
+        return lead, Linear(1, 1)
     raise ValueError(
         f"{path}: kernel shape {shape} is ambiguous (a stacked nn.Dense, or an nn.DenseGeneral "
         "with several input or output axes?). Pass layouts=lj.kernel_layouts(model, *inputs), "
@@ -346,7 +338,8 @@ def init(
     plans = []
     for keys in _targets(modules, config):
         path, shape = path_str(keys), tuple(modules[keys][KERNEL].shape)
-        lead, n_in, _ = kernel_layout(path, shape, layouts)
+        lead, kind = kernel_layout(path, shape, layouts)
+        n_in = kind.n_in
         fan_in, fan_out = math.prod(shape[lead : lead + n_in]), math.prod(shape[lead + n_in :])
         rank = config.rank_for(path)
         if rank > min(fan_in, fan_out):

@@ -11,7 +11,7 @@ from sft_runs import LLAMA_SFT, as_args
 from lora_jax import aot
 from lora_jax import data as data_lib
 from lora_jax.settings import DataSettings, load_config
-from lora_jax.tasks import TASKS
+from lora_jax.tasks import TASKS, Encoder
 
 GIB = 2**30
 # A small decoder whose step compiles in seconds.
@@ -116,7 +116,7 @@ def test_batch_shapes_are_what_encode_gives(task, sft):
     tokenizer = data_lib.Tokenizer(model_dir, json.loads((model_dir / "config.json").read_text()))
     data = DataSettings(task=task, max_length=8, template="{prompt}")
     rows = [{"text": "w3 w4", "label": 1, "prompt": "w5 w6", "response": "w7"}] * 3
-    encoded = data_lib.encoded(rows, TASKS[task], tokenizer, data, length=data.max_length)
+    encoded = data_lib.encoded(rows, Encoder(TASKS[task], tokenizer, data), length=data.max_length)
     assert {k: (v.shape, v.dtype) for k, v in encoded.items()} == TASKS[task].batch_shapes(data, 3)
 
 

@@ -18,9 +18,10 @@ from sft_runs import LLAMA_SFT, as_args, cli, losses, overrides
 from test_train import _free_port
 
 from lora_jax import data as data_lib
+from lora_jax import sources
 from lora_jax.cli import main as cli_main
 from lora_jax.settings import DataSettings
-from lora_jax.tasks import TASKS
+from lora_jax.tasks import TASKS, Encoder
 
 
 def _rows(path):
@@ -30,7 +31,7 @@ def _rows(path):
 
 
 def test_jsonl_rows_by_index_across_chunks_blank_lines_and_crlf(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_lib, "_CHUNK", 7)  # lines cross every chunk boundary
+    monkeypatch.setattr(sources, "_CHUNK", 7)  # lines cross every chunk boundary
     rng = np.random.default_rng(0)
     parts = []
     for i in range(60):
@@ -38,7 +39,7 @@ def test_jsonl_rows_by_index_across_chunks_blank_lines_and_crlf(tmp_path, monkey
         parts.append(["\n", "\r\n", "\n\n", "\n  \n", "\n\r\n"][i % 5])
     path = tmp_path / "rows.jsonl"
     path.write_bytes("".join(parts).rstrip().encode())  # the last line has no newline
-    rows = data_lib.JsonlRows(path)
+    rows = sources.JsonlRows(path)
     want = _rows(path)
     assert len(rows) == len(want) == 60
     for i, (row, line) in enumerate(want):
@@ -48,17 +49,17 @@ def test_jsonl_rows_by_index_across_chunks_blank_lines_and_crlf(tmp_path, monkey
 def test_the_index_is_built_once_per_version_of_the_file(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}\n')
-    first = data_lib.JsonlRows(path)
+    first = sources.JsonlRows(path)
     built = first.index.stat().st_mtime_ns
-    assert data_lib.JsonlRows(path).index.stat().st_mtime_ns == built  # reused
+    assert sources.JsonlRows(path).index.stat().st_mtime_ns == built  # reused
     with path.open("a") as f:
         f.write('{"a": 3}\n')
     os.utime(path, ns=(built + 10**9, built + 10**9))  # a new version, whatever the clock
-    again = data_lib.JsonlRows(path)
+    again = sources.JsonlRows(path)
     assert again.index != first.index and len(again) == 3 and again.read(2)[0] == {"a": 3}
-    with pytest.raises(data_lib.BadRow, match=rf"{re.escape(str(path))}:2: not a JSON object"):
+    with pytest.raises(sources.BadRow, match=rf"{re.escape(str(path))}:2: not a JSON object"):
         path.write_text('{"a": 1}\n{"a": \n')
-        data_lib.JsonlRows(path).read(1)
+        sources.JsonlRows(path).read(1)
 
 
 def _write_arrow(path, table, new=pa.ipc.new_stream):
@@ -82,30 +83,30 @@ def test_arrow_and_parquet_rows_read_as_the_jsonl_rows_do(tmp_path):
         _write_arrow(tmp_path / "saved" / f"data-0000{k}-of-00003.arrow", table[start:stop])
         parquet.write_table(table[start:stop], tmp_path / "hub" / f"train-0000{k}-of-00003.parquet")
     for name in ("one.parquet", "stream.arrow", "file.arrow", "saved", "hub"):
-        split = data_lib.open_rows(tmp_path / name)
+        split = sources.open_rows(tmp_path / name)
         assert len(split) == 23 and [split.read(i)[0] for i in range(23)] == rows, name
         again = pickle.loads(pickle.dumps(split))  # as a grain worker receives it
         assert again.read(22) == split.read(22)
-    where = data_lib.open_rows(tmp_path / "one.parquet").read(4)[1]
+    where = sources.open_rows(tmp_path / "one.parquet").read(4)[1]
     assert where == f"{tmp_path / 'one.parquet'}: row 5"
     shard = tmp_path / "saved" / "data-00002-of-00003.arrow"
-    assert data_lib.open_rows(tmp_path / "saved").read(11) == (rows[11], f"{shard}: row 1")
+    assert sources.open_rows(tmp_path / "saved").read(11) == (rows[11], f"{shard}: row 1")
     # Parquet is converted once per version of the file.
-    converted = data_lib.ArrowRows(tmp_path / "one.parquet").files[0]
+    converted = sources.ArrowRows(tmp_path / "one.parquet").files[0]
     built = converted.stat().st_mtime_ns
-    assert data_lib.ArrowRows(tmp_path / "one.parquet").files[0].stat().st_mtime_ns == built
+    assert sources.ArrowRows(tmp_path / "one.parquet").files[0].stat().st_mtime_ns == built
     parquet.write_table(table[:3], tmp_path / "one.parquet")
     os.utime(tmp_path / "one.parquet", ns=(built + 10**9, built + 10**9))
-    assert len(data_lib.open_rows(tmp_path / "one.parquet")) == 3
+    assert len(sources.open_rows(tmp_path / "one.parquet")) == 3
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ValueError, match=r"bad\.parquet: not a readable Parquet file"):
-        data_lib.open_rows(tmp_path / "bad.parquet")
+        sources.open_rows(tmp_path / "bad.parquet")
     (tmp_path / "bad.arrow").write_text('{"prompt": "JSONL by another name"}')
     with pytest.raises(ValueError, match=r"bad\.arrow: not an Arrow IPC file"):
-        data_lib.open_rows(tmp_path / "bad.arrow")
+        sources.open_rows(tmp_path / "bad.arrow")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty: a directory with no \.arrow or \.parq"):
-        data_lib.open_rows(tmp_path / "empty")
+        sources.open_rows(tmp_path / "empty")
 
 
 def _build_tfds(splits):
@@ -134,12 +135,12 @@ def test_a_tfds_split_trains_as_its_rows_in_jsonl_do(sft, tmp_path, monkeypatch,
     """A TFDS dataset built here trains with the losses and eval of its rows written to
     JSONL in TFDS's order (the build shuffles them). Missing TFDS, or a set not prepared,
     is one line that says what to do, before anything runs."""
-    read = {name: data_lib.read_rows(sft / f"{name}.jsonl") for name in ("train", "eval")}
+    read = {name: sources.read_rows(sft / f"{name}.jsonl") for name in ("train", "eval")}
     _build_tfds({"train": read["train"], "validation": read["eval"]})
     twins = {}
     for name, split in (("train", "train"), ("eval", "validation")):
         twins[name] = tmp_path / f"{name}.jsonl"
-        rows = data_lib.read_rows(f"tfds:tiny_sft:{split}", ["prompt", "response"])
+        rows = sources.read_rows(f"tfds:tiny_sft:{split}", ["prompt", "response"])
         assert sorted(map(str, rows)) == sorted(map(str, read[name]))
         twins[name].write_text("".join(json.dumps(row) + "\n" for row in rows))
 
@@ -147,8 +148,8 @@ def test_a_tfds_split_trains_as_its_rows_in_jsonl_do(sft, tmp_path, monkeypatch,
         sets = overrides(sft, out, **{"train.steps": 3, **changes})
         return cli_main(["train", "--config", LLAMA_SFT, *as_args(sets)])
 
-    sources = {"data.train": "tfds:tiny_sft:train", "data.eval": "tfds:tiny_sft:validation"}
-    assert train(tmp_path / "tfds", **sources) == 0
+    splits = {"data.train": "tfds:tiny_sft:train", "data.eval": "tfds:tiny_sft:validation"}
+    assert train(tmp_path / "tfds", **splits) == 0
     twins = {"data.train": twins["train"], "data.eval": twins["eval"]}
     assert train(tmp_path / "jsonl", **twins) == 0
     np.testing.assert_array_equal(losses(tmp_path / "tfds"), losses(tmp_path / "jsonl"))
@@ -158,7 +159,7 @@ def test_a_tfds_split_trains_as_its_rows_in_jsonl_do(sft, tmp_path, monkeypatch,
     assert train(tmp_path / "missing", **{"data.train": "tfds:tiny_missing:train"}) == 2
     assert "Prepare it once, with network: `tfds build tiny_missing" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
-    assert train(tmp_path / "none", **sources) == 2
+    assert train(tmp_path / "none", **splits) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["lora-jax train: 'tfds:tiny_sft:train' needs tensorflow-datasets: pip install "
                    "'lora_jax[tfds]'."]  # fmt: skip
@@ -198,8 +199,8 @@ def sft_examples(sft):
     model = sft / "llama"
     tokenizer = data_lib.Tokenizer(model, json.loads((model / "config.json").read_text()))
     data = DataSettings(task="sft", template="{prompt}", max_length=32)
-    rows = data_lib.JsonlRows(sft / "train.jsonl")
-    return data_lib.Encode(rows, TASKS["sft"], tokenizer, data, None)
+    rows = sources.JsonlRows(sft / "train.jsonl")
+    return data_lib.Encode(rows, Encoder(TASKS["sft"], tokenizer, data))
 
 
 @pytest.mark.parametrize("pack, workers", [(True, 0), (False, 0), (True, 2)])
@@ -229,15 +230,14 @@ def test_a_stream_resumes_exactly_where_its_state_was_taken(sft_examples, pack, 
     shape = after[0]["input_ids"].shape
     # Packed: rows of max_length; unpacked: the bucket of the longest (11 tokens -> 16).
     assert shape == ((8, 32) if pack else (8, 16))
-    share = np.mean([data_lib.padding_share(b) for b in after])
+    share = np.mean([data_lib.padding_share(b[data_lib.SEGMENT_IDS]) for b in after])
     assert share < (0.4 if pack else 0.35), share  # 22 of 32 tokens packed, 11 of 16 padded
 
 
 def test_a_parquet_split_streams_the_batches_of_its_jsonl_twin(sft, sft_examples, tmp_path):
-    rows = data_lib.read_rows(sft / "train.jsonl")
+    rows = sources.read_rows(sft / "train.jsonl")
     parquet.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet", row_group_size=9)
-    twin = data_lib.Encode(data_lib.open_rows(tmp_path / "train.parquet"), sft_examples.task,
-                           sft_examples.tokenizer, sft_examples.data, None)  # fmt: skip
+    twin = data_lib.Encode(sources.open_rows(tmp_path / "train.parquet"), sft_examples.encoder)
     want = iter(data_lib.train_stream(sft_examples, 8, 0, slice(None), pack=True))
     got = iter(data_lib.train_stream(twin, 8, 0, slice(None), pack=True))
     for _ in range(10):  # into the second epoch
@@ -245,9 +245,8 @@ def test_a_parquet_split_streams_the_batches_of_its_jsonl_twin(sft, sft_examples
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     rows[6]["response"] = None  # a null in a column: named by file and row, as JSONL's are
     parquet.write_table(pa.Table.from_pylist(rows), tmp_path / "null.parquet")
-    split = data_lib.Encode(data_lib.open_rows(tmp_path / "null.parquet"), sft_examples.task,
-                            sft_examples.tokenizer, sft_examples.data, None)  # fmt: skip
-    with pytest.raises(data_lib.BadRow, match=r"null\.parquet: row 7: response is None, not a"):
+    split = data_lib.Encode(sources.open_rows(tmp_path / "null.parquet"), sft_examples.encoder)
+    with pytest.raises(sources.BadRow, match=r"null\.parquet: row 7: response is None, not a"):
         split.check_first()
 
 
@@ -261,16 +260,15 @@ TWO_PROCESSES = """
 import json, sys
 import jax
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from lora_jax import data as data_lib, sharding
+from lora_jax import data as data_lib, sharding, sources
 from lora_jax.settings import DataSettings
-from lora_jax.tasks import TASKS
+from lora_jax.tasks import TASKS, Encoder
 mesh = sharding.make_mesh(1, 8, 1, devices=jax.devices())
 rows = sharding.local_rows(mesh, 8)
 model = sys.argv[3]
 tokenizer = data_lib.Tokenizer(model, json.load(open(model + "/config.json")))
 data = DataSettings(task="classify", text_field="prompt", labels=(), max_length=8)
-split = data_lib.Encode(data_lib.JsonlRows(sys.argv[4]), TASKS["classify"], tokenizer, data,
-                        None)
+split = data_lib.Encode(sources.JsonlRows(sys.argv[4]), Encoder(TASKS["classify"], tokenizer, data))
 it = iter(data_lib.train_stream(split, 8, 0, rows, pack=False))
 print(json.dumps([next(it)["labels"].tolist() for _ in range(int(sys.argv[5]))]))
 """
@@ -305,13 +303,13 @@ def test_two_processes_read_disjoint_rows_whose_union_is_the_epoch(sft, tmp_path
 
 MEMORY = """
 import json, resource, sys
-from lora_jax import data as data_lib
+from lora_jax import data as data_lib, sources
 from lora_jax.settings import DataSettings
-from lora_jax.tasks import TASKS
+from lora_jax.tasks import TASKS, Encoder
 model = sys.argv[1]
 tokenizer = data_lib.Tokenizer(model, json.load(open(model + "/config.json")))
 data = DataSettings(task="sft", template="{prompt}", max_length=32)
-split = data_lib.Encode(data_lib.JsonlRows(sys.argv[2]), TASKS["sft"], tokenizer, data, None)
+split = data_lib.Encode(sources.JsonlRows(sys.argv[2]), Encoder(TASKS["sft"], tokenizer, data))
 split.check_first()
 next(iter(data_lib.train_stream(split, 8, 0, slice(None), pack=True)))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

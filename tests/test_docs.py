@@ -23,8 +23,8 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # How the docs spell lora_jax's modules; settings sections share some of these names
 # (`data.max_length`), so a name there is a module attribute or a settings key.
 MODULES = {"lj": "lora_jax", **{m: f"lora_jax.{m}" for m in (
-    "aot", "analysis", "compose", "data", "io", "models", "settings", "sharding", "step",
-    "tasks", "train")}}  # fmt: skip
+    "aot", "analysis", "compose", "data", "files", "io", "kinds", "models", "peft_format",
+    "run", "settings", "sharding", "signals", "sources", "step", "tasks", "train")}}  # fmt: skip
 NAME = re.compile(rf"(?<![\w.])({'|'.join(MODULES)})((?:\.[A-Za-z_]\w*)+)")
 FILE_SUFFIXES = {"py", "jsonl", "json", "md", "png", "ipynb", "safetensors", "sh", "txt", "bin",
                  "parquet", "arrow"}  # fmt: skip

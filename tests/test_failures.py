@@ -26,8 +26,8 @@ from small_models import randomize_adapters
 import lora_jax as lj
 from lora_jax import models
 from lora_jax.checkpoint import Checkpoints
+from lora_jax.cli import WholeLines
 from lora_jax.cli import main as cli_main
-from lora_jax.launch import WholeLines
 
 
 def md5s(*paths):
@@ -343,7 +343,7 @@ def test_a_failed_checkpoint_write_stops_the_run_naming_step_and_cause(sft, tmp_
     err = run.stderr
     assert run.returncode == 2, err
     # tensorstore's callbacks into orbax's closed event loop print tracebacks on the way
-    # down (asyncio internals only); the command drops them (`launch.WholeLines`).
+    # down (asyncio internals only); the command drops them (`cli.WholeLines`).
     assert "lora_jax/" not in err and "Event loop is closed" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("lora-jax ")]
     assert len(lines) == 1, err

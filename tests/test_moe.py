@@ -29,9 +29,9 @@ from small_models import randomize_adapters
 import lora_jax as lj
 from lora_jax import compose, grouped, models, sharding
 from lora_jax.models.hub import SHARDING_RULES, naming_of
+from lora_jax.run import with_router_loss
 from lora_jax.step import StepShardings, make_step, opt_state_shardings
 from lora_jax.tasks import TASKS
-from lora_jax.train import with_router_loss
 
 IDS = np.random.RandomState(0).randint(3, 96, (4, 8))
 CONFIG = lj.LoraConfig(rank=4, alpha=8.0, targets=("attention", "experts"))
@@ -272,7 +272,7 @@ def test_training_adds_transformers_router_loss_when_the_router_is_trained(check
     assert model.config.router_aux_loss_coef == 0.5
     mask = np.ones_like(IDS)
     mask[1, 5:], mask[3, 2:] = 0, 0
-    batch = {"input_ids": jnp.asarray(IDS), "attention_mask": jnp.asarray(mask),
+    batch = {"input_ids": jnp.asarray(IDS), "segment_ids": jnp.asarray(mask),
              "loss_mask": jnp.asarray(mask)}  # fmt: skip
     run = types.SimpleNamespace(apply=model.apply, task=TASKS["sft"], model=model,
                                 router_aux=0.5)  # fmt: skip

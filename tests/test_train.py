@@ -28,11 +28,14 @@ import lora_jax as lj
 from lora_jax import data as data_lib
 from lora_jax import models
 from lora_jax.cli import main as cli_main
+from lora_jax.files import resolve
 from lora_jax.io import base_for
 from lora_jax.launch import HUGE_PAGES, huge_pages_env
+from lora_jax.run import Run, loss_terms
 from lora_jax.settings import DataSettings, RunConfig, load_config
-from lora_jax.tasks import TASKS
-from lora_jax.train import Run, loss_terms, resolve, train
+from lora_jax.sources import read_rows
+from lora_jax.tasks import TASKS, Encoder
+from lora_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,13 +258,13 @@ def test_packed_rows_give_the_loss_of_one_example_per_row(sft, tmp_path):
     run = Run.start(load_config(LLAMA_SFT, overrides(sft, tmp_path, **{"data.max_length": 32})))
     split = run.examples["train"]
     examples = [split(i) for i in range(64)]
-    pad_id = split.tokenizer.pad
+    pad_id = split.encoder.pad
     plain = data_lib.Padded(pad_id, 32, 32)(examples)
     source = grain.MapDataset.source(examples).to_iter_dataset()
     rows = list(data_lib.packed(source, 8, 32, pad_id))  # the last flush: fewer than 8 rows
     packed = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     assert len(rows) == 32  # 11 tokens an example: two per row of 32
-    assert packed["attention_mask"].max() == 2 and packed["positions"][0, 11] == 0
+    assert packed[data_lib.SEGMENT_IDS].max() == 2 and packed["positions"][0, 11] == 0
     params = lj.combine(randomize_adapters(run.adapter, jax.random.key(0)), run.base)
     totals = [
         np.asarray(loss_terms(run, params, jax.tree.map(jnp.asarray, batch)))
@@ -273,7 +276,7 @@ def test_packed_rows_give_the_loss_of_one_example_per_row(sft, tmp_path):
 
 
 def test_compiled_step_has_no_weight_gradient_for_frozen_kernels(sft, tmp_path):
-    from lora_jax.train import make_train_step, run_tx, step_shardings
+    from lora_jax.run import make_train_step, run_tx, step_shardings
 
     config = load_config(LLAMA_SFT, overrides(sft, tmp_path, **{"lora.rank": 4}))
     run = Run.start(config)
@@ -334,7 +337,7 @@ def test_tokenizer_pads_and_cuts_itself_whatever_tokenizer_json_says():
     assert len(tokenizer(long)) == 202  # not cut at the file's 128
     config = DataSettings()  # the quickstart's
     rows = [{"text": "The plot was not boring.", "label": "positive"}]
-    batch = data_lib.encoded(rows, TASKS["classify"], tokenizer, config)
+    batch = data_lib.encoded(rows, Encoder(TASKS["classify"], tokenizer, config))
     real = len(tokenizer(rows[0]["text"]))
     assert batch["attention_mask"].sum() == real and batch["input_ids"].shape == (1, 8)
 
@@ -374,9 +377,9 @@ def test_quickstart_runs_offline_as_the_readme_says(tmp_path, capsys):
     config = RunConfig.from_dict(load_config(None))
     model, params, hf_config = base_for(tmp_path / "adapter", base)
     adapter_tree, lora = lj.load_adapter(tmp_path / "adapter", params)
-    rows = data_lib.read_rows(resolve(config.data.eval))
+    rows = read_rows(resolve(config.data.eval))
     tokenizer = data_lib.Tokenizer(base, hf_config)
-    batch = data_lib.encoded(rows, TASKS["classify"], tokenizer, config.data, length=24)
+    batch = data_lib.encoded(rows, Encoder(TASKS["classify"], tokenizer, config.data), length=24)
     inputs = (jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
     factored = lj.lora_apply(model.apply, lora)(lj.combine(adapter_tree, params), *inputs)
     merged_model, merged, _ = models.from_pretrained(merged_dir)

@@ -78,7 +78,8 @@ class CausalLM(ZooModel):
     `method="head"`), so that a loss can apply the head to a chunk of tokens at a time."""
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
-        """Token ids (B, T) -> logits (B, T, vocab). `attention_mask` (B, T): 1 for real tokens."""
+        """Token ids (B, T) -> logits (B, T, vocab). `attention_mask` (B, T): 0 on padding, 1
+        on real tokens, or a packed batch's segment ids (each token attends to its own)."""
         return self.head(self.hidden(input_ids, attention_mask, positions))
 
 

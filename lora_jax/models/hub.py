@@ -28,7 +28,7 @@ from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from lora_jax.models.moe import ROUTER
 from lora_jax.models.naming import TRANSFORMERS_EXPERTS, ExpertFiles, Naming
-from lora_jax.sharding import EXPERT, Rules
+from lora_jax.sharding import EXPERT, FSDP, TENSOR, Rules
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -47,20 +47,20 @@ COLUMN = (
     r"|c_fc|intermediate/dense)"
 )
 ROW = r"(o_proj|down_proj|c_proj|output/dense)"
-# The rest is split over the expert axis too, as over fsdp (MaxText's placement): the chips
-# along it would otherwise each hold every dense layer whole.
-FSDP = ("fsdp", EXPERT)
+# Dense kernels and tables split over fsdp and the expert axis together (MaxText's placement):
+# the chips along the expert axis would otherwise each hold every dense layer whole.
+DENSE = (FSDP, EXPERT)
 SHARDING_RULES: Rules = (
     # A mixture's experts (E, in, out) split over the expert axis first, each like its twin.
-    (r"experts/gate_up_proj/kernel$", (EXPERT, "fsdp", "tensor")),
-    (r"experts/down_proj/kernel$", (EXPERT, "tensor", "fsdp")),
-    (COLUMN + r"/kernel$", (FSDP, "tensor")),
-    (COLUMN + r"/bias$", ("tensor",)),
-    (ROW + r"/kernel$", ("tensor", FSDP)),
+    (r"experts/gate_up_proj/kernel$", (EXPERT, FSDP, TENSOR)),
+    (r"experts/down_proj/kernel$", (EXPERT, TENSOR, FSDP)),
+    (COLUMN + r"/kernel$", (DENSE, TENSOR)),
+    (COLUMN + r"/bias$", (TENSOR,)),
+    (ROW + r"/kernel$", (TENSOR, DENSE)),
     # Tables split on the hidden axis only: a row gather from a vocabulary-split table is
     # replicated by XLA's SPMD partitioner ("involuntary full rematerialization").
-    (r"(embed_tokens|word_embeddings|wte)/embedding$", (None, FSDP)),
-    (r"lm_head/kernel$", (FSDP, "tensor")),
+    (r"(embed_tokens|word_embeddings|wte)/embedding$", (None, DENSE)),
+    (r"lm_head/kernel$", (DENSE, TENSOR)),
 )
 
 

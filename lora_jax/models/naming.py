@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from lora_jax.kinds import from_torch, to_torch
 from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_E, LORA_M, path_str
 
 LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
@@ -35,19 +36,6 @@ EXPERTS = "experts"  # the key of the module that holds a mixture's stacked expe
 # The parameters transformers' experts modules (Mixtral, Qwen3-MoE, ...) define, in order.
 TRANSFORMERS_EXPERTS = ("gate_up_proj", "down_proj")
 WRAPPED = ".base_layer"  # peft's name for the module a wrapper wraps
-
-
-def to_torch(array: Any) -> Any:
-    """A kernel in torch's layout: (in, out) -> (out, in), and a convolution's (*spatial, in,
-    out) -> (out, in, *spatial); peft's factors A (.., in, r) and (r, out) map the same way."""
-    n = array.ndim
-    return array.transpose(n - 1, n - 2, *range(n - 2))
-
-
-def from_torch(tensor: Any) -> Any:
-    """`to_torch` inverted: (out, in, *spatial) -> (*spatial, in, out)."""
-    n = tensor.ndim
-    return tensor.transpose(*range(2, n), 1, 0)
 
 
 Keys = tuple  # a params path: str keys, and int ones for the items of an NNX list
