@@ -19,7 +19,10 @@ DEVICES = {"quickstart": 1, "llm_sft_tpu": 8, "compose_adapters": 1}
 # How the docs spell each module a notebook may use.
 MODULES = {
     "lora_jax": "lj",
-    **{f"lora_jax.{m}": m for m in ("aot", "compose", "data", "models", "settings", "train")},
+    **{
+        f"lora_jax.{m}": m
+        for m in ("aot", "compose", "data", "files", "models", "settings", "sources", "train")
+    },
 }
 
 
