@@ -31,9 +31,13 @@ class _WithoutTraceback(logging.Filter):
 class Checkpoints:
     """Save and restore the trained state of one run directory."""
 
-    def __init__(self, directory: str | Path, every: int, keep: int):
+    def __init__(self, directory: str | Path, every: int, keep: int, timeout_s: float = 600.0):
+        # `timeout_s`: how long a write waits for the other processes' shards, then fails.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=max(every, 1), enable_async_checkpointing=True
+            max_to_keep=keep,
+            save_interval_steps=max(every, 1),
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(timeout_secs=max(int(timeout_s), 1)),
         )
         self.every, self.written = every, set()
         absl = logging.getLogger("absl")

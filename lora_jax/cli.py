@@ -20,6 +20,7 @@ import jax
 from flax import traverse_util
 
 from lora_jax.files import check_target, resolve
+from lora_jax.hosts import NoAnswer
 from lora_jax.io import base_for, load_adapter, read_adapter
 from lora_jax.models import from_pretrained, save_pretrained
 from lora_jax.models.hub import MODEL_FILES
@@ -364,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         except Stopped as stopped:  # checkpointed; not finished, so not 0
             print(f"lora-jax {args.command}: {stopped}", file=sys.stderr)
             return 128 + stopped.signum
+        except NoAnswer as err:
+            # Ended now: at exit, jax.distributed would wait for the process that did not
+            # answer (shutdown_timeout_seconds, 5 minutes). Every file is written whole.
+            print(f"lora-jax {args.command}: {err}", file=sys.stderr, flush=True)
+            os._exit(2)
         except (ValueError, FileNotFoundError, OSError, ImportError, FloatingPointError) as err:
             print(f"lora-jax {args.command}: {err}", file=sys.stderr)
             return 2

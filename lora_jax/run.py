@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
-from lora_jax import sharding
+from lora_jax import hosts, sharding
 from lora_jax.adalora import adalora_allocator, adalora_penalty
 from lora_jax.apply import kernel_layouts, lora_apply
 from lora_jax.config import LOFTQ, LoraConfig
@@ -45,9 +45,9 @@ from lora_jax.variants import BASE_MODIFYING_INITS
 
 
 def start_distributed(dist: DistributedSettings) -> None:
-    """Joins the other processes (jax.distributed), once; a single process has nothing to do."""
-    if dist.num_processes > 1 and not jax.distributed.is_initialized():
-        jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
+    """Joins the other processes (`hosts.join`: as `distributed.*` names them, or as the
+    launcher's variables show them), once; a single process has nothing to do."""
+    hosts.join(dist.coordinator, dist.num_processes, dist.process_id)
 
 
 def open_splits(cfg: RunConfig, tokenizer: data_lib.Tokenizer) -> dict[str, data_lib.Encode]:
@@ -114,13 +114,14 @@ def model_options(cfg: RunConfig) -> dict[str, Any]:
     )
 
 
-def load_base(cfg: RunConfig, model_dir: str) -> tuple[Any, Any, dict[str, Any]]:
+def load_base(cfg: RunConfig, model_dir: str, mesh: jax.sharding.Mesh) -> tuple[Any, Any, dict]:
     """(model, params, hf_config) of the base checkpoint, the task and sequence length checked
-    against it first (before any weight is read)."""
+    against it first (before any weight is read), each param built in its sharding over
+    `mesh` from the slices this process's devices hold."""
     from lora_jax.models.hub import config_of, from_pretrained
 
     check_base(cfg, config_of(model_dir), model_dir)
-    return from_pretrained(model_dir, **model_options(cfg))
+    return from_pretrained(model_dir, **model_options(cfg), mesh=mesh)
 
 
 def agreed(batch: data_lib.Batch, pad_id: int) -> data_lib.Batch:
@@ -223,7 +224,7 @@ class Run(Setup):
         tokenizer = data_lib.Tokenizer(model_dir, config_of(model_dir))
         examples = open_splits(cfg, tokenizer)
         mesh = run_mesh(cfg.mesh, cfg.train)
-        model, params, hf_config = load_base(cfg, model_dir)
+        model, params, hf_config = load_base(cfg, model_dir, mesh)
         example = jnp.asarray(data_lib.first_batch(examples["train"])["input_ids"])
         params = adapted(cfg, model, params, example)
         parts = on_mesh(params, mesh, family_of(hf_config)[0].rules, cfg.lora)

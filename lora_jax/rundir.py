@@ -24,10 +24,15 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
+import jax
+
+from lora_jax import hosts
 from lora_jax.files import read_json, write_text
 from lora_jax.settings import RunConfig
 
@@ -91,7 +96,8 @@ class RunDir:
                              "for it to end, or choose another output_dir.") from None  # fmt: skip
         self.lock.seek(0)
         self.lock.truncate()
-        self.lock.write(f"pid {os.getpid()}")
+        # Which run holds it, told apart from a run of the same pid on another host.
+        self.lock.write(f"pid {os.getpid()} on {socket.gethostname()} ({secrets.token_hex(6)})")
         self.lock.flush()
         differences = changed(_record(record), self.settings) if resume and record.exists() else []
         if differences:
@@ -100,6 +106,33 @@ class RunDir:
             raise ValueError(f"--resume: {record} records other settings ({diffs}); resume "
                              "with those, or start fresh (without --resume, or in another "
                              "output_dir).")  # fmt: skip
+
+    def check_shared(self, timeout_s: float) -> None:
+        """A ValueError on every process unless each sees the lock process 0 holds: the
+        processes of a pod run on hosts with their own disks, where each would write its
+        checkpoint shards into its own copy of the directory, and orbax would wait for the
+        shards to meet forever."""
+        if jax.process_count() == 1:
+            return
+        held = self._lock_text() if self.lock else ""
+        held = hosts.from_process_0(held, "process 0 locked the output directory", timeout_s)
+        seen = hosts.gather(str(int(self._lock_text() == held)),
+                            "the processes looked for process 0's lock", timeout_s)  # fmt: skip
+        if blind := [i for i, s in enumerate(seen) if s != "1"]:
+            self.close()
+            raise ValueError(
+                f"output_dir {self.path} is not one directory the run's processes share: "
+                f"process {', '.join(map(str, blind))} cannot see the lock process 0 holds "
+                "there (each host of a pod has its own disk). Give every process one "
+                "directory they all see: a shared mount (NFS, Filestore, a gcsfuse bucket)."
+            )
+
+    def _lock_text(self) -> str:
+        """What the lock file says here (empty where there is none)."""
+        try:
+            return (self.path / LOCK).read_text()
+        except OSError:
+            return ""
 
     def begin(self) -> None:
         """The run is sure to start: a fresh run clears an earlier run's outputs, a resumed

@@ -151,12 +151,15 @@ class DistributedSettings:
     """Several processes joined by jax.distributed (hosts of a pod, GPU nodes)."""
 
     coordinator: str | None = None  # "host:port" of process 0, for jax.distributed
-    num_processes: int = 1
+    num_processes: int = 1  # 1: one process, unless the launcher's variables show several
     process_id: int = 0
+    timeout_s: float = 600.0  # the longest any process waits for the others, then stops
 
     def __post_init__(self) -> None:
         _require(self.num_processes >= 1, "distributed.num_processes", self.num_processes,
                  "must be >= 1")  # fmt: skip
+        _require(math.isfinite(self.timeout_s) and self.timeout_s > 0, "distributed.timeout_s",
+                 self.timeout_s, "must be a finite number of seconds > 0")  # fmt: skip
         _require(0 <= self.process_id < self.num_processes, "distributed.process_id",
                  self.process_id, f"must be in [0, {self.num_processes})")  # fmt: skip
 

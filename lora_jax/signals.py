@@ -4,8 +4,11 @@ one line when a signal reaches it (`Interrupts`), and a training run checkpoints
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import sys
+import threading
 from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -49,20 +52,41 @@ class Interrupts:
 
 class StopRequests:
     """While a run trains: SIGTERM / SIGINT ask it to checkpoint and stop after the current
-    step (`requested`, `signum`); a second signal stops it at once, the usual way (the
-    handlers before these act). `restore` puts those handlers back. The loop shares the
-    request with the other processes of a run (`lora_jax.train`)."""
+    step (`requested`, `signum`). A second SIGINT stops it at once, the usual way (the
+    handler before these acts: KeyboardInterrupt); a second signal where either is a SIGTERM
+    always ends the process at once, with one line, even where the main thread is inside a
+    call that does not return (a collective, a wait on a disk), where Python's own handlers
+    never run: a thread reads the signals off Python's wakeup file descriptor, which the C
+    handler writes at once.
+    `restore` puts the handlers before these back. The loop shares the request with the
+    other processes of a run (`lora_jax.train`)."""
 
     def __init__(self) -> None:
         self.requested, self.signum = False, signal.SIGTERM  # SIGTERM: another process's
         self.previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        self._read, write = socket.socketpair()
+        write.setblocking(False)
+        self._wakeup = (write, signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False))
+        threading.Thread(target=self._watch, name="lora_jax-signals", daemon=True).start()
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # asked twice: the previous handler acts (KeyboardInterrupt, exit)
+        if not self.requested:
+            self.requested, self.signum = True, signum
+        elif signum == self.signum == signal.SIGINT:  # Ctrl-C twice: the previous handler
             self.restore()
             signal.raise_signal(signum)
-            return
-        self.requested, self.signum = True, signum
+
+    def _watch(self) -> None:
+        """Ends the process at a second signal where either is a SIGTERM (the kernel may
+        deliver two signals sent together in either order)."""
+        seen: list[int] = []
+        while chunk := self._read.recv(64):  # empty once `restore` closes the other end
+            seen += chunk
+            if len(seen) >= 2 and signal.SIGTERM in seen:
+                sys.stderr.write("lora-jax: stopped at once by a second signal (SIGTERM); the "
+                                 "steps since the last checkpoint are lost\n")  # fmt: skip
+                sys.stderr.flush()
+                os._exit(128 + signal.SIGTERM)
 
     def stopped(self, step: int, saved: str) -> Stopped:
         """The error a run stopped after `step` steps raises; `saved`: what it wrote."""
@@ -71,5 +95,9 @@ class StopRequests:
                        "continues")  # fmt: skip
 
     def restore(self) -> None:
+        write, previous_fd = self._wakeup
+        signal.set_wakeup_fd(previous_fd)
+        write.close()
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            # None: a handler not set from Python (jax.distributed's preemption notifier).
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)

@@ -16,11 +16,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
+from lora_jax import hosts
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.run import Run, evaluate, make_train_step, run_tx, start_distributed, step_shardings
 from lora_jax.rundir import RunDir
@@ -40,44 +40,37 @@ def train(
     `resume` continues only a run with the same settings; without it, an earlier run there
     is replaced."""
     settings = RunConfig.from_dict(config)
-    # Joined first: jax.distributed installs its own SIGTERM handler, which ours replaces.
+    # Joined first: jax.distributed's preemption notifier takes SIGTERM, which ours replaces.
     start_distributed(settings.distributed)
-    rundir = open_rundir(settings, resume)
+    timeout = settings.distributed.timeout_s
+    rundir = open_rundir(settings, resume, timeout)
     stop = StopRequests()
     try:
+        rundir.check_shared(timeout)  # before anything loads: a pod's hosts have own disks
         run = Run.start(settings)  # every input checked
         rundir.begin()
-        if jax.process_count() > 1:  # no process writes before process 0 has cleared
-            multihost_utils.sync_global_devices("lora_jax run directory ready")
+        hosts.barrier("process 0 cleared the output directory", timeout)  # no write before
         return _loop(run, resume, log, stop)
     finally:
         stop.restore()
         rundir.close()
 
 
-def open_rundir(settings: RunConfig, resume: bool) -> RunDir:
+def open_rundir(settings: RunConfig, resume: bool, timeout_s: float) -> RunDir:
     """The run's directory, locked by process 0 (`RunDir`). With several processes, its
     refusal (a held lock, other settings on --resume) is raised on every process, which
-    would otherwise wait for process 0 in their first collective."""
+    would otherwise wait for process 0 at their first meeting."""
     refusal, error = "", None
     try:
         rundir = RunDir(settings, resume, main=jax.process_index() == 0)
     except (ValueError, OSError) as err:
         refusal, error = str(err), err
-    if jax.process_count() > 1:
-        refusal = _process_0_text(refusal)
+    refusal = hosts.from_process_0(refusal, "process 0 opened the output directory", timeout_s)
     if error is not None:
         raise error
     if refusal:
         raise ValueError(f"process 0: {refusal}")
     return rundir
-
-
-def _process_0_text(text: str, size: int = 2048) -> str:
-    """Process 0's `text` on every process (collectives move arrays: bytes, zero-padded)."""
-    raw = np.frombuffer(text.encode()[:size].ljust(size, b"\0"), np.uint8)
-    shared = np.asarray(multihost_utils.broadcast_one_to_all(raw), np.uint8)
-    return shared.tobytes().rstrip(b"\0").decode(errors="replace")
 
 
 def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
@@ -92,7 +85,8 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
     shardings = step_shardings(run, txs[False])
     opt_state = jax.jit(txs[False].init, out_shardings=shardings.opt_state)(run.adapter)
     ckpt_cfg = run.config.checkpoint
-    checkpoints = Checkpoints(out / "checkpoints", ckpt_cfg.every, ckpt_cfg.keep)
+    timeout = run.config.distributed.timeout_s
+    checkpoints = Checkpoints(out / "checkpoints", ckpt_cfg.every, ckpt_cfg.keep, timeout)
     batches = iter(run.stream())
     # PiSSA/OLoRA rewrote the base: the adapter is saved for the original base through its
     # initial value, kept on the host now (the first step donates run.adapter's buffers).
@@ -112,14 +106,15 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
         log(f"eval before training: {_fmt(evaluate(run, adapter))}")
     bar = writer.progress(start, train_cfg.steps)
     try:
-        if _anywhere(stop)[0]:  # asked during setup: nothing new to save
+        if _anywhere(stop, timeout, f"starting at step {start + 1}")[0]:  # asked in setup
             raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} before "
                           f"step {start + 1}; nothing trained")  # fmt: skip
         data_state = batches.get_state()  # what a checkpoint of the newest step holds
         for step in range(start, train_cfg.steps):
             t0 = time.perf_counter()
             bad, local = _next(batches)
-            stopping, bad_anywhere = _anywhere(stop, bad is not None)
+            doing = f"reading step {step + 1}'s batch"
+            stopping, bad_anywhere = _anywhere(stop, timeout, doing, bad is not None)
             if stopping:
                 if step > start:
                     checkpoints.save(step, (adapter, opt_state), data_state, force=True)
@@ -149,7 +144,7 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
             checkpoints.save(step + 1, (adapter, opt_state), data_state)
             if step + 1 == head_steps and run.task.reports_probe:
                 log(f"eval after training the head alone: {_fmt(evaluate(run, adapter))}")
-        if _anywhere(stop)[0]:  # asked during the last step
+        if _anywhere(stop, timeout, "training's last step")[0]:  # asked during it
             checkpoints.save(train_cfg.steps, (adapter, opt_state), data_state, force=True)
             raise stop.stopped(train_cfg.steps, f"checkpoint written in {out / 'checkpoints'}")
     finally:
@@ -165,16 +160,16 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
     return metrics
 
 
-def _anywhere(stop: StopRequests, bad_row: bool = False) -> tuple[bool, bool]:
+def _anywhere(
+    stop: StopRequests, timeout_s: float, doing: str, bad_row: bool = False
+) -> tuple[bool, bool]:
     """(whether to stop, whether a bad row was read), the same on every process: a signal to
     any process, or a bad row read by any (`bad_row`: this one read one), stops them all
-    after the same step. Each step they share their flags (a tiny all-gather), so none is
-    left waiting in a collective."""
-    if jax.process_count() == 1:
-        return stop.requested or bad_row, bad_row
-    flags = np.asarray([stop.requested, bad_row], np.int32)
-    asked, bad = (bool(f) for f in multihost_utils.process_allgather(flags).max(0))
-    return asked or bad, bad
+    after the same step. Each step they share their flags (`hosts.gather`, with the run's
+    deadline), so none is left waiting in a collective."""
+    flags = hosts.gather(f"{int(stop.requested)}{int(bad_row)}", doing, timeout_s)
+    bad = any(f[1] == "1" for f in flags)
+    return bad or any(f[0] == "1" for f in flags), bad
 
 
 def _next(batches: Any) -> tuple[BadRow | None, data_lib.Batch | None]:

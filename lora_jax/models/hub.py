@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -17,10 +16,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
+from jax.sharding import Mesh
 from safetensors.flax import save_file
+from tqdm.auto import tqdm
 
 from lora_jax.files import atomic_dir, check_finite, read_json
 from lora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
@@ -28,7 +27,8 @@ from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from lora_jax.models.moe import ROUTER
 from lora_jax.models.naming import TRANSFORMERS_EXPERTS, ExpertFiles, Naming
-from lora_jax.sharding import EXPERT, FSDP, TENSOR, Rules
+from lora_jax.models.reading import Checkpoint, Leaf, Tensor, permutation
+from lora_jax.sharding import EXPERT, FSDP, TENSOR, Rules, param_shardings
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -164,87 +164,34 @@ def naming_of(hf_config: dict[str, Any]) -> Naming:
     return dataclasses.replace(family.naming, task_type=task)
 
 
-class _Checkpoint:
-    """The tensors of model.safetensors or a sharded model.safetensors.index.json, read lazily."""
-
-    def __init__(self, directory: Path):
-        index = directory / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: no weight_map.")
-        elif (directory / "model.safetensors").exists():
-            with _opened(directory / "model.safetensors") as f:
-                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
-        elif any(directory.glob("pytorch_model*.bin")):
-            raise ValueError(
-                f"{directory}: only pickle checkpoints (pytorch_model.bin), which can "
-                "run code when loaded; convert them to safetensors first."
-            )
-        else:
-            raise FileNotFoundError(f"{directory}: no model.safetensors or its index.")
-        self.files = {name: directory / file for name, file in weight_map.items()}
-
-    def get(self, name: str) -> np.ndarray:
-        with _opened(self.files[name]) as f:
-            try:
-                return np.asarray(f.get_tensor(name))
-            except Exception as err:  # safetensors' own error types: a damaged file
-                raise ValueError(f"{self.files[name]}: {name} cannot be read (truncated or "
-                                 f"damaged? {err}).") from None  # fmt: skip
-
-
-@contextlib.contextmanager
-def _opened(path: Path) -> Iterator[Any]:
-    """A safetensors file opened for reading, or a ValueError naming it."""
-    try:
-        handle = safe_open(path, "flax")
-    except Exception as err:  # safetensors raises its own error types for a damaged file
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged? "
-                         f"{err}).") from None  # fmt: skip
-    with handle as f:
-        yield f
-
-
 def load_params(
-    model: nn.Module, directory: Path, hf_config: dict, dtype: Any, new_head: bool = False
-) -> dict[str, Any]:
-    """The model's params tree filled from the checkpoint, every name and shape checked.
+    model: nn.Module, directory: Path, hf_config: dict, dtype: Any, new_head: bool = False,
+    shardings: Any = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The model's params tree filled from the checkpoint, every name and shape checked (from
+    the files' headers) before any tensor is read.
 
+    shardings: a NamedSharding per param (`lora_jax.sharding.param_shardings`): each param
+    is built in its sharding from the slices this process's devices hold, read alone
+    (`models.reading`); without, each is read whole onto the default device.
     new_head: the checkpoint is the bare encoder of a classification model; its tensors lack
     the encoder's prefix ("bert.") and the classifier starts from a seeded random init.
     """
     family, _ = family_of(hf_config)
-    names_of = family.naming.names
     dummy = jnp.zeros((1, 2), jnp.int32)
-    init = jax.jit(model.init) if new_head else functools.partial(jax.eval_shape, model.init)
-    expected = traverse_util.flatten_dict(init(jax.random.key(0), dummy)["params"])
-    checkpoint = _Checkpoint(directory)
-    used, missing, params = set(), [], {}
+    shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
+    expected = traverse_util.flatten_dict(shapes)
+    checkpoint = Checkpoint(directory)
+    leaves, used, missing = {}, set(), []
     for keys, spec in expected.items():
         if new_head and keys[0] == "classifier":
-            params[keys] = jnp.asarray(spec, dtype)
             continue
-        names = names_of(keys, spec.shape[0])
-        if new_head and names[0] not in checkpoint.files:  # a bare encoder: no "bert." prefix
-            names = names_of(keys[1:], spec.shape[0])
-        stacked = family.naming.stacked(keys)
-        want = spec.shape[1:] if stacked else spec.shape
-        found = [_read(checkpoint, family.naming.files, name, want[0]) for name in names]
-        used.update(file for f in found if f is not None for file in f[1])
-        if absent := [n for n, f in zip(names, found, strict=True) if f is None]:
+        layers, absent = _layers(checkpoint, family.naming, keys, spec.shape, new_head)
+        used.update(n for layer in layers if layer is not None for n in layer.names())
+        if absent:
             missing += absent
             continue
-        arrays = []
-        for name, (array, _) in zip(names, found, strict=True):
-            array = family.naming.our_layout(keys, array)
-            if array.shape != want:
-                raise ValueError(
-                    f"{name}: checkpoint shape {array.shape} (after layout change) "
-                    f"!= model shape {want}; is config.json the checkpoint's?"
-                )
-            arrays.append(array.astype(dtype))
-        params[keys] = jnp.asarray(np.stack(arrays) if stacked else arrays[0])
+        leaves[keys] = _leaf(checkpoint, family.naming, keys, spec.shape, layers)
     ignored = family.buffers + (r"|^(lm_head|cls)\." if new_head else "")  # a dropped MLM head
     unexpected = sorted(n for n in checkpoint.files if n not in used and not re.search(ignored, n))
     if missing or unexpected:
@@ -252,27 +199,70 @@ def load_params(
             f"{directory} does not match {type(model).__name__}: missing tensors "
             f"{missing}, unexpected tensors {unexpected}."
         )
+    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+    params = _new_head(model, dummy, dtype, flat_shardings) if new_head else {}
+    bar = tqdm(leaves.items(), desc="loading", unit="tensor", leave=False, delay=1)
+    for keys, leaf in bar:
+        if keys not in flat_shardings:
+            params[keys] = jnp.asarray(leaf.read(checkpoint, dtype=dtype))
+            continue
+        read = functools.partial(leaf.read, checkpoint, dtype=dtype)
+        shape = expected[keys].shape
+        params[keys] = jax.make_array_from_callback(shape, flat_shardings[keys], read)
     return traverse_util.unflatten_dict(params)
 
 
-def _read(
-    checkpoint: _Checkpoint, files: ExpertFiles | None, name: str, experts: int
-) -> tuple[np.ndarray, list[str]] | None:
-    """(torch's tensor `name`, the file entries it came from), or None where absent: as the
-    checkpoint holds it, or as its files name it (`ExpertFiles`: an expert parameter
-    assembled from each expert's parts)."""
+def _new_head(model: nn.Module, dummy: jax.Array, dtype: Any, shardings: dict) -> dict:
+    """A new classifier's params, seeded (only they are computed), in their shardings."""
+    init = jax.jit(lambda key: model.init(key, dummy)["params"]["classifier"])
+    head = traverse_util.flatten_dict({"classifier": init(jax.random.key(0))})
+    return {k: jax.device_put(jnp.asarray(v, dtype), shardings.get(k)) for k, v in head.items()}
+
+
+def _layers(
+    checkpoint: Checkpoint, naming: Naming, keys: tuple, shape: tuple[int, ...], new_head: bool
+) -> tuple[list[Tensor | None], list[str]]:
+    """Where each layer of the param at `keys` (of `shape`) lies in the checkpoint (None
+    where absent), and the torch names absent."""
+    names = naming.names(keys, shape[0])
+    if new_head and names[0] not in checkpoint.files:  # a bare encoder: no "bert." prefix
+        names = naming.names(keys[1:], shape[0])
+    want = shape[1:] if naming.stacked(keys) else shape
+    layers = [_tensor(checkpoint, naming.files, name, want[0]) for name in names]
+    return layers, [n for n, t in zip(names, layers, strict=True) if t is None]
+
+
+def _leaf(
+    checkpoint: Checkpoint, naming: Naming, keys: tuple, shape: tuple[int, ...], layers: list
+) -> Leaf:
+    """The param at `keys` as a `Leaf` of its `layers`, its shape checked against `shape`."""
+    stacked = naming.stacked(keys)
+    want = tuple(shape[1:] if stacked else shape)
+    layout = functools.partial(naming.our_layout, keys)
+    leaf = Leaf(tuple(layers), stacked, permutation(layout, len(want)))
+    for layer in layers:  # each layer's: a stacked leaf's may differ one from another
+        if (got := tuple(layer.shape(checkpoint)[a] for a in leaf.axes)) != want:
+            raise ValueError(f"{layer.names()[0]}: checkpoint shape {got} (after layout "
+                             f"change) != model shape {want}; is config.json the "
+                             "checkpoint's?")  # fmt: skip
+    return leaf
+
+
+def _tensor(checkpoint: Checkpoint, files: ExpertFiles | None, name: str, experts: int):
+    """Where torch's tensor `name` lies, or None where absent: as the checkpoint holds it, or
+    as its files name it (`ExpertFiles`: an expert parameter assembled from each expert's
+    parts)."""
     if name in checkpoint.files:
-        return checkpoint.get(name), [name]
+        return Tensor.one(name)
     if files is None:
         return None
     sources = files.sources(name, experts)
     if sources is None:  # not an expert parameter: at most renamed
         renamed = files.renamed(name)
-        return (checkpoint.get(renamed), [renamed]) if renamed in checkpoint.files else None
+        return Tensor.one(renamed) if renamed in checkpoint.files else None
     if any(n not in checkpoint.files for part in sources for n in part):
         return None
-    parts = [np.stack([checkpoint.get(n) for n in part]) for part in sources]
-    return np.concatenate(parts, axis=1), [n for part in sources for n in part]
+    return Tensor(tuple(tuple(part) for part in sources), experts=True)
 
 
 def checkpoint_dir(path_or_repo_id: str | Path, patterns: list[str] | None = None) -> Path:
@@ -325,18 +315,26 @@ def from_pretrained(
     remat: str = "none",
     attention_impl: str | None = None,
     num_labels: int | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """(model, {"params": ...}, config.json dict) from a Hugging Face checkpoint directory or id.
 
     Params are stored in `dtype`; the model computes in `compute_dtype` (default: the params').
     `num_labels` turns a bare BERT/RoBERTa encoder checkpoint into a sequence classifier with
     a new, randomly initialised head (as transformers' AutoModelForSequenceClassification).
+    With a `mesh` (`lora_jax.sharding.make_mesh`), each param is built split by its family's
+    sharding rules, every process reading only the slices its devices hold: no host reads,
+    and no device holds, the whole model.
     """
     directory = checkpoint_dir(path_or_repo_id)
     hf_config = config_of(directory)
     model, hf_config = _model(hf_config, compute_dtype=compute_dtype, remat=remat,
                               attention_impl=attention_impl, num_labels=num_labels)  # fmt: skip
-    params = load_params(model, directory, hf_config, dtype, num_labels is not None)
+    shardings = None
+    if mesh is not None:
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+        shardings = param_shardings(shapes["params"], mesh, family_of(hf_config)[0].rules)
+    params = load_params(model, directory, hf_config, dtype, num_labels is not None, shardings)
     return model, {"params": params}, hf_config
 
 
