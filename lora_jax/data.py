@@ -265,8 +265,8 @@ def train_stream(encode: Encode, batch_size: int, seed: int, rows: slice, pack: 
     if pack:
         examples = grain_x.FlatMapIterDataset(stream, _Unjoin(order.local))
         return packed(examples, order.local, length, pad_id).batch(order.local, drop_remainder=True)
-    pad = encode.padded()
-    return stream.map(lambda chunk: pad(unjoined(chunk)))
+    collate = encode.padded()
+    return stream.map(lambda chunk: collate(unjoined(chunk)))
 
 
 def eval_batches(encode: Encode, batch_size: int, rows: slice,
