@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from lora_jax.settings import DistributedSettings
+
 
 class _WithoutTraceback(logging.Filter):
     """Orbax's writer thread logs a failed write with its traceback; `Checkpoints` raises the
@@ -31,7 +33,10 @@ class _WithoutTraceback(logging.Filter):
 class Checkpoints:
     """Save and restore the trained state of one run directory."""
 
-    def __init__(self, directory: str | Path, every: int, keep: int, timeout_s: float = 600.0):
+    def __init__(
+        self, directory: str | Path, every: int, keep: int,
+        timeout_s: float = DistributedSettings.timeout_s,
+    ):  # fmt: skip
         # `timeout_s`: how long a write waits for the other processes' shards, then fails.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,

@@ -118,8 +118,7 @@ class RunDir:
         held = hosts.from_process_0(held, "process 0 locked the output directory", timeout_s)
         seen = hosts.gather(str(int(self._lock_text() == held)),
                             "the processes looked for process 0's lock", timeout_s)  # fmt: skip
-        if blind := [i for i, s in enumerate(seen) if s != "1"]:
-            self.close()
+        if blind := [i for i, s in enumerate(seen) if s != "1"]:  # `close` removes what it made
             raise ValueError(
                 f"output_dir {self.path} is not one directory the run's processes share: "
                 f"process {', '.join(map(str, blind))} cannot see the lock process 0 holds "
