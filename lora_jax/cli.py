@@ -21,13 +21,14 @@ from flax import traverse_util
 
 from lora_jax.files import check_target, resolve
 from lora_jax.hosts import NoAnswer
-from lora_jax.io import base_for, load_adapter, read_adapter
-from lora_jax.models import from_pretrained, save_pretrained
+from lora_jax.io import base_for, head_for, load_adapter, read_adapter
+from lora_jax.models import abstract_pretrained, config_of, from_pretrained
 from lora_jax.models.hub import MODEL_FILES
+from lora_jax.models.merged import merge_checkpoint
 from lora_jax.models.options import DTYPES
 from lora_jax.report import weights_bytes
 from lora_jax.signals import Interrupts, Stopped
-from lora_jax.tree import KERNEL, Params, combine, merge, sites
+from lora_jax.tree import KERNEL, Params, combine, sites
 
 
 def merge_command(args: argparse.Namespace) -> None:
@@ -38,10 +39,11 @@ def merge_command(args: argparse.Namespace) -> None:
             raise ValueError(f"--out {args.out} is the {name} directory; merge writes a new "
                              "model directory and never over one of its inputs.")  # fmt: skip
     check_target(args.out, "model", MODEL_FILES)  # before the work, not after
-    model, params, hf_config = base_for(args.adapter, args.base, DTYPES[args.dtype])
-    adapter, config = load_adapter(args.adapter, params)
-    merged = merge(combine(adapter, params), config)
-    out = save_pretrained(merged, hf_config, args.out, copy_from=args.base)
+    labels, dtype = head_for(args.adapter, args.base), DTYPES[args.dtype]
+    model, params, hf_config = abstract_pretrained(config_of(args.base), dtype, num_labels=labels)
+    adapter, config = load_adapter(args.adapter, params)  # checked against the base's shapes
+    out = merge_checkpoint(args.base, adapter, config, model, hf_config, args.out, dtype,
+                           new_head=labels is not None)  # fmt: skip
     print(
         f"merged {Path(args.adapter)} ({weights_bytes(args.adapter):,} bytes) "
         f"into {type(model).__name__} from {args.base}: wrote {out} "

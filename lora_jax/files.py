@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -105,7 +106,8 @@ def check_finite(tensors: Mapping[str, Any], where: str | Path) -> None:
     """A ValueError naming the first tensor holding NaN or inf, before `where` is written: a
     model or adapter file of such values loads everywhere and computes garbage."""
     for name, tensor in tensors.items():
-        if jnp.issubdtype(tensor.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(tensor))):
+        xp = np if isinstance(tensor, np.ndarray) else jnp  # a host array is checked in place
+        if jnp.issubdtype(tensor.dtype, jnp.floating) and not bool(xp.all(xp.isfinite(tensor))):
             raise ValueError(f"{where}: not written, {name} holds non-finite values (NaN or inf; "
                              "an alpha too large, or a diverged run?).")  # fmt: skip
 

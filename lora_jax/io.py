@@ -410,17 +410,21 @@ def read_adapter(
 
 
 def base_for(adapter_dir: str | Path, base: str | Path, dtype: Any = jnp.float32):
-    """(model, params, config.json) of the model an adapter was trained on, from `base`. A
+    """(model, params, config.json) of the model an adapter was trained on, from `base`."""
+    return from_pretrained(base, dtype, num_labels=head_for(adapter_dir, base))
+
+
+def head_for(adapter_dir: str | Path, base: str | Path) -> int | None:
+    """The label count of the head to put on `base` for this adapter, None for none: a
     classifier adapter (peft task SEQ_CLS) on a bare encoder checkpoint (the quickstart's
     all-MiniLM-L6-v2) gets the encoder with a head of the adapter's label count, as training
-    built it: the adapter carries the trained head (modules_to_save)."""
+    built it; the adapter carries the trained head (modules_to_save)."""
     tensors, peft_config = _peft_files(Path(adapter_dir))
-    hf_config = config_of(base)
-    arch = (hf_config.get("architectures") or [""])[0]
+    arch = (config_of(base).get("architectures") or [""])[0]
     if peft_config.get("task_type") != "SEQ_CLS" or arch.endswith("SequenceClassification"):
-        return from_pretrained(base, dtype)
+        return None
     heads = [t for n, t in tensors.items() if re.search(r"classifier(\.out_proj)?\.weight$", n)]
     if not heads:
         raise ValueError(f"{adapter_dir}: a SEQ_CLS adapter for the bare encoder {base}, but it "
                          "holds no classifier weights to put on it.")  # fmt: skip
-    return from_pretrained(base, dtype, num_labels=min(h.shape[0] for h in heads))
+    return min(h.shape[0] for h in heads)

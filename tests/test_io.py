@@ -13,6 +13,7 @@ import peft
 import pytest
 import torch
 from hf_peer import PEERS, peer_logits
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from small_models import randomize_adapters
 
@@ -364,3 +365,42 @@ def test_one_naming_round_trips_a_custom_models_adapter_through_peft(tmp_path):
     ours = np.asarray(lj.lora_apply(model.apply, config)(lj.combine(adapter, params), x))
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
     assert np.abs(ours - np.asarray(model.apply(params, x))).max() > 1e-2  # not a no-op
+
+
+def test_cli_merge_of_a_sharded_base_writes_shards_transformers_loads(
+    checkpoints, peft_adapter, tmp_path
+):
+    """A base in several files (transformers' sharded layout) merges tensor by tensor into
+    files no larger than its largest (bar a tensor larger alone), with the index transformers
+    reads; the model is peft's merge_and_unload of the same adapter, in bfloat16 too."""
+    peer, directory = peft_adapter("mixtral")
+    base = tmp_path / "base"
+    peer_model("mixtral", checkpoints / "mixtral").save_pretrained(base, max_shard_size="60KB")
+    base_files = sorted(base.glob("*.safetensors"))
+    assert len(base_files) > 2
+    expected = peer_logits(peer.merge_and_unload(), IDS)
+    moved = np.abs(expected - peer_logits(peer_model("mixtral", base), IDS)).max()
+    # bfloat16 weights (8 mantissa bits) move these logits by up to ~0.1; the adapter by more.
+    for dtype, atol in (("float32", 1e-4), ("bfloat16", 0.2)):
+        assert moved > 5 * atol
+        out = tmp_path / dtype
+        assert cli.main(["merge", "--base", str(base), "--adapter", str(directory), "--out",
+                         str(out), "--dtype", dtype]) == 0  # fmt: skip
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        files = sorted(out.glob("*.safetensors"))
+        assert len(files) > 1 and set(index["weight_map"].values()) == {f.name for f in files}
+        names = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+        assert set(index["weight_map"]) == set(names)  # every tensor, named as the base names it
+        largest = max(f.stat().st_size for f in base_files)
+        for file in files:
+            with safe_open(file, "numpy") as f:
+                sizes = [f.get_slice(n).get_shape() for n in f.keys()]  # noqa: SIM118
+            data = sum(np.prod(s) * (4 if dtype == "float32" else 2) for s in sizes)
+            assert data <= largest or len(sizes) == 1, file
+        merged = peft_load_merged("mixtral", out)
+        np.testing.assert_allclose(peer_logits(merged, IDS), expected, atol=atol)
+
+
+def peft_load_merged(name, directory):
+    """A merged checkpoint as transformers loads it, in float32 whatever its dtype."""
+    return PEERS[name][1].from_pretrained(directory, dtype=torch.float32).eval()

@@ -177,11 +177,32 @@ def load_params(
     new_head: the checkpoint is the bare encoder of a classification model; its tensors lack
     the encoder's prefix ("bert.") and the classifier starts from a seeded random init.
     """
+    checkpoint = Checkpoint(directory)
+    expected, leaves = plan(model, checkpoint, hf_config, new_head)
+    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+    dummy = jnp.zeros((1, 2), jnp.int32)
+    params = _new_head(model, dummy, dtype, flat_shardings) if new_head else {}
+    bar = tqdm(leaves.items(), desc="loading", unit="tensor", leave=False, delay=1)
+    for keys, leaf in bar:
+        if keys not in flat_shardings:
+            params[keys] = jnp.asarray(leaf.read(checkpoint, dtype=dtype))
+            continue
+        read = functools.partial(leaf.read, checkpoint, dtype=dtype)
+        shape = expected[keys].shape
+        params[keys] = jax.make_array_from_callback(shape, flat_shardings[keys], read)
+    return traverse_util.unflatten_dict(params)
+
+
+def plan(
+    model: nn.Module, checkpoint: Checkpoint, hf_config: dict, new_head: bool = False
+) -> tuple[dict[tuple, Any], dict[tuple, Leaf]]:
+    """(the model's param shapes, where each param lies in the checkpoint), flat by keys;
+    every name and shape checked (from the files' headers), nothing read. A new head's
+    params (`new_head`) have no place in the files."""
     family, _ = family_of(hf_config)
     dummy = jnp.zeros((1, 2), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
     expected = traverse_util.flatten_dict(shapes)
-    checkpoint = Checkpoint(directory)
     leaves, used, missing = {}, set(), []
     for keys, spec in expected.items():
         if new_head and keys[0] == "classifier":
@@ -196,20 +217,10 @@ def load_params(
     unexpected = sorted(n for n in checkpoint.files if n not in used and not re.search(ignored, n))
     if missing or unexpected:
         raise ValueError(
-            f"{directory} does not match {type(model).__name__}: missing tensors "
+            f"{checkpoint.directory} does not match {type(model).__name__}: missing tensors "
             f"{missing}, unexpected tensors {unexpected}."
         )
-    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
-    params = _new_head(model, dummy, dtype, flat_shardings) if new_head else {}
-    bar = tqdm(leaves.items(), desc="loading", unit="tensor", leave=False, delay=1)
-    for keys, leaf in bar:
-        if keys not in flat_shardings:
-            params[keys] = jnp.asarray(leaf.read(checkpoint, dtype=dtype))
-            continue
-        read = functools.partial(leaf.read, checkpoint, dtype=dtype)
-        shape = expected[keys].shape
-        params[keys] = jax.make_array_from_callback(shape, flat_shardings[keys], read)
-    return traverse_util.unflatten_dict(params)
+    return expected, leaves
 
 
 def _new_head(model: nn.Module, dummy: jax.Array, dtype: Any, shardings: dict) -> dict:
@@ -410,7 +421,13 @@ def save_pretrained(
 def _file_tensors(naming: Naming, tree: dict[str, Any]) -> Iterator[tuple[str, jax.Array]]:
     """The tensors a checkpoint file holds, named as transformers writes them."""
     for name, tensor in naming.tensors(tree):
-        yield from naming.files.split(name, tensor) if naming.files else [(name, tensor)]
+        yield from file_tensors(naming, name, tensor)
+
+
+def file_tensors(naming: Naming, name: str, tensor: Any) -> list[tuple[str, Any]]:
+    """One tensor (torch's run-time name and layout) as checkpoint files hold it: a mixture's
+    expert parameter as each expert's parts (`ExpertFiles`), else as it is."""
+    return naming.files.split(name, tensor) if naming.files else [(name, tensor)]
 
 
 def random_checkpoint(

@@ -163,8 +163,14 @@ class Naming:
         for keys, value in traverse_util.flatten_dict(params).items():
             stacked = self.stacked(keys)
             names = self.names(keys, value.shape[0] if stacked else 1)
-            for name, array in zip(names, value if stacked else [value], strict=True):
-                yield name, jnp.asarray(self.torch_layout(keys, array))
+            for layer, array in enumerate(value if stacked else [value]):
+                name, tensor = self.layer_tensor(keys, layer, len(names), array)
+                yield name, jnp.asarray(tensor)
+
+    def layer_tensor(self, keys: Keys, layer: int, layers: int, array: Any) -> tuple[str, Any]:
+        """(checkpoint name, tensor in torch's layout: a view where it can be) of one layer of
+        the leaf at `keys` (of `layers`; 0 of 1 for a leaf that is not stacked)."""
+        return self.names(keys, layers)[layer], self.torch_layout(keys, array)
 
     @staticmethod
     def peft_name(name: str, leaf: str | None = None, adalora: bool = False) -> str:
@@ -261,6 +267,7 @@ class ExpertFiles:
         sources = self.sources(name, tensor.shape[0])
         if sources is None:
             return [(self.renamed(name), tensor)]
-        pieces = jnp.split(tensor, len(sources), axis=1)
+        size = tensor.shape[1] // len(sources)  # slices, not a split: views of a numpy array
+        pieces = [tensor[:, i * size : (i + 1) * size] for i in range(len(sources))]
         return [(n, piece[e]) for names, piece in zip(sources, pieces, strict=True)
                 for e, n in enumerate(names)]  # fmt: skip

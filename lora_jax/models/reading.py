@@ -54,6 +54,7 @@ class Checkpoint:
             )
         else:
             raise FileNotFoundError(f"{directory}: no model.safetensors or its index.")
+        self.directory = directory
         self.files = {name: directory / file for name, file in weight_map.items()}
         self._shapes: dict[str, tuple[int, ...]] = {}
 
@@ -149,7 +150,7 @@ class Leaf:
         for ours, theirs in enumerate(self.axes):
             torch_index[theirs] = index[ours]
         array = tensor.read(checkpoint, tuple(torch_index)).transpose(self.axes)
-        return array if dtype is None else array.astype(dtype)
+        return array if dtype is None else array.astype(dtype, copy=False)
 
 
 def permutation(layout: Any, ndim: int) -> tuple[int, ...]:
