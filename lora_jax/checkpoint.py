@@ -9,14 +9,15 @@ The frozen base is never written: it comes from the base checkpoint on every sta
 from __future__ import annotations
 
 import logging
+import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from lora_jax.files import is_remote, path
 from lora_jax.settings import DistributedSettings
 
 
@@ -34,7 +35,7 @@ class Checkpoints:
     """Save and restore the trained state of one run directory."""
 
     def __init__(
-        self, directory: str | Path, every: int, keep: int,
+        self, directory: str | os.PathLike, every: int, keep: int,
         timeout_s: float = DistributedSettings.timeout_s,
     ):  # fmt: skip
         # `timeout_s`: how long a write waits for the other processes' shards, then fails.
@@ -48,7 +49,9 @@ class Checkpoints:
         absl = logging.getLogger("absl")
         if not any(isinstance(f, _WithoutTraceback) for f in absl.filters):
             absl.addFilter(_WithoutTraceback())
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        where = path(directory)  # orbax takes the path layer's paths, a bucket's too
+        self.manager = ocp.CheckpointManager(where if is_remote(where) else where.resolve(),
+                                             options=options)  # fmt: skip
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], force: bool = False) -> None:
         """Called after every step: starts writing `state` (adapter + optimizer) at `step` in

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 from flax import traverse_util
 
-from lora_jax.files import check_target, resolve
+from lora_jax.files import check_target, is_remote, path, resolve
 from lora_jax.hosts import NoAnswer
 from lora_jax.io import base_for, head_for, load_adapter, read_adapter
 from lora_jax.models import abstract_pretrained, config_of, from_pretrained
@@ -33,9 +33,9 @@ from lora_jax.tree import KERNEL, Params, combine, sites
 
 def merge_command(args: argparse.Namespace) -> None:
     """`lora-jax merge`: the adapter folded into its base, written as a model directory."""
-    out = Path(args.out).resolve()
+    out = _same_form(args.out)
     for name, given in (("--base", args.base), ("--adapter", args.adapter)):
-        if Path(given).exists() and out == Path(given).resolve():
+        if path(given).exists() and out == _same_form(given):
             raise ValueError(f"--out {args.out} is the {name} directory; merge writes a new "
                              "model directory and never over one of its inputs.")  # fmt: skip
     check_target(args.out, "model", MODEL_FILES)  # before the work, not after
@@ -45,10 +45,15 @@ def merge_command(args: argparse.Namespace) -> None:
     out = merge_checkpoint(args.base, adapter, config, model, hf_config, args.out, dtype,
                            new_head=labels is not None)  # fmt: skip
     print(
-        f"merged {Path(args.adapter)} ({weights_bytes(args.adapter):,} bytes) "
+        f"merged {path(args.adapter)} ({weights_bytes(args.adapter):,} bytes) "
         f"into {type(model).__name__} from {args.base}: wrote {out} "
         f"({weights_bytes(out):,} bytes, {args.dtype})"
     )
+
+
+def _same_form(where: str) -> str:
+    """A path in the form two names of one place share: resolved locally, a URL as is."""
+    return where.rstrip("/") if is_remote(where) else str(Path(where).expanduser().resolve())
 
 
 def train_command(args: argparse.Namespace) -> None:
@@ -67,7 +72,7 @@ def eval_command(args: argparse.Namespace) -> None:
     from lora_jax.variants import BASE_MODIFYING_INITS
 
     config = RunConfig.from_dict(load_config(args.config, args.set))
-    adapter_dir = Path(args.adapter or Path(config.output_dir) / "adapter")
+    adapter_dir = path(args.adapter) if args.adapter else path(config.output_dir) / "adapter"
     if not (adapter_dir / "adapter_config.json").is_file():  # before loading a model
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (train first, or "
                                 "pass --adapter DIR).")  # fmt: skip
@@ -169,7 +174,7 @@ def inspect_command(args: argparse.Namespace) -> None:
         except ValueError as err:
             raise ValueError(f"{args.adapter} against {args.against}: {err}") from err
     rows = inspection.rows(params, config, amp, phi)
-    pngs = inspection.write_figures(inspection.figures(rows, phi), Path(args.out or args.adapter))
+    pngs = inspection.write_figures(inspection.figures(rows, phi), path(args.out or args.adapter))
     if args.json:
         clean = lambda v: None if isinstance(v, float) and v != v else v  # noqa: E731 (NaN)
         rows = [{k: clean(v) for k, v in r.items()} for r in rows]

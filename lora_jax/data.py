@@ -11,14 +11,15 @@ lengths, so the step compiles a bounded number of times.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import grain
 import numpy as np
 from grain import experimental as grain_x
 
+from lora_jax.files import path
 from lora_jax.sources import BadRow, ListedRows, Rows
 
 Batch = dict[str, np.ndarray]
@@ -43,16 +44,16 @@ class RowEncoder(Protocol):
 class Tokenizer:
     """A checkpoint's tokenizer.json (the Rust `tokenizers` library; no transformers)."""
 
-    def __init__(self, directory: str | Path, hf_config: Mapping[str, Any]):
+    def __init__(self, directory: str | os.PathLike, hf_config: Mapping[str, Any]):
         from tokenizers import Tokenizer as Fast
 
-        path = Path(directory) / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: the checkpoint has no tokenizer.json.")
+        file = path(directory) / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: the checkpoint has no tokenizer.json.")
         try:
-            self.fast = Fast.from_file(str(path))
+            self.fast = Fast.from_str(file.read_text())
         except Exception as err:  # the tokenizers library raises its own plain Exception
-            raise ValueError(f"{path}: not a readable tokenizer (truncated or damaged? "
+            raise ValueError(f"{file}: not a readable tokenizer (truncated or damaged? "
                              f"{err}).") from None  # fmt: skip
         # Some tokenizer.json files pad or cut every encoding (all-MiniLM's: to 128 tokens);
         # the task cuts and `padded` pads, so the file's settings must not.

@@ -1,52 +1,154 @@
-"""Writing files so that a stop at any moment leaves either the old file or the new one whole:
-write under a temporary name beside the target, then rename (atomic on POSIX). A directory
-of several files (a model, an adapter) is built the same way, as a whole. Also: the one JSON
-reader that names its file, and `package:` paths resolved."""
+"""The one path layer: every user's path (a local path, a `package:` file, or a bucket URL,
+gs:// or s3://) is read and written through `path()` (etils.epath, which orbax's checkpoints
+take too, over fsspec's clients for buckets). Writes leave either the old file or the new one
+whole: locally a temporary name beside the target, then a rename (atomic on POSIX); on a
+bucket a local file uploaded as one object, which appears only once complete. A directory of
+several files (a model, an adapter) is built the same way as a whole; on a bucket its marker
+file (a model's config.json, an adapter's adapter_config.json) goes last, so a reader that
+looks for it never sees a half-written one. Also: the one JSON reader that names its file,
+and `package:` paths resolved."""
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
 import importlib.resources
+import importlib.util
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import fsspec.config
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+
+# Bucket URL schemes, and the fsspec client each needs.
+CLIENTS = {"gs://": ("gcsfs", "gcs"), "s3://": ("s3fs", "s3")}
+EMULATOR = "STORAGE_EMULATOR_HOST"  # Google's client libraries' name for a local GCS server
+
+
+def is_remote(where: str | os.PathLike) -> bool:
+    """Whether `where` names an object in a bucket (gs://, s3://)."""
+    return os.fspath(where).startswith(tuple(CLIENTS))
+
+
+def path(where: str | os.PathLike) -> epath.Path:
+    """A user's path as the path type everything reads and writes through: a bucket URL as is
+    (its client checked: a clear ImportError naming the extra), a `package:` file resolved,
+    a local path with ~ expanded."""
+    text = resolve(os.fspath(where))
+    if not is_remote(text):
+        return epath.Path(os.path.expanduser(text))
+    module, _ = CLIENTS[text[:5]]
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{text}: {text[:5]} paths need {module}: pip install "
+                          f"'lora_jax[gcs]' (or {module}).")  # fmt: skip
+    _point_at_emulator()
+    return epath.Path(text)
+
+
+def _point_at_emulator() -> None:
+    """Every client at the GCS server $STORAGE_EMULATOR_HOST names, where it is set (a test's,
+    or a user's local server): gcsfs reads that variable itself; tensorstore, which writes
+    orbax's arrays, reads its own; epath is kept on fsspec (not TensorFlow's gfile, which
+    knows no emulator), and gcsfs off the storage-control API an emulator lacks."""
+    host = os.environ.get(EMULATOR)
+    os.environ.setdefault("EPATH_USE_TF", "false")
+    if host:
+        url = host if host.startswith(("http://", "https://")) else f"http://{host}"
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        # A local server takes no credentials: none are looked for (a search that ends at a
+        # cloud metadata server this machine has not): tensorstore's variable for a token,
+        # gcsfs's anonymous access.
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+        fsspec.config.conf.setdefault("gcs", {}).setdefault("token", "anon")
+
+
+def upload(local: Path, target: epath.Path) -> None:
+    """A local file copied to an object as one upload: the object appears only when the
+    whole file is in, and an earlier one stays until then."""
+    import fsspec
+
+    fs, name = fsspec.core.url_to_fs(os.fspath(target))
+    fs.put_file(os.fspath(local), name)
+
+
+def create(target: epath.Path, data: bytes) -> bool:
+    """`data` written to a new object only where none is (the store's create-if-absent:
+    GCS's ifGenerationMatch=0); False where one already is."""
+    import fsspec
+
+    fs, name = fsspec.core.url_to_fs(os.fspath(target))
+    try:
+        with fs.open(name, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        return False
+    return True
+
+
+def download(source: epath.Path, local: Path) -> None:
+    """An object copied to a local file, streamed (not held in memory)."""
+    import fsspec
+
+    fs, name = fsspec.core.url_to_fs(os.fspath(source))
+    fs.get_file(name, os.fspath(local))
 
 
 @contextlib.contextmanager
-def atomic(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path beside `path`; when the block ends without an error, renames
-    it onto `path`, else removes it and raises OSError naming `path` (a full disk, or a
-    writer's own error type such as safetensors')."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def atomic(target: str | os.PathLike) -> Iterator[Path]:
+    """Yields a local temporary path to write; when the block ends without an error, it takes
+    `target`'s place (renamed beside it, or uploaded to a bucket), else it is removed and an
+    OSError names `target` (a full disk, or a writer's own error type such as safetensors')."""
+    target = path(target)
+    if is_remote(target):
+        tmp = Path(tempfile.mkdtemp(prefix="lora_jax-")) / target.name
+    else:
+        tmp = Path(target.with_name(f".{target.name}.{os.getpid()}.tmp"))
     try:
         yield tmp
-        # The mode a new file gets (0644 under the usual umask), whatever the writer chose:
-        # some write private temporaries, and a model server may run as another user.
-        os.chmod(tmp, _new_mode(directory=False))
-        os.replace(tmp, path)
+        if is_remote(target):
+            upload(tmp, target)
+        else:
+            # The mode a new file gets (0644 under the usual umask), whatever the writer
+            # chose: some write private temporaries, and a model server may run as another user.
+            os.chmod(tmp, _new_mode(directory=False))
+            os.replace(tmp, target)
     except Exception as err:
-        raise OSError(f"writing {path} failed: {type(err).__name__}: {err}") from err
+        raise OSError(f"writing {target} failed: {type(err).__name__}: {err}") from err
     finally:
         tmp.unlink(missing_ok=True)
+        if is_remote(target):
+            tmp.parent.rmdir()
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, what: str, owned: Sequence[str]) -> Iterator[Path]:
-    """Yields an empty temporary directory beside `path` to fill; when the block ends without
-    an error, it takes `path`'s place whole, else it is removed. An existing `path` may hold
-    only files a `what` consists of (names matching `owned`: an earlier one, replaced whole,
-    never mixed with the new); other files there are refused before the block runs."""
-    path = check_target(path, what, owned)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{s}") for s in ("tmp", "old"))
+def atomic_dir(
+    target: str | os.PathLike, what: str, owned: Sequence[str], marker: str
+) -> Iterator[Path]:
+    """Yields an empty local temporary directory to fill; when the block ends without an error,
+    it takes `target`'s place whole, else it is removed. An existing `target` may hold only
+    files a `what` consists of (names matching `owned`: an earlier one, replaced whole, never
+    mixed with the new); other files there are refused before the block runs. On a bucket,
+    the earlier one's `marker` file goes first and the new one's last: readers that look for
+    it see the old `what`, then none, then the new one whole."""
+    target = check_target(target, what, owned)
+    if is_remote(target):
+        with tempfile.TemporaryDirectory(prefix="lora_jax-") as tmp:
+            try:
+                yield Path(tmp)
+                _replace_objects(Path(tmp), target, owned, marker)
+            except Exception as err:
+                raise OSError(f"writing {target} failed: {type(err).__name__}: {err}") from err
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (Path(target.with_name(f".{target.name}.{os.getpid()}.{s}")) for s in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -54,35 +156,47 @@ def atomic_dir(path: str | Path, what: str, owned: Sequence[str]) -> Iterator[Pa
         files, dirs = _new_mode(directory=False), _new_mode(directory=True)
         for file in tmp.rglob("*"):  # a new file's usual mode, as `atomic` gives
             os.chmod(file, dirs if file.is_dir() else files)
-        if path.exists():
-            os.replace(path, old)  # aside, then the new one in: never a mix of the two
-        os.replace(tmp, path)
+        if target.exists():
+            os.replace(target, old)  # aside, then the new one in: never a mix of the two
+        os.replace(tmp, target)
     except Exception as err:
-        raise OSError(f"writing {path} failed: {type(err).__name__}: {err}") from err
+        raise OSError(f"writing {target} failed: {type(err).__name__}: {err}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_target(path: str | Path, what: str, owned: Sequence[str]) -> Path:
-    """`path`, where `atomic_dir` may put a `what`: absent, or a directory holding only files
-    a `what` consists of (`owned` names); else a ValueError naming the others."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} is a file, not a directory.")
-    if path.is_dir() and (other := sorted(
-        p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, o) for o in owned)
+def _replace_objects(local: Path, target: epath.Path, owned: Sequence[str], marker: str) -> None:
+    """The files of `local` uploaded into `target` in place of the `owned` ones there: the
+    old marker removed first, the new one uploaded last."""
+    if (target / marker).exists():
+        (target / marker).unlink()
+    for old in target.iterdir() if target.exists() else ():
+        if any(fnmatch.fnmatch(old.name, o) for o in owned):
+            old.unlink()
+    for file in sorted(local.iterdir(), key=lambda f: f.name == marker):
+        upload(file, target / file.name)
+
+
+def check_target(target: str | os.PathLike, what: str, owned: Sequence[str]) -> epath.Path:
+    """`target`, where `atomic_dir` may put a `what`: absent, or a directory holding only
+    files a `what` consists of (`owned` names); else a ValueError naming the others."""
+    target = path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file, not a directory.")
+    if target.is_dir() and (other := sorted(
+        p.name for p in target.iterdir() if not any(fnmatch.fnmatch(p.name, o) for o in owned)
     )):  # fmt: skip
-        raise ValueError(f"{path} holds files that are not a {what}'s ({', '.join(other[:4])}); "
+        raise ValueError(f"{target} holds files that are not a {what}'s ({', '.join(other[:4])}); "
                          "write to a new or empty directory.")  # fmt: skip
-    return path
+    return target
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """`path` holding `text`, written atomically."""
-    with atomic(path) as tmp:
+def write_text(target: str | os.PathLike, text: str) -> epath.Path:
+    """`target` holding `text`, written atomically."""
+    with atomic(target) as tmp:
         tmp.write_text(text)
-    return Path(path)
+    return path(target)
 
 
 def _new_mode(directory: bool) -> int:
@@ -112,18 +226,18 @@ def check_finite(tensors: Mapping[str, Any], where: str | Path) -> None:
                              "an alpha too large, or a diverged run?).")  # fmt: skip
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
+def read_json(where: str | os.PathLike) -> dict[str, Any]:
     """A JSON object from a file (config.json, adapter_config.json, an index, a run's
     settings), or one error naming the file: missing, not UTF-8, not JSON, not an object."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file.")
+    file = path(where)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file.")
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON (truncated or damaged? {err}).") from None
+        raise ValueError(f"{file}: not valid JSON (truncated or damaged? {err}).") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, not an object.")
+        raise ValueError(f"{file}: holds a JSON {type(value).__name__}, not an object.")
     return value
 
 

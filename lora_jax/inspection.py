@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from lora_jax import analysis
 from lora_jax.adalora import adalora_ranks
 from lora_jax.config import LoraConfig
+from lora_jax.files import is_remote
 from lora_jax.report import save_figure
 from lora_jax.tree import Params, sites
 
@@ -170,9 +171,11 @@ def figures(rows: list[Mapping[str, Any]], phi: Mapping[str, np.ndarray] | None 
     return figs
 
 
-def write_figures(figs: Mapping[str, Any], out: Path) -> list[Path]:
-    """Each Figure as a PNG in `out` (created if needed), written atomically."""
+def write_figures(figs: Mapping[str, Any], out: epath.Path) -> list[epath.Path]:
+    """Each Figure as a PNG in `out` (created if needed; a bucket's folder too), written
+    atomically."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: the PNGs go into a directory, and this is a file.")
-    out.mkdir(parents=True, exist_ok=True)
+    if not is_remote(out):  # a bucket has no folders to make
+        out.mkdir(parents=True, exist_ok=True)
     return [save_figure(fig, out / name) for name, fig in figs.items()]

@@ -18,12 +18,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
+from etils import epath
 from flax import traverse_util
-from safetensors import safe_open
 from safetensors.flax import save_file
 
 from lora_jax.config import LoraConfig
-from lora_jax.files import atomic_dir, check_finite, read_json
+from lora_jax.files import atomic_dir, check_finite, path, read_json
 from lora_jax.kinds import Grouped, Kind, Linear
 from lora_jax.models.hub import build, config_of, from_pretrained, naming_of
 from lora_jax.models.naming import Naming
@@ -60,6 +61,7 @@ __all__ = ["base_for", "converted_config", "load_adapter", "read_adapter", "save
 # an earlier adapter's, which a save replaces whole.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
                  "README.md", "*.png")  # fmt: skip
+ADAPTER_CONFIG = "adapter_config.json"  # written last: an adapter is whole once it is there
 Layers = dict[int | None, np.ndarray]  # one leaf's arrays by layer index (None: unstacked)
 
 
@@ -74,7 +76,7 @@ def save_adapter(
     base_model_id: str | None = None,
     initial_adapter: Params | None = None,
     layouts: Layouts | None = None,
-) -> Path:
+) -> epath.Path:
     """Writes the adapter as peft does for the matching torch model.
 
     A zoo model's `hf_config` (its config.json, from `lj.models.from_pretrained`) fixes the
@@ -94,10 +96,10 @@ def save_adapter(
     saved = _full_tensors(flat, naming, tensors)
     peft_config = adapter_config(config, naming, entries, saved, base, base_model_id)
     check_finite(tensors, out_dir)
-    with atomic_dir(out_dir, "peft adapter", ADAPTER_FILES) as tmp:
+    with atomic_dir(out_dir, "peft adapter", ADAPTER_FILES, ADAPTER_CONFIG) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2, sort_keys=True))
-    return Path(out_dir)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+    return path(out_dir)
 
 
 def _naming_and_base(
@@ -207,7 +209,7 @@ def load_adapter(
     ...)`) to unflatten peft's (in, out) factors. Every tensor's shape is checked against the
     base before anything is returned; the base is never modified. Put it on the base with
     `lj.combine(adapter, base_params)`."""
-    directory = Path(directory)
+    directory = path(directory)
     tensors, peft_config = _peft_files(directory)
     naming = _file_naming(directory, tensors, peft_config, naming, hf_config)
     base = traverse_util.flatten_dict(params_of(base_params))
@@ -325,9 +327,8 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
                 "'adapter_model.safetensors')\""
             )
         raise FileNotFoundError(f"{directory}: no adapter_model.safetensors.")
-    try:
-        with safe_open(path, "flax") as f:
-            tensors = {name: np.asarray(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+    try:  # read whole (an adapter is small), from a local file or a bucket alike
+        tensors = safetensors.numpy.load(path.read_bytes())
     except Exception as err:  # safetensors raises its own error types for a damaged file
         raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged? "
                          f"{type(err).__name__}: {err}).") from None  # fmt: skip
@@ -389,7 +390,7 @@ def read_adapter(
     A convolution's A is (layers, *spatial, in, r) and its kernel (layers, *spatial, in, out).
     Fully trained modules (modules_to_save) are left out: they are not low-rank updates.
     """
-    directory = Path(directory)
+    directory = path(directory)
     tensors, peft_config = _peft_files(directory)
     naming = _file_naming(directory, tensors, peft_config, naming, hf_config)
     lora, dotted, _ = _read(directory, tensors, peft_config, naming)
@@ -419,7 +420,7 @@ def head_for(adapter_dir: str | Path, base: str | Path) -> int | None:
     classifier adapter (peft task SEQ_CLS) on a bare encoder checkpoint (the quickstart's
     all-MiniLM-L6-v2) gets the encoder with a head of the adapter's label count, as training
     built it; the adapter carries the trained head (modules_to_save)."""
-    tensors, peft_config = _peft_files(Path(adapter_dir))
+    tensors, peft_config = _peft_files(path(adapter_dir))
     arch = (config_of(base).get("architectures") or [""])[0]
     if peft_config.get("task_type") != "SEQ_CLS" or arch.endswith("SequenceClassification"):
         return None

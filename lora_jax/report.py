@@ -4,34 +4,45 @@ adapter in peft format, sizes on disk and a PNG loss curve."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from lora_jax.adalora import adalora_ranks
 from lora_jax.config import LOFTQ, LoraConfig
-from lora_jax.files import atomic, write_text
+from lora_jax.files import atomic, is_remote, path, upload, write_text
+
+METRICS, TENSORBOARD = "metrics.jsonl", "tensorboard"
 
 
 class Writer:
     """Metrics of process 0: one JSON line per step and TensorBoard scalars. On resume the
-    lines after the restored step are dropped, so the file holds one curve."""
+    lines after the restored step are dropped, so the file holds one curve. In a bucket,
+    where an object cannot be appended to, both are written to a local mirror and uploaded
+    every `sync_every` steps (the checkpoints') and at the end."""
 
-    def __init__(self, out: Path, start: int, enabled: bool):
-        self.enabled, self.path = enabled, out / "metrics.jsonl"
-        self.tb = None
+    def __init__(self, out: epath.Path, start: int, enabled: bool, sync_every: int = 0):
+        self.enabled, self.out, self.sync_every, self.tb = enabled, out, sync_every, None
+        self.local = out
         if not enabled:
             return
-        out.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in _rows(self.path) if r["step"] <= start]
+        if is_remote(out):
+            self.local = Path(tempfile.mkdtemp(prefix="lora_jax-"))
+        self.path = self.local / METRICS
+        self.local.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in _rows(out / METRICS) if r["step"] <= start]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
+        self.tb = SummaryWriter(str(self.local / TENSORBOARD), purge_step=start + 1)
 
     def progress(self, start: int, total: int) -> tqdm:
         return tqdm(
@@ -47,13 +58,27 @@ class Writer:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         for name, value in metrics.items():
             self.tb.add_scalar(f"train/{name}", value, step)
+        if self.sync_every and step % self.sync_every == 0:
+            self.sync()
+
+    def sync(self) -> None:
+        """The local mirror's files uploaded to the bucket, each whole (nothing to do for a
+        local output_dir)."""
+        if self.local == self.out or self.tb is None:
+            return
+        self.tb.flush()
+        for file in sorted(f for f in self.local.rglob("*") if f.is_file()):
+            upload(file, self.out / file.relative_to(self.local).as_posix())
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.sync()
+            if self.local != self.out:
+                shutil.rmtree(self.local, ignore_errors=True)
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
+def _rows(path: epath.Path) -> list[dict[str, Any]]:
     """The metrics lines of a run (none if the file is absent), or a ValueError naming the
     file and the line that is not a JSON object with a step."""
     rows = []
@@ -71,12 +96,12 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def weights_bytes(directory: str | Path) -> int:
-    """Bytes of a model or adapter directory's safetensors files, as stored on disk."""
-    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+def weights_bytes(directory: str | os.PathLike) -> int:
+    """Bytes of a model or adapter directory's safetensors files, as stored."""
+    return sum(f.stat().length for f in path(directory).glob("*.safetensors"))
 
 
-def loss_curve(metrics_file: Path, png: Path) -> None:
+def loss_curve(metrics_file: epath.Path, png: epath.Path) -> None:
     """Training loss against step, as a PNG. Drawn on a bare Figure: no pyplot backend is
     chosen or changed, so a notebook's inline plots keep working after a run."""
     from matplotlib.figure import Figure
@@ -90,16 +115,16 @@ def loss_curve(metrics_file: Path, png: Path) -> None:
     save_figure(fig, png)
 
 
-def save_figure(fig: Any, png: Path) -> Path:
+def save_figure(fig: Any, png: str | os.PathLike) -> epath.Path:
     """Writes a matplotlib Figure as a PNG atomically (a temporary name, then a rename), so
     an interrupted run never leaves a truncated image."""
     with atomic(png) as tmp:
         fig.savefig(tmp, format="png")
-    return png
+    return path(png)
 
 
 def finish(
-    out: Path,
+    out: epath.Path,
     adapter: Any,
     metrics: Mapping[str, float],
     config: LoraConfig,

@@ -1,8 +1,9 @@
 """A run's output directory: held by one run at a time, and recording the settings it ran
 with, so `--resume` continues only the run it would continue.
 
-- A lock (`.lock`, an flock that the OS drops when the process dies, even on kill -9) refuses
-  a second run in the same directory.
+- A lock (`.lock`) refuses a second run in the same directory: locally an flock, which the
+  OS drops when the process dies, even on kill -9; in a bucket an object created only where
+  none is, removed when the run ends.
 - `config.json` holds the settings. `--resume` compares them and refuses a change that would
   alter what the checkpoints mean (the model, the adapter, the data, the optimizer), naming
   the keys, before anything is touched; `train.steps`, checkpointing, the mesh, the
@@ -25,15 +26,14 @@ import fcntl
 import json
 import os
 import secrets
-import shutil
 import socket
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
-from lora_jax import hosts
-from lora_jax.files import read_json, write_text
+from lora_jax import files, hosts
+from lora_jax.files import is_remote, read_json, write_text
 from lora_jax.settings import RunConfig
 
 CONFIG = "config.json"
@@ -71,7 +71,7 @@ class RunDir:
     """The output directory of one run (process 0 holds it; the others only read)."""
 
     def __init__(self, settings: RunConfig, resume: bool, main: bool):
-        self.path, self.lock, self.resume = Path(settings.output_dir), None, resume
+        self.path, self.lock, self.resume = files.path(settings.output_dir), None, resume
         self.settings, self.created = settings.to_dict(), False
         if not main:
             return
@@ -83,22 +83,9 @@ class RunDir:
                              f"({', '.join(foreign[:4])}); choose a new or empty "
                              "directory.")  # fmt: skip
         self.created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.lock = open(self.path / LOCK, "a+")  # noqa: SIM115 (held for the run)
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock.seek(0)
-            holder = self.lock.read().strip() or "another process"
-            self.lock.close()
-            self.lock = None
-            raise ValueError(f"output_dir {self.path} is in use by another run ({holder}); wait "
-                             "for it to end, or choose another output_dir.") from None  # fmt: skip
-        self.lock.seek(0)
-        self.lock.truncate()
         # Which run holds it, told apart from a run of the same pid on another host.
-        self.lock.write(f"pid {os.getpid()} on {socket.gethostname()} ({secrets.token_hex(6)})")
-        self.lock.flush()
+        holder = f"pid {os.getpid()} on {socket.gethostname()} ({secrets.token_hex(6)})"
+        self.lock = (ObjectLock if is_remote(self.path) else FileLock)(self.path / LOCK, holder)
         differences = changed(_record(record), self.settings) if resume and record.exists() else []
         if differences:
             self.close()
@@ -128,10 +115,7 @@ class RunDir:
 
     def _lock_text(self) -> str:
         """What the lock file says here (empty where there is none)."""
-        try:
-            return (self.path / LOCK).read_text()
-        except OSError:
-            return ""
+        return _text(self.path / LOCK)
 
     def begin(self) -> None:
         """The run is sure to start: a fresh run clears an earlier run's outputs, a resumed
@@ -141,9 +125,9 @@ class RunDir:
         for name in FINAL if self.resume else OUTPUTS:
             earlier = self.path / name
             if earlier.is_dir():
-                shutil.rmtree(earlier)
-            else:
-                earlier.unlink(missing_ok=True)
+                earlier.rmtree()
+            elif earlier.exists():
+                earlier.unlink()
         write_text(self.path / CONFIG, json.dumps(self.settings, indent=1, sort_keys=True))
         self.created = False
 
@@ -151,14 +135,77 @@ class RunDir:
         """Releases the directory for the next run; one this run created and never began
         in is removed."""
         if self.lock is not None:
-            self.lock.close()
+            self.lock.release()
             self.lock = None
-            if self.created and [p.name for p in self.path.iterdir()] == [LOCK]:
+            if self.created and not is_remote(self.path) and [
+                p.name for p in self.path.iterdir()
+            ] == [LOCK]:  # fmt: skip
                 (self.path / LOCK).unlink()
                 self.path.rmdir()
 
 
-def _record(path: Path) -> dict[str, Any]:
+class FileLock:
+    """A local directory's lock: an flock, which the OS drops when the process dies, even on
+    kill -9; the file says who holds it."""
+
+    def __init__(self, file: epath.Path, holder: str):
+        file.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(file, "a+")  # noqa: SIM115 (held for the run)
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            held = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise ValueError(f"output_dir {file.parent} is in use by another run ({held}); wait "
+                             "for it to end, or choose another output_dir.") from None  # fmt: skip
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(holder)
+        self.handle.flush()
+
+    def release(self) -> None:
+        self.handle.close()
+
+
+class ObjectLock:
+    """A bucket folder's lock: an object created only where none is (the store's own
+    create-if-absent), saying who holds it; removed when the run ends. A run whose host
+    vanished without a SIGTERM leaves it: the refusal says how to remove it."""
+
+    def __init__(self, file: epath.Path, holder: str):
+        self.file, self.holder = file, holder
+        held = _text(file)
+        if not held:
+            try:
+                if not files.create(file, holder.encode()):  # a race lost: held
+                    held = _text(file) or "another process"
+            except FileNotFoundError:
+                bucket = os.fspath(file).split("/")[2]
+                raise ValueError(f"output_dir {file.parent}: the bucket {bucket} does not exist "
+                                 "(or these credentials cannot see it).") from None  # fmt: skip
+            except Exception as err:  # the store's own errors: no permission, no server
+                raise ValueError(f"output_dir {file.parent}: cannot write there "
+                                 f"({type(err).__name__}: {err}).") from None  # fmt: skip
+        if held:
+            raise ValueError(f"output_dir {file.parent} is in use by another run ({held}); wait "
+                             "for it to end, or choose another output_dir. If that run is gone "
+                             f"(its host lost without a SIGTERM), remove {file}.")  # fmt: skip
+
+    def release(self) -> None:
+        if _text(self.file) == self.holder:
+            self.file.unlink()
+
+
+def _text(file: epath.Path) -> str:
+    """What a lock says (empty where there is none)."""
+    try:
+        return file.read_text()
+    except OSError:
+        return ""
+
+
+def _record(path: epath.Path) -> dict[str, Any]:
     """A run directory's settings record, or a ValueError naming the file."""
     record = read_json(path)
     if not set(record) >= RECORD_KEYS:
@@ -166,7 +213,7 @@ def _record(path: Path) -> dict[str, Any]:
     return record
 
 
-def _foreign(path: Path) -> list[str]:
+def _foreign(path: epath.Path) -> list[str]:
     """The entries of an existing directory that show it is not a run's: anything, unless a
     run's settings record is there (a damaged record is a ValueError naming it)."""
     if not path.is_dir():

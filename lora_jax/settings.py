@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lora_jax.config import LOFTQ, AdaLora, LoraConfig
+from lora_jax.files import is_remote
 from lora_jax.models.options import DTYPES, REMAT_POLICIES
 from lora_jax.quant import KINDS
 from lora_jax.tasks import TASKS
@@ -186,11 +187,15 @@ class RunConfig:
     def __post_init__(self) -> None:
         # A run clears its directory: never the current one or one above it (an empty
         # output_dir, from an unset shell variable, would be the current directory).
-        where = Path(self.output_dir).expanduser().resolve()
-        above = {Path.cwd().resolve(), *Path.cwd().resolve().parents, Path.home().resolve()}
-        _require(self.output_dir.strip() != "" and where not in above, "output_dir",
-                 self.output_dir, "must name a directory of the run's own, not the current "
-                 "directory, one above it or the home directory")  # fmt: skip
+        if is_remote(self.output_dir):  # a folder in a bucket, never the bucket's root
+            own = self.output_dir.split("://", 1)[1].strip("/").count("/") >= 1
+        else:
+            where = Path(self.output_dir).expanduser().resolve()
+            above = {Path.cwd().resolve(), *Path.cwd().resolve().parents, Path.home().resolve()}
+            own = self.output_dir.strip() != "" and where not in above
+        _require(own, "output_dir", self.output_dir, "must name a directory of the run's own, "
+                 "not the current directory, one above it, the home directory or a bucket's "
+                 "root")  # fmt: skip
         _require(self.lora.init != LOFTQ or self.model.quantize is not None, "lora.init",
                  self.lora.init, "fits the adapter to a quantized base: set model.quantize "
                  "(nf4 or int8) too")  # fmt: skip

@@ -21,6 +21,9 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from lora_jax import files
+from lora_jax.files import is_remote
+
 _RECORD = np.dtype([("start", "<i8"), ("end", "<i8"), ("line", "<i8")])  # one per row
 _CHUNK = 1 << 22  # bytes read at a time while indexing (peak memory: a few times this)
 
@@ -46,13 +49,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LORA_JAX_CACHE") or Path.home() / ".cache" / "lora_jax")
 
 
-def _cached(path: Path, kind: str, suffix: str, build: Callable[[Path, Path], None]) -> Path:
-    """The file `build(path, target)` makes from `path` (an index, a conversion), kept in the
-    cache under a name from the path, size and mtime, so it is built once per version of the
-    file; in this machine's temporary directory when the cache is read-only. Written whole:
-    several processes may build the same file, each writes its own and renames it."""
-    stat = path.stat()
-    key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0v1".encode()
+def _cached(path: Path, kind: str, suffix: str, build: Callable[[Any, Path], None]) -> Path:
+    """The file `build(path, target)` makes from `path` (an index, a conversion, a bucket
+    object's copy), kept in the cache under a name from the path and its version (size and
+    mtime; an object's generation), so it is built once per version of the file; in this
+    machine's temporary directory when the cache is read-only. Written whole: several
+    processes may build the same file, each writes its own and renames it."""
+    key = f"{_version(path)}\0v1".encode()
     name = f"{hashlib.sha256(key).hexdigest()[:32]}{suffix}"
     for folder in (cache_dir() / kind, Path(tempfile.gettempdir()) / f"lora_jax-{os.getuid()}"):
         target = folder / name
@@ -74,20 +77,42 @@ def _cached(path: Path, kind: str, suffix: str, build: Callable[[Path, Path], No
                           "writable (set LORA_JAX_CACHE).")  # fmt: skip
 
 
+def _version(file: Any) -> str:
+    """What changes when a file does: a local file's path, size and mtime; a bucket object's
+    URL, size and generation (or ETag)."""
+    if not is_remote(file):
+        stat = os.stat(file)
+        return f"{Path(file).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    import fsspec
+
+    fs, name = fsspec.core.url_to_fs(os.fspath(file))
+    info = fs.info(name)
+    return f"{file}\0{info.get('size')}\0{info.get('generation') or info.get('ETag')}"
+
+
+def local(file: Any) -> Path:
+    """A data file as a local path: a bucket's object fetched into the cache once per
+    version (rows are then read in place, not a request each); a local file as it is."""
+    if not is_remote(file):
+        return Path(file)
+    return _cached(file, "objects", file.suffix, files.download)
+
+
 class JsonlRows:
     """A JSONL file's rows by index, through an index of (start, end, line) of every
     non-blank line. The index lives in a file of its own (24 bytes a row, read with
     `pread`, never loaded), so it costs no memory; it is rebuilt when the data file changes.
     Picklable: each process (grain worker) opens the files itself."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
-        if not self.path.is_file():
-            raise FileNotFoundError(f"data file {self.path} does not exist.")
+    def __init__(self, source: str | os.PathLike):
+        self.name = files.path(source)  # what errors name: the file or the bucket's object
+        if not self.name.is_file():
+            raise FileNotFoundError(f"data file {self.name} does not exist.")
+        self.path = local(self.name)
         self.index = _cached(self.path, "jsonl-index", ".idx", _write_index)
         self.size = self.index.stat().st_size // _RECORD.itemsize
         if not self.size:
-            raise ValueError(f"{self.path}: no rows.")
+            raise ValueError(f"{self.name}: no rows.")
         self._files: tuple[int, int, int] | None = None  # (pid, data fd, index fd)
         self._lock = threading.Lock()
 
@@ -114,7 +139,7 @@ class JsonlRows:
         data, idx = self._fds()
         size = _RECORD.itemsize
         start, end, line = np.frombuffer(os.pread(idx, size, index * size), _RECORD)[0].tolist()
-        where = f"{self.path}:{line}"
+        where = f"{self.name}:{line}"
         raw = os.pread(data, end - start, start)
         try:
             row = json.loads(raw.decode("utf-8"))
@@ -172,8 +197,8 @@ class ArrowRows:
     once to an Arrow file in the cache (a bar while it is), since a shuffled read of Parquet
     would decode a whole row group for each row. Picklable, like `JsonlRows`."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
+    def __init__(self, source: str | os.PathLike):
+        self.path = files.path(source)
         if not self.path.exists():
             raise FileNotFoundError(f"data file {self.path} does not exist.")
         _pyarrow(self.path)
@@ -181,8 +206,8 @@ class ArrowRows:
                        if self.path.is_dir() else [self.path])  # fmt: skip
         if not self.shards:
             raise FileNotFoundError(f"{self.path}: a directory with no .arrow or .parquet files.")
-        self.files = [_cached(p, "parquet-as-arrow", ".arrow", _parquet_to_arrow)
-                      if p.suffix == ".parquet" else p for p in self.shards]  # fmt: skip
+        self.files = [_cached(local(p), "parquet-as-arrow", ".arrow", _parquet_to_arrow)
+                      if p.suffix == ".parquet" else local(p) for p in self.shards]  # fmt: skip
         self._tables: tuple[int, list[Any]] | None = None  # (pid, one table a shard)
         self._lock = threading.Lock()
         self.ends = np.cumsum([t.num_rows for t in self._open()])
@@ -300,10 +325,10 @@ def open_rows(source: str | Path) -> Rows:
     or a TFDS split ("tfds:name[/config][:split]", e.g. "tfds:glue/sst2:validation")."""
     if isinstance(source, str) and source.startswith("tfds:"):
         return TfdsRows(source)
-    path = Path(source).expanduser()
-    if path.suffix in _ARROW_SUFFIXES or path.is_dir():
-        return ArrowRows(path)
-    return JsonlRows(path)
+    where = files.path(source)
+    if where.suffix in _ARROW_SUFFIXES or where.is_dir():
+        return ArrowRows(where)
+    return JsonlRows(where)
 
 
 def read_rows(source: str | Path, fields: Sequence[str] = ()) -> list[dict[str, Any]]:

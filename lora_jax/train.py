@@ -11,16 +11,16 @@ import math
 import signal
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from lora_jax import data as data_lib
-from lora_jax import hosts
+from lora_jax import files, hosts
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.run import Run, evaluate, make_train_step, run_tx, start_distributed, step_shardings
 from lora_jax.rundir import RunDir
@@ -78,7 +78,7 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
     from lora_jax.report import Writer, finish  # plotting and files: only when training
 
     train_cfg = run.config.train
-    out = Path(run.config.output_dir)
+    out = files.path(run.config.output_dir)
     main = jax.process_index() == 0
     head_steps = train_cfg.head_only_steps
     txs = {f: run_tx(run, f) for f in {head_steps > 0, False}}
@@ -97,7 +97,7 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
         start, (adapter, opt_state), data_state = found
         _continue(batches, data_state, out)
         log(f"resumed from step {start} ({out / 'checkpoints'})")
-    writer = Writer(out, start, enabled=main)
+    writer = Writer(out, start, enabled=main, sync_every=ckpt_cfg.every)
     steps = {f: make_train_step(run, tx, shardings) for f, tx in txs.items()}
     if run.router_aux:
         log(f"the router is trained: the loss adds its load-balancing loss x {run.router_aux:g} "
@@ -181,7 +181,7 @@ def _next(batches: Any) -> tuple[BadRow | None, data_lib.Batch | None]:
         return err, None
 
 
-def _continue(batches: Any, state: Mapping[str, Any], out: Path) -> None:
+def _continue(batches: Any, state: Mapping[str, Any], out: epath.Path) -> None:
     """The batch iterator set to a checkpoint's data state."""
     try:
         batches.set_state(state)

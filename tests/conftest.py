@@ -85,3 +85,20 @@ def sft(checkpoints, tmp_path_factory):
                        "response": " ".join(f"w{w + 40}" for w in words[::-1])}  # fmt: skip
                 f.write(json.dumps(row) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A GCS server on localhost (tests/buckets.py) for the session; STORAGE_EMULATOR_HOST
+    names it to this process and every process it starts."""
+    from buckets import Server
+
+    from lora_jax import files
+
+    server = Server(str(tmp_path_factory.mktemp("gcs")))
+    os.environ["STORAGE_EMULATOR_HOST"] = server.url
+    files.path(server.folder())  # this process's clients pointed at it too
+    yield server
+    del os.environ["STORAGE_EMULATOR_HOST"]
+    server.stop()
+

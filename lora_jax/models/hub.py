@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +16,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import traverse_util
 from jax.sharding import Mesh
 from safetensors.flax import save_file
 from tqdm.auto import tqdm
 
-from lora_jax.files import atomic_dir, check_finite, read_json
+from lora_jax.files import atomic_dir, check_finite, is_remote, path, read_json
 from lora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -37,6 +38,7 @@ TOKENIZER_FILES = (
 # What a model directory holds: an earlier model's files, which a save replaces whole.
 MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
                *TOKENIZER_FILES)  # fmt: skip
+MODEL_MARKER = "config.json"  # written last: a model directory is whole once it is there
 
 
 # How every zoo family's params split over the (data, fsdp, expert, tensor) mesh (see
@@ -276,14 +278,15 @@ def _tensor(checkpoint: Checkpoint, files: ExpertFiles | None, name: str, expert
     return Tensor(tuple(tuple(part) for part in sources), experts=True)
 
 
-def checkpoint_dir(path_or_repo_id: str | Path, patterns: list[str] | None = None) -> Path:
-    """A local checkpoint directory, or a hub id fetched into the local cache (clear error
-    offline): its configs, weights and tokenizer, or the files `patterns` match."""
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
-        return path
+def checkpoint_dir(path_or_repo_id: str | os.PathLike, patterns: list[str] | None = None) -> Any:
+    """A checkpoint directory, local or in a bucket (read in place, by range), or a hub id
+    fetched into the local cache (clear error offline): its configs, weights and tokenizer,
+    or the files `patterns` match."""
+    where = path(path_or_repo_id)
+    if where.is_dir():
+        return where
     text = str(path_or_repo_id)
-    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+    if is_remote(text) or where.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         raise FileNotFoundError(f"{text}: not a checkpoint directory (nor a hub id 'org/name').")
     try:
         from huggingface_hub import snapshot_download
@@ -304,14 +307,14 @@ def checkpoint_dir(path_or_repo_id: str | Path, patterns: list[str] | None = Non
         ) from err
 
 
-def config_of(path_or_repo_id: str | Path) -> dict[str, Any]:
-    """A checkpoint's config.json, alone: from a local directory (no weights needed there), or
-    just that file of a hub id (clear error offline). What sizing a model needs."""
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
-        file = path / "config.json"
+def config_of(path_or_repo_id: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's config.json, alone: from a directory (no weights needed there), or just
+    that file of a hub id (clear error offline). What sizing a model needs."""
+    where = path(path_or_repo_id)
+    if where.is_dir():
+        file = where / "config.json"
         if not file.is_file():
-            raise FileNotFoundError(f"{path}: no config.json.")
+            raise FileNotFoundError(f"{where}: no config.json.")
     else:
         directory = checkpoint_dir(path_or_repo_id, patterns=["config.json"])
         file = directory / "config.json"
@@ -396,7 +399,7 @@ def save_pretrained(
     out_dir: str | Path,
     *,
     copy_from: str | Path | None = None,
-) -> Path:
+) -> epath.Path:
     """Writes config.json and model.safetensors that transformers loads (e.g. a merged model),
     as a whole: built beside `out_dir`, then put in its place (an earlier model there is
     replaced, never mixed with the new files; other files there are refused).
@@ -409,13 +412,19 @@ def save_pretrained(
     dtypes = {str(t.dtype) for t in tensors.values()}
     config = dict(hf_config, dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
     check_finite(tensors, out_dir)
-    with atomic_dir(out_dir, "model", MODEL_FILES) as tmp:
+    with atomic_dir(out_dir, "model", MODEL_FILES, MODEL_MARKER) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        for name in TOKENIZER_FILES if copy_from else ():
-            if (Path(copy_from) / name).exists():
-                shutil.copy(Path(copy_from) / name, tmp / name)
-    return Path(out_dir)
+        (tmp / MODEL_MARKER).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if copy_from:
+            copy_tokenizer(copy_from, tmp)
+    return path(out_dir)
+
+
+def copy_tokenizer(source: str | os.PathLike, into: Path) -> None:
+    """The tokenizer files a checkpoint directory (local or in a bucket) holds, copied."""
+    for name in TOKENIZER_FILES:
+        if (file := path(source) / name).exists():
+            (into / name).write_bytes(file.read_bytes())
 
 
 def _file_tensors(naming: Naming, tree: dict[str, Any]) -> Iterator[tuple[str, jax.Array]]:
@@ -436,7 +445,7 @@ def random_checkpoint(
     *,
     copy_from: str | Path | None = None,
     seed: int = 0,
-) -> Path:
+) -> epath.Path:
     """A randomly initialised checkpoint of `hf_config`, written as `save_pretrained` writes
     one: a stand-in with the real file layout for smoke runs (the notebooks' SMALL mode).
     `copy_from`: a directory whose tokenizer files are copied alongside."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +20,15 @@ from flax import traverse_util
 from tqdm.auto import tqdm
 
 from lora_jax.config import LoraConfig
-from lora_jax.files import atomic_dir, check_finite
-from lora_jax.models.hub import MODEL_FILES, TOKENIZER_FILES, file_tensors, naming_of, plan
+from lora_jax.files import atomic_dir, check_finite, path
+from lora_jax.models.hub import (
+    MODEL_FILES,
+    MODEL_MARKER,
+    copy_tokenizer,
+    file_tensors,
+    naming_of,
+    plan,
+)  # fmt: skip
 from lora_jax.models.naming import Naming
 from lora_jax.models.reading import Checkpoint
 from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, merge
@@ -32,26 +39,26 @@ Layout = list[tuple[str, tuple[int, ...]]]  # (tensor name, shape) in the order 
 
 
 def merge_checkpoint(
-    base: str | Path,
+    base: str | os.PathLike,
     adapter: dict[str, Any],
     config: LoraConfig,
     model: nn.Module,
     hf_config: dict[str, Any],
-    out_dir: str | Path,
+    out_dir: str | os.PathLike,
     dtype: Any,
     new_head: bool = False,
-) -> Path:
+) -> Any:
     """Writes the model `base` + `adapter` (its lj.merge) to `out_dir` in `dtype`, as shards of
     at most the base's largest file (one file for a one-file base), tokenizer files beside;
     the whole directory appears at once, or nothing does (`files.atomic_dir`). `model` and
     `hf_config` are the base's (with the adapter's head where `new_head`)."""
-    checkpoint, naming, dtype = Checkpoint(Path(base)), naming_of(hf_config), np.dtype(dtype)
+    checkpoint, naming, dtype = Checkpoint(path(base)), naming_of(hf_config), np.dtype(dtype)
     shapes, leaves = plan(model, checkpoint, hf_config, new_head)
     flat = traverse_util.flatten_dict(adapter.get("params", adapter))
     if absent := [k for k in shapes if k not in leaves and k not in flat]:
         raise ValueError(f"{base}: has no {'/'.join(absent[0])} and the adapter brings none.")
     layout = [spec for keys in shapes for spec in _layout(naming, keys, shapes[keys].shape, dtype)]
-    limit = max(f.stat().st_size for f in set(checkpoint.files.values()))
+    limit = max(f.stat().length for f in set(checkpoint.files.values()))
     shards = _shards(layout, dtype, limit)
 
     def layer(keys: tuple, index: tuple) -> np.ndarray:
@@ -81,7 +88,7 @@ def merge_checkpoint(
 
     out_config = dict(hf_config, dtype=dtype.name)
     stream = iter(tqdm(tensors(), total=len(layout), desc="merging", unit="tensor", delay=1))
-    with atomic_dir(out_dir, "model", MODEL_FILES) as tmp:
+    with atomic_dir(out_dir, "model", MODEL_FILES, MODEL_MARKER) as tmp:
         for file, specs in shards.items():
             _write_shard(tmp / file, specs, dtype, stream, out_dir)
         if len(shards) > 1:
@@ -89,11 +96,9 @@ def merge_checkpoint(
             names = {n: file for file, specs in shards.items() for n, _ in specs}
             index = {"metadata": {"total_size": total}, "weight_map": names}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True))
-        for name in TOKENIZER_FILES:
-            if (Path(base) / name).exists():
-                shutil.copy(Path(base) / name, tmp / name)
-    return Path(out_dir)
+        (tmp / MODEL_MARKER).write_text(json.dumps(out_config, indent=2, sort_keys=True))
+        copy_tokenizer(base, tmp)
+    return path(out_dir)
 
 
 def _layout(naming: Naming, keys: tuple, shape: tuple[int, ...], dtype: np.dtype) -> Layout:

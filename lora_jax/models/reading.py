@@ -7,46 +7,84 @@ before any tensor is read.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
+import json
+import math
+import struct
 from typing import Any
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from etils import epath
 
 from lora_jax.files import read_json
 
 Index = tuple[slice, ...]
 
 
-@contextlib.contextmanager
-def opened(path: Path) -> Iterator[Any]:
-    """A safetensors file opened for reading (numpy: nothing on a device), or a ValueError
-    naming it."""
-    try:
-        handle = safe_open(path, "numpy")
-    except Exception as err:  # safetensors raises its own error types for a damaged file
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged? "
-                         f"{err}).") from None  # fmt: skip
-    with handle as f:
-        yield f
+# safetensors' dtype names, as numpy (and ml_dtypes, jax's) holds them.
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+          "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+          "F8_E5M2": ml_dtypes.float8_e5m2}  # fmt: skip
+
+
+class SafetensorsFile:
+    """A safetensors file's header, and its tensors read by the range of rows a slice spans:
+    a local file or an object in a bucket alike (`files.path`), nothing else fetched."""
+
+    def __init__(self, file: epath.Path):
+        self.file = file
+        try:
+            size = file.stat().length
+            with file.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if not 2 <= length <= size - 8:
+                    raise ValueError(f"a header of {length} bytes in a file of {size}")
+                header = json.loads(f.read(length))
+            self.start = 8 + length
+            header.pop("__metadata__", None)
+            self.tensors = {name: (DTYPES[t["dtype"]], tuple(t["shape"]), *t["data_offsets"])
+                            for name, t in header.items()}  # fmt: skip
+            if any(self.start + end > size for *_, end in self.tensors.values()):
+                raise ValueError("its tensors run past its end")
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+            raise ValueError(f"{file}: not a readable safetensors file (truncated or damaged? "
+                             f"{err}).") from None  # fmt: skip
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name][1]
+
+    def read(self, name: str, index: Index) -> np.ndarray:
+        """The slice `index` of a tensor: the bytes of the rows it spans are read, the rest of
+        the slice taken in memory."""
+        dtype, shape, begin, _ = self.tensors[name]
+        rows, rest = (index[0], index[1:]) if index and shape else (slice(None), index)
+        lo, hi, _ = rows.indices(shape[0]) if shape else (0, 1, 1)
+        row_bytes = math.prod(shape[1:]) * np.dtype(dtype).itemsize
+        with self.file.open("rb") as f:
+            f.seek(self.start + begin + lo * row_bytes)
+            data = f.read((hi - lo) * row_bytes)
+        if len(data) != (hi - lo) * row_bytes:
+            raise ValueError(f"{self.file}: {name} cannot be read (truncated?).")
+        array = np.frombuffer(data, dtype).reshape((hi - lo, *shape[1:]) if shape else ())
+        return array[(slice(None), *rest)] if shape else array
 
 
 class Checkpoint:
     """The tensors of model.safetensors or a sharded model.safetensors.index.json, by name;
     their shapes from the headers, their data read by the slice."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: epath.Path):
         index = directory / "model.safetensors.index.json"
+        self.directory, self._opened = directory, {}
         if index.exists():
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index}: no weight_map.")
         elif (directory / "model.safetensors").exists():
-            with opened(directory / "model.safetensors") as f:
-                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+            weight_map = dict.fromkeys(self.file(directory / "model.safetensors").tensors,
+                                       "model.safetensors")  # fmt: skip
         elif any(directory.glob("pytorch_model*.bin")):
             raise ValueError(
                 f"{directory}: only pickle checkpoints (pytorch_model.bin), which can "
@@ -54,28 +92,24 @@ class Checkpoint:
             )
         else:
             raise FileNotFoundError(f"{directory}: no model.safetensors or its index.")
-        self.directory = directory
         self.files = {name: directory / file for name, file in weight_map.items()}
-        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def file(self, path: epath.Path) -> SafetensorsFile:
+        """A file's header, read once."""
+        if path not in self._opened:
+            self._opened[path] = SafetensorsFile(path)
+        return self._opened[path]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """A tensor's shape, from its file's header (read once a file)."""
-        if name not in self._shapes:
-            path = self.files[name]
-            with opened(path) as f:
-                for other in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    if self.files.get(other) == path:
-                        self._shapes[other] = tuple(f.get_slice(other).get_shape())
-        return self._shapes[name]
+        """A tensor's shape, from its file's header."""
+        file = self.file(self.files[name])
+        if name not in file.tensors:
+            raise ValueError(f"{file.file}: holds no {name}, which the index puts there.")
+        return file.shape(name)
 
     def read(self, name: str, index: Index) -> np.ndarray:
-        """The slice `index` of a tensor: only its bytes are read."""
-        with opened(self.files[name]) as f:
-            try:
-                return np.asarray(f.get_slice(name)[index])
-            except Exception as err:  # safetensors' own error types: a damaged file
-                raise ValueError(f"{self.files[name]}: {name} cannot be read (truncated or "
-                                 f"damaged? {err}).") from None  # fmt: skip
+        """The slice `index` of a tensor: only the rows it spans are read."""
+        return self.file(self.files[name]).read(name, index)
 
 
 @dataclasses.dataclass(frozen=True)
