@@ -14,7 +14,6 @@ way (from_pretrained, lj.merge, save_pretrained), which `lora-jax merge` used be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -23,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sharded_load import BASE, TINY, checkpoint  # noqa: E402 (the same checkpoints)
+from sharded_load import BASE, TINY, checkpoint
 
 RESHARD = """
 import json, sys
@@ -56,7 +55,8 @@ from lora_jax import models
 base, out = sys.argv[1], sys.argv[2]
 model, params, hf = models.abstract_pretrained(models.config_of(base))
 config = lj.LoraConfig(rank=16, targets="all-linear")
-adapter = lj.init(jax.random.key(0), params, config, lj.kernel_layouts(model, jnp.zeros((1, 2), jnp.int32)))
+layouts = lj.kernel_layouts(model, jnp.zeros((1, 2), jnp.int32))
+adapter = lj.init(jax.random.key(0), params, config, layouts)
 adapter = jax.tree.map(lambda x: jnp.full(x.shape, 0.01, x.dtype), lj.split(adapter, config)[0])
 lj.save_adapter(out, adapter, config, hf_config=hf)
 """

@@ -8,7 +8,6 @@ The frozen base is never written: it comes from the base checkpoint on every sta
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from typing import Any
@@ -17,18 +16,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from lora_jax.files import is_remote, path
+from lora_jax.files import is_remote, one_line_logs, path
 from lora_jax.settings import DistributedSettings
-
-
-class _WithoutTraceback(logging.Filter):
-    """Orbax's writer thread logs a failed write with its traceback; `Checkpoints` raises the
-    same failure as one error at the next step, so the log keeps only its one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "orbax" in record.pathname:
-            record.exc_info = record.exc_text = None
-        return True
 
 
 class Checkpoints:
@@ -46,9 +35,9 @@ class Checkpoints:
             async_options=ocp.AsyncOptions(timeout_secs=max(int(timeout_s), 1)),
         )
         self.every, self.written = every, set()
-        absl = logging.getLogger("absl")
-        if not any(isinstance(f, _WithoutTraceback) for f in absl.filters):
-            absl.addFilter(_WithoutTraceback())
+        # Orbax's writer thread logs a failed write with its traceback; `check` raises the
+        # same failure as one error at the next step, so the log keeps only its one line.
+        one_line_logs("absl", "orbax")
         where = path(directory)  # orbax takes the path layer's paths, a bucket's too
         self.manager = ocp.CheckpointManager(where if is_remote(where) else where.resolve(),
                                              options=options)  # fmt: skip

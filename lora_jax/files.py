@@ -15,6 +15,7 @@ import fnmatch
 import importlib.resources
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -49,7 +50,30 @@ def path(where: str | os.PathLike) -> epath.Path:
         raise ImportError(f"{text}: {text[:5]} paths need {module}: pip install "
                           f"'lora_jax[gcs]' (or {module}).")  # fmt: skip
     _point_at_emulator()
+    one_line_logs("gcsfs", "gcsfs")  # each retry given up is a line; the failure, ours
     return epath.Path(text)
+
+
+class _WithoutTraceback(logging.Filter):
+    """Drops the traceback of a record logged from a file whose path holds `source`."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.source = source
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.source in record.pathname:
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def one_line_logs(logger: str, source: str) -> None:
+    """Records `logger` takes from `source`'s files keep their line, not their traceback: a
+    library that logs each failure it retries, or hands on, as a traceback, where lora_jax
+    reports the failure itself as one line."""
+    log = logging.getLogger(logger)
+    if not any(isinstance(f, _WithoutTraceback) and f.source == source for f in log.filters):
+        log.addFilter(_WithoutTraceback(source))
 
 
 def _point_at_emulator() -> None:
@@ -61,7 +85,7 @@ def _point_at_emulator() -> None:
     os.environ.setdefault("EPATH_USE_TF", "false")
     if host:
         url = host if host.startswith(("http://", "https://")) else f"http://{host}"
-        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = url  # the same server, whatever it said
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
         # A local server takes no credentials: none are looked for (a search that ends at a
         # cloud metadata server this machine has not): tensorstore's variable for a token,
@@ -76,7 +100,10 @@ def upload(local: Path, target: epath.Path) -> None:
     import fsspec
 
     fs, name = fsspec.core.url_to_fs(os.fspath(target))
-    fs.put_file(os.fspath(local), name)
+    try:
+        fs.put_file(os.fspath(local), name)
+    except Exception as err:  # the client's own errors: no server, no permission
+        raise OSError(f"writing {target} failed: {type(err).__name__}: {err}") from err
 
 
 def create(target: epath.Path, data: bytes) -> bool:

@@ -41,9 +41,9 @@ def entry() -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     # A signal here is in `received`; its KeyboardInterrupt is not a traceback.
     with Interrupts() as interrupts, contextlib.suppress(KeyboardInterrupt):
-        from lora_jax.cli import main
+        from lora_jax.cli import exit_with, main
     if interrupts.received:
         command = sys.argv[1] if len(sys.argv) > 1 else ""
         print(f"lora-jax {command}: interrupted", file=sys.stderr)
         sys.exit(128 + interrupts.received[0])
-    sys.exit(main())
+    exit_with(main())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import socket
 from typing import Any
@@ -110,7 +111,7 @@ class RunDir:
                 f"output_dir {self.path} is not one directory the run's processes share: "
                 f"process {', '.join(map(str, blind))} cannot see the lock process 0 holds "
                 "there (each host of a pod has its own disk). Give every process one "
-                "directory they all see: a shared mount (NFS, Filestore, a gcsfuse bucket)."
+                "place they all see: a bucket (output_dir=gs://...) or a shared mount."
             )
 
     def _lock_text(self) -> str:
@@ -170,12 +171,16 @@ class FileLock:
 
 class ObjectLock:
     """A bucket folder's lock: an object created only where none is (the store's own
-    create-if-absent), saying who holds it; removed when the run ends. A run whose host
-    vanished without a SIGTERM leaves it: the refusal says how to remove it."""
+    create-if-absent), saying who holds it; removed when the run ends. One left by an ended
+    process of this host is taken over; one of another host that vanished without a SIGTERM
+    stays: the refusal says how to remove it."""
 
     def __init__(self, file: epath.Path, holder: str):
         self.file, self.holder = file, holder
         held = _text(file)
+        if held and _gone(held):  # left by a process of this host that has ended
+            file.unlink()
+            held = ""
         if not held:
             try:
                 if not files.create(file, holder.encode()):  # a race lost: held
@@ -195,6 +200,21 @@ class ObjectLock:
     def release(self) -> None:
         if _text(self.file) == self.holder:
             self.file.unlink()
+
+
+def _gone(holder: str) -> bool:
+    """Whether a lock's holder was a process of this host that no longer runs (one that lost
+    its bucket mid-run could not remove its lock)."""
+    found = re.fullmatch(r"pid (\d+) on (\S+) \(\w+\)", holder.strip())
+    if not found or found[2] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(found[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's: alive
+        return False
+    return False
 
 
 def _text(file: epath.Path) -> str:

@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from importlib import resources
@@ -43,7 +44,11 @@ class Server:
         create = urllib.request.Request(f"{self.url}/storage/v1/b", method="POST",
                                         data=json.dumps({"name": BUCKET}).encode(),
                                         headers={"Content-Type": "application/json"})  # fmt: skip
-        urllib.request.urlopen(create, timeout=30).close()
+        try:
+            urllib.request.urlopen(create, timeout=30).close()
+        except urllib.error.HTTPError as err:  # restarted on the same root: it is there
+            if err.code != 409:
+                raise
 
     def _wait(self) -> None:
         """Until the server answers, or has exited."""
@@ -63,11 +68,12 @@ class Server:
     def folder(self) -> str:
         return f"gs://{BUCKET}/{uuid.uuid4().hex[:12]}"
 
-    @staticmethod
-    def fs():
+    def fs(self):
+        """A client of this server (whatever STORAGE_EMULATOR_HOST says)."""
         import fsspec
 
-        return fsspec.filesystem("gcs", skip_instance_cache=True)
+        return fsspec.filesystem("gcs", endpoint_url=self.url, token="anon",
+                                 skip_instance_cache=True)  # fmt: skip
 
     def put(self, local: Path, url: str) -> str:
         """A local file or directory uploaded to `url`."""

@@ -101,4 +101,3 @@ def gcs(tmp_path_factory):
     yield server
     del os.environ["STORAGE_EMULATOR_HOST"]
     server.stop()
-

@@ -12,6 +12,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+from buckets import Server
 from hf_peer import PEERS, peer_logits
 from sft_runs import LLAMA_SFT, as_args, cli, losses, overrides
 from test_failures import one_line
@@ -188,3 +189,38 @@ def test_an_adapter_in_a_bucket_is_replaced_whole(gcs, checkpoints):
     with pytest.raises(ValueError, match=refused):
         lj.save_adapter(url, loaded, config, hf_config=hf_config)
     assert files.path(url).is_dir() and "notes.txt" in gcs.names(url)
+
+
+def test_a_bucket_lost_mid_run_stops_it_and_keeps_the_last_whole_checkpoint(gcs, sft, tmp_path):
+    """The server killed once the first checkpoint is committed: the run stops in one line
+    naming what it could not write (its writes bounded by distributed.timeout_s), exit 2, not
+    a hang; with the server back, --resume continues from that last whole checkpoint (the
+    half-written one is never listed) and finishes."""
+    server = Server(str(tmp_path / "gcs"))
+    out = f"{server.folder()}/run"
+    sets = overrides(sft, out, **{"train.steps": 400, "checkpoint.every": 20,
+                                  "distributed.timeout_s": 20, "train.grad_accum": 1})  # fmt: skip
+    run = cli("train", "--config", LLAMA_SFT, *as_args(sets),
+              env=dict(os.environ, STORAGE_EMULATOR_HOST=server.url))  # fmt: skip
+    first = f"{out}/checkpoints/20/commit_success.txt"
+    while run.poll() is None and not server.fs().exists(first):
+        time.sleep(0.1)
+    server.process.kill()
+    server.process.wait()
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 2, err[-3000:]
+    line = one_line(err)
+    assert line.startswith("lora-jax train: writing ") and f"{out}" in line, line
+    server = Server(str(tmp_path / "gcs"))  # the same objects, a new port
+    try:
+        env = dict(os.environ, STORAGE_EMULATOR_HOST=server.url)
+        resumed = cli("train", "--config", LLAMA_SFT, *as_args(sets), "--set", "train.steps=40",
+                      "--resume", env=env)  # fmt: skip
+        printed, err = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, err[-3000:]
+        assert f"resumed from step 20 ({out}/checkpoints)" in printed, [
+            line for line in err.splitlines() if "checkpoint" in line
+        ][:5]
+        assert "adapter/adapter_config.json" in server.names(out)
+    finally:
+        server.stop()

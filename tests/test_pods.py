@@ -46,7 +46,7 @@ def test_processes_that_share_no_output_dir_are_refused_at_start(sft, tmp_path):
         line = err.splitlines()[-1]
         assert line.startswith("lora-jax train: output_dir ") and "Traceback" not in err
         assert "is not one directory the run's processes share: process 1 cannot see" in line
-        assert "shared mount" in line
+        assert "a bucket (output_dir=gs://...) or a shared mount" in line
     assert not outs[0].exists() and not outs[1].exists()
 
 
