@@ -389,13 +389,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_with(status: int) -> NoReturn:
-    """Ends the process with `status`; a failed command at once, once its line is out: a
+    """Ends the process with `status`; a failed command at once, once its line is out and the
+    run's other processes have left jax.distributed with it (process 0 serves them): a
     bucket that stopped answering leaves orbax's and tensorstore's writer threads waiting on
     it, and the interpreter would wait for them at exit. Every file is whole by then."""
     if status == 0:
         sys.exit(0)
     sys.stdout.flush()
     sys.stderr.flush()
+    jax.distributed.shutdown()  # nothing to do in a run of one process
     os._exit(status)
 
 
