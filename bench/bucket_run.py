@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from buckets import Server  # noqa: E402 (the tests' GCS server)
-from hf_peer import write_word_tokenizer  # noqa: E402
+from hf_peer import write_reversal_set, write_word_tokenizer  # noqa: E402
 
 MODEL = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=1024,
              hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
@@ -42,14 +42,7 @@ def inputs(root: Path) -> Path:
 
     models.random_checkpoint(root / "llama", MODEL)
     write_word_tokenizer(root / "llama")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4096), ("eval", 64)):
-        with (root / f"{split}.jsonl").open("w") as f:
-            for _ in range(n):
-                words = rng.integers(3, 50, 24)
-                row = {"prompt": " ".join(f"w{w}" for w in words),
-                       "response": " ".join(f"w{w + 40}" for w in words[::-1])}  # fmt: skip
-                f.write(json.dumps(row) + "\n")
+    write_reversal_set(root, {"train": 4096, "eval": 64}, words=24)
     return root
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import fsspec.config
 import jax.numpy as jnp
 import numpy as np
@@ -94,12 +95,16 @@ def _point_at_emulator() -> None:
         fsspec.config.conf.setdefault("gcs", {}).setdefault("token", "anon")
 
 
+def client(target: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec client of a bucket URL, and the object's name for it: what a bucket offers
+    that epath does not (an upload, a create-if-absent, an object's generation)."""
+    return fsspec.core.url_to_fs(os.fspath(target))
+
+
 def upload(local: Path, target: epath.Path) -> None:
     """A local file copied to an object as one upload: the object appears only when the
     whole file is in, and an earlier one stays until then."""
-    import fsspec
-
-    fs, name = fsspec.core.url_to_fs(os.fspath(target))
+    fs, name = client(target)
     try:
         fs.put_file(os.fspath(local), name)
     except Exception as err:  # the client's own errors: no server, no permission
@@ -109,9 +114,7 @@ def upload(local: Path, target: epath.Path) -> None:
 def create(target: epath.Path, data: bytes) -> bool:
     """`data` written to a new object only where none is (the store's create-if-absent:
     GCS's ifGenerationMatch=0); False where one already is."""
-    import fsspec
-
-    fs, name = fsspec.core.url_to_fs(os.fspath(target))
+    fs, name = client(target)
     try:
         with fs.open(name, "xb") as f:
             f.write(data)
@@ -122,9 +125,7 @@ def create(target: epath.Path, data: bytes) -> bool:
 
 def download(source: epath.Path, local: Path) -> None:
     """An object copied to a local file, streamed (not held in memory)."""
-    import fsspec
-
-    fs, name = fsspec.core.url_to_fs(os.fspath(source))
+    fs, name = client(source)
     fs.get_file(name, os.fspath(local))
 
 

@@ -158,8 +158,7 @@ class FileLock:
             self.handle.seek(0)
             held = self.handle.read().strip() or "another process"
             self.handle.close()
-            raise ValueError(f"output_dir {file.parent} is in use by another run ({held}); wait "
-                             "for it to end, or choose another output_dir.") from None  # fmt: skip
+            raise _in_use(file, held) from None
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(holder)
@@ -193,13 +192,18 @@ class ObjectLock:
                 raise ValueError(f"output_dir {file.parent}: cannot write there "
                                  f"({type(err).__name__}: {err}).") from None  # fmt: skip
         if held:
-            raise ValueError(f"output_dir {file.parent} is in use by another run ({held}); wait "
-                             "for it to end, or choose another output_dir. If that run is gone "
-                             f"(its host lost without a SIGTERM), remove {file}.")  # fmt: skip
+            raise _in_use(file, held, f" If that run is gone (its host lost without a "
+                                      f"SIGTERM), remove {file}.")  # fmt: skip
 
     def release(self) -> None:
         if _text(self.file) == self.holder:
             self.file.unlink()
+
+
+def _in_use(lock: epath.Path, held: str, more: str = "") -> ValueError:
+    """The refusal of a run whose directory another run's lock holds."""
+    return ValueError(f"output_dir {lock.parent} is in use by another run ({held}); wait for "
+                      f"it to end, or choose another output_dir.{more}")  # fmt: skip
 
 
 def _gone(holder: str) -> bool:
@@ -213,7 +217,7 @@ def _gone(holder: str) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:  # another user's: alive
-        return False
+        pass
     return False
 
 

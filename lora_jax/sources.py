@@ -83,9 +83,7 @@ def _version(file: Any) -> str:
     if not is_remote(file):
         stat = os.stat(file)
         return f"{Path(file).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
-    import fsspec
-
-    fs, name = fsspec.core.url_to_fs(os.fspath(file))
+    fs, name = files.client(file)
     info = fs.info(name)
     return f"{file}\0{info.get('size')}\0{info.get('generation') or info.get('ETag')}"
 

@@ -66,24 +66,15 @@ def checkpoints(tmp_path_factory):
 def sft(checkpoints, tmp_path_factory):
     """The tiny Llama checkpoint with a word-level tokenizer.json, and a learnable SFT set:
     the response is the prompt's words reversed and shifted, so only the model can tell."""
-    import json
     import shutil
 
-    import numpy as np
-    from hf_peer import write_word_tokenizer
+    from hf_peer import write_reversal_set, write_word_tokenizer
 
     root = tmp_path_factory.mktemp("sft")
     model = root / "llama"
     shutil.copytree(checkpoints / "llama", model)
     write_word_tokenizer(model)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("eval", 16)):
-        with (root / f"{split}.jsonl").open("w") as f:
-            for _ in range(n):
-                words = rng.integers(3, 50, 5)
-                row = {"prompt": " ".join(f"w{w}" for w in words),
-                       "response": " ".join(f"w{w + 40}" for w in words[::-1])}  # fmt: skip
-                f.write(json.dumps(row) + "\n")
+    write_reversal_set(root, {"train": 64, "eval": 16}, words=5)
     return root
 
 

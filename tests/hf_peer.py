@@ -98,3 +98,18 @@ def write_word_tokenizer(directory) -> None:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(directory / "tokenizer.json"))
+
+
+def write_reversal_set(root, sizes: dict[str, int], words: int) -> None:
+    """A learnable SFT set in `root/<split>.jsonl` (`sizes`: rows a split), seeded: each
+    response is its prompt's `words` words reversed and shifted, so only the model can tell."""
+    import json
+
+    rng = np.random.default_rng(0)
+    for split, n in sizes.items():
+        with (root / f"{split}.jsonl").open("w") as f:
+            for _ in range(n):
+                drawn = rng.integers(3, 50, words)
+                row = {"prompt": " ".join(f"w{w}" for w in drawn),
+                       "response": " ".join(f"w{w + 40}" for w in drawn[::-1])}  # fmt: skip
+                f.write(json.dumps(row) + "\n")

@@ -30,11 +30,11 @@ from lora_jax.models.hub import (
     plan,
 )  # fmt: skip
 from lora_jax.models.naming import Naming
-from lora_jax.models.reading import Checkpoint
+from lora_jax.models.reading import DTYPES, Checkpoint
 from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, merge
 
-# safetensors' names of the dtypes a checkpoint holds.
-DTYPE_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# safetensors' names of numpy's dtypes: `models.reading`'s table, the other way.
+DTYPE_CODES = {np.dtype(dtype).name: code for code, dtype in DTYPES.items()}
 Layout = list[tuple[str, tuple[int, ...]]]  # (tensor name, shape) in the order written
 
 
