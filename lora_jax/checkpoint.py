@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from lora_jax.files import is_remote, one_line_logs, path
+from lora_jax.files import failure, is_remote, one_line_logs, path
 from lora_jax.settings import DistributedSettings
 
 
@@ -75,7 +75,7 @@ class Checkpoints:
 
     def _failed(self, step: int, err: Exception) -> OSError:
         return OSError(f"writing the checkpoint of step {step} in {self.manager.directory} "
-                       f"failed: {type(err).__name__}: {err}")  # fmt: skip
+                       f"failed: {failure(err)}")  # fmt: skip
 
     def restore_latest(self, like: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, data state) of the newest readable checkpoint, laid out like `like`

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import jax
 from flax import traverse_util
 
-from lora_jax.files import check_target, is_remote, path, resolve
+from lora_jax.files import check_target, failure, is_remote, path, resolve
 from lora_jax.hosts import NoAnswer
 from lora_jax.io import base_for, head_for, load_adapter, read_adapter
 from lora_jax.models import abstract_pretrained, config_of, from_pretrained
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lora-jax {args.command}: {err}", file=sys.stderr, flush=True)
             os._exit(2)
         except (ValueError, FileNotFoundError, OSError, ImportError, FloatingPointError) as err:
-            print(f"lora-jax {args.command}: {err}", file=sys.stderr)
+            print(f"lora-jax {args.command}: {str(err) or failure(err)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:  # every file is written atomically: nothing half-written
             status = None

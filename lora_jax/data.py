@@ -105,11 +105,10 @@ class Encode:
         to the bucket of the longest."""
         return Padded(self.encoder.pad, self.encoder.max_length, length)
 
-    def check_first(self, count: int = 256) -> None:
+    def check_first(self, count: int = 256) -> list[Example]:
         """The first `count` rows read, checked and encoded: a wrong field name or template
         is refused before anything compiles (later rows are checked as they are read)."""
-        for index in range(min(count, len(self))):
-            self(index)
+        return [self(index) for index in range(min(count, len(self)))]
 
 
 def buckets(max_length: int) -> list[int]:

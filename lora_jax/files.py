@@ -51,6 +51,7 @@ def path(where: str | os.PathLike) -> epath.Path:
         raise ImportError(f"{text}: {text[:5]} paths need {module}: pip install "
                           f"'lora_jax[gcs]' (or {module}).")  # fmt: skip
     _point_at_emulator()
+    _bound_requests()
     one_line_logs("gcsfs", "gcsfs")  # each retry given up is a line; the failure, ours
     return epath.Path(text)
 
@@ -77,6 +78,31 @@ def one_line_logs(logger: str, source: str) -> None:
         log.addFilter(_WithoutTraceback(source))
 
 
+TIMEOUT = "LORA_JAX_BUCKET_TIMEOUT_S"  # seconds a bucket may leave a request unanswered
+
+
+def _bound_requests() -> None:
+    """No request to a bucket waits forever: a server that accepts a connection and then never
+    answers (frozen, or a link gone dead) fails the request after $LORA_JAX_BUCKET_TIMEOUT_S
+    (default 60) seconds without a byte; the clients' own retries then end in an error. A
+    silence, not a duration: a large transfer that keeps moving is never cut."""
+    seconds = os.environ.get(TIMEOUT, "60")
+    try:
+        timeout = float(seconds)
+        if timeout <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{TIMEOUT}={seconds!r}: expected a positive number of seconds.") from None
+    import aiohttp  # gcsfs's HTTP client
+
+    silence = aiohttp.ClientTimeout(sock_connect=timeout, sock_read=timeout)
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("requests_timeout", silence)
+    # tensorstore (orbax's arrays) through curl: under 1 byte a second for that long ends it.
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", str(max(1, round(timeout))))
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
+    os.environ.setdefault("TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS", str(max(1, round(timeout))))
+
+
 def _point_at_emulator() -> None:
     """Every client at the GCS server $STORAGE_EMULATOR_HOST names, where it is set (a test's,
     or a user's local server): gcsfs reads that variable itself; tensorstore, which writes
@@ -101,6 +127,17 @@ def client(target: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(os.fspath(target))
 
 
+def failure(err: BaseException) -> str:
+    """A client's error as a line: its type and message, or, where it has none (fsspec's
+    timeout), those of the error it stands for."""
+    while not str(err) and err.__cause__ is not None:
+        err = err.__cause__
+    line = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    if isinstance(err, TimeoutError):
+        line += f"; no answer for {TIMEOUT}={os.environ.get(TIMEOUT, 60)} seconds, each try"
+    return line
+
+
 def upload(local: Path, target: epath.Path) -> None:
     """A local file copied to an object as one upload: the object appears only when the
     whole file is in, and an earlier one stays until then."""
@@ -108,19 +145,28 @@ def upload(local: Path, target: epath.Path) -> None:
     try:
         fs.put_file(os.fspath(local), name)
     except Exception as err:  # the client's own errors: no server, no permission
-        raise OSError(f"writing {target} failed: {type(err).__name__}: {err}") from err
+        raise OSError(f"writing {target} failed: {failure(err)}") from err
 
 
 def create(target: epath.Path, data: bytes) -> bool:
     """`data` written to a new object only where none is (the store's create-if-absent:
-    GCS's ifGenerationMatch=0); False where one already is."""
+    GCS's ifGenerationMatch=0, which gcsfs sends with a one-request upload; its resumable
+    uploads, `open("xb")`, overwrote on the test server); False where one already is."""
     fs, name = client(target)
     try:
-        with fs.open(name, "xb") as f:
-            f.write(data)
+        fs.pipe_file(name, data, mode="create")
     except FileExistsError:
         return False
     return True
+
+
+def move(source: epath.Path, target: epath.Path) -> None:
+    """A file or folder renamed (in a bucket: its objects copied, then removed)."""
+    if is_remote(source):
+        fs, name = client(source)
+        fs.mv(name, client(target)[1], recursive=True)
+    else:
+        os.replace(source, target)
 
 
 def download(source: epath.Path, local: Path) -> None:
@@ -149,7 +195,7 @@ def atomic(target: str | os.PathLike) -> Iterator[Path]:
             os.chmod(tmp, _new_mode(directory=False))
             os.replace(tmp, target)
     except Exception as err:
-        raise OSError(f"writing {target} failed: {type(err).__name__}: {err}") from err
+        raise OSError(f"writing {target} failed: {failure(err)}") from err
     finally:
         tmp.unlink(missing_ok=True)
         if is_remote(target):
@@ -173,7 +219,7 @@ def atomic_dir(
                 yield Path(tmp)
                 _replace_objects(Path(tmp), target, owned, marker)
             except Exception as err:
-                raise OSError(f"writing {target} failed: {type(err).__name__}: {err}") from err
+                raise OSError(f"writing {target} failed: {failure(err)}") from err
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = (Path(target.with_name(f".{target.name}.{os.getpid()}.{s}")) for s in ("tmp", "old"))
@@ -188,7 +234,7 @@ def atomic_dir(
             os.replace(target, old)  # aside, then the new one in: never a mix of the two
         os.replace(tmp, target)
     except Exception as err:
-        raise OSError(f"writing {target} failed: {type(err).__name__}: {err}") from err
+        raise OSError(f"writing {target} failed: {failure(err)}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

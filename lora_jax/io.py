@@ -332,6 +332,8 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
     except Exception as err:  # safetensors raises its own error types for a damaged file
         raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged? "
                          f"{type(err).__name__}: {err}).") from None  # fmt: skip
+    if not tensors:
+        raise ValueError(f"{path}: holds no tensors (an empty adapter).")
     for name, tensor in tensors.items():
         if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype.name != "bfloat16":
             raise ValueError(f"{path}: {name} is {tensor.dtype}; adapter tensors are floats.")
@@ -395,7 +397,8 @@ def read_adapter(
     naming = _file_naming(directory, tensors, peft_config, naming, hf_config)
     lora, dotted, _ = _read(directory, tensors, peft_config, naming)
     if not lora:
-        raise ValueError(f"{directory}: the file holds no lora_A/lora_B tensors.")
+        raise ValueError(f"{directory}/adapter_model.safetensors: holds no lora_A/lora_B "
+                         "tensors.")  # fmt: skip
     flat, config = _assembled(lora, dotted, {}, peft_config)
     for keys in lora:
         a, b = flat[(*keys, LORA_A)], flat[(*keys, LORA_B)]

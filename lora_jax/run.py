@@ -56,10 +56,15 @@ def open_splits(cfg: RunConfig, tokenizer: data_lib.Tokenizer) -> dict[str, data
     or template is refused before anything compiles; a later bad row, when it is read."""
     data, splits = cfg.data, {}
     classes = len(data.labels) or cfg.model.num_labels
+    task = TASKS[data.task]
     for name in ("train", "eval"):
         rows = open_rows(resolve(getattr(data, name)))
-        splits[name] = data_lib.Encode(rows, Encoder(TASKS[data.task], tokenizer, data, classes))
-        splits[name].check_first()
+        splits[name] = data_lib.Encode(rows, Encoder(task, tokenizer, data, classes))
+        if (first := splits[name].check_first()) and not sum(map(task.targets, first)):
+            raise ValueError(f"{getattr(data, name)}: none of the first {len(first)} rows keeps "
+                             f"a token to learn from within data.max_length {data.max_length} "
+                             "(each prompt fills it): raise data.max_length, or shorten the "
+                             "prompts.")  # fmt: skip
     if (size := len(splits["train"])) < cfg.train.batch_size:
         raise ValueError(f"{data.train}: {size} rows, fewer than one batch of "
                          f"train.batch_size {cfg.train.batch_size}.")  # fmt: skip
@@ -381,4 +386,9 @@ def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, floa
         sums += np.asarray([float(t) for t in terms])
         bar.update(real)
     bar.close()
+    if not sums[1]:  # a mean of nothing: said, not written as NaN
+        data = run.config.data
+        raise ValueError(f"{getattr(data, split_name)}: no row keeps a token to evaluate "
+                         f"within data.max_length {data.max_length} (each prompt fills it): "
+                         "raise data.max_length, or shorten the prompts.")  # fmt: skip
     return {"loss": float(sums[0] / sums[1]), "accuracy": float(sums[2] / sums[1])}

@@ -12,16 +12,22 @@ with, so `--resume` continues only the run it would continue.
   model are checked): a refused run leaves the directory as it found it, and a directory it
   had to create is removed again.
 - A fresh run (no `--resume`) replaces an earlier run in the directory: its checkpoints,
-  metrics, adapter and eval results are removed, so re-running a notebook cell starts over
-  cleanly and never leaves two runs' outputs side by side. It clears only a directory a run
-  owns (one holding a run's `config.json`, or empty): other files are never removed.
-- A resumed run removes the earlier end-of-run outputs (adapter, eval results, loss curve)
-  before it trains on, so they never sit beside newer checkpoints; it writes them again
-  when it finishes.
+  metrics, adapter, eval results and settings are moved aside (`.replaced`), so re-running a
+  notebook cell starts over cleanly and never leaves two runs' outputs side by side. It
+  clears only a directory a run owns (one holding a run's `config.json`, or empty): other
+  files are never removed.
+- A resumed run moves the earlier end-of-run outputs (adapter, eval results, loss curve)
+  aside before it trains on, so they never sit beside newer checkpoints; it writes them
+  again when it finishes.
+- What was moved aside is dropped only once the new run has something to replace it with
+  (a checkpoint of its own, or its adapter); a run that stops before that (a refusal found
+  late, a failure, Ctrl-C or SIGTERM during setup) puts it back when it ends, and so does
+  the next run where a process was killed outright in between.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -40,11 +46,13 @@ from lora_jax.settings import RunConfig
 CONFIG = "config.json"
 # Settings a resumed run may change: they do not change what a checkpoint holds or means.
 RESUMABLE = ("train.steps", "checkpoint.", "mesh.", "distributed.", "data.eval", "output_dir")
-# What a run leaves in its directory; a fresh run removes an earlier run's first, so its own
-# outputs are never mixed with another run's (TensorBoard's events are purged by the writer).
-OUTPUTS = ("checkpoints", "metrics.jsonl", "adapter", "eval.json", "loss.png")
+# What a run leaves in its directory; a fresh run moves an earlier run's aside first, so its
+# own outputs are never mixed with another run's (a resumed run's TensorBoard events past its
+# step are purged by the writer).
+OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "adapter", "eval.json", "loss.png")
 FINAL = ("adapter", "eval.json", "loss.png")  # written when a run finishes
 LOCK = ".lock"
+ASIDE = ".replaced"  # an earlier run's outputs, kept until this run has its own
 RECORD_KEYS = {"model", "lora", "data", "train"}  # what makes a config.json a run's record
 
 
@@ -74,8 +82,23 @@ class RunDir:
     def __init__(self, settings: RunConfig, resume: bool, main: bool):
         self.path, self.lock, self.resume = files.path(settings.output_dir), None, resume
         self.settings, self.created = settings.to_dict(), False
+        self.replacing: tuple[str, ...] = ()  # what `begin` moved aside for this run's own
+        self.committed: set[int] = set()  # the checkpoints' steps before this run
         if not main:
             return
+        try:
+            self._hold()
+        except OSError as err:  # the store's own errors: no permission, no answer
+            with contextlib.suppress(OSError):
+                self.close()
+            raise ValueError(
+                f"output_dir {self.path}: cannot use it ({files.failure(err)})."
+            ) from None
+
+    def _hold(self) -> None:
+        """Checks the directory (a run's or none), locks it, and checks a resumed run's
+        settings against those it records."""
+        resume = self.resume
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"output_dir {self.path} is a file, not a directory.")
         record = self.path / CONFIG
@@ -123,19 +146,42 @@ class RunDir:
         one its end-of-run outputs; the settings are recorded."""
         if self.lock is None:
             return
-        for name in FINAL if self.resume else OUTPUTS:
-            earlier = self.path / name
-            if earlier.is_dir():
-                earlier.rmtree()
-            elif earlier.exists():
-                earlier.unlink()
+        self._settle(())  # what a process killed outright left aside
+        self.replacing = (*FINAL, CONFIG) if self.resume else (*OUTPUTS, CONFIG)
+        self.committed = _committed(self.path)
+        aside = self.path / ASIDE
+        for name in self.replacing:
+            if (earlier := self.path / name).exists():
+                aside.mkdir(parents=True, exist_ok=True)
+                files.move(earlier, aside / name)
         write_text(self.path / CONFIG, json.dumps(self.settings, indent=1, sort_keys=True))
         self.created = False
+
+    def _settle(self, replacing: tuple[str, ...]) -> None:
+        """Drops the earlier outputs moved aside where this run has its own (a checkpoint
+        of a step it wrote, or its adapter), else puts them back in place of `replacing`
+        (this run's partial ones)."""
+        aside = self.path / ASIDE
+        if not aside.exists():
+            return
+        if _committed(self.path) - self.committed or (self.path / "adapter").exists():
+            aside.rmtree()
+            return
+        for name in {*replacing, *(p.name for p in aside.iterdir())}:
+            if (partial := self.path / name).is_dir():
+                partial.rmtree()
+            elif partial.exists():
+                partial.unlink()
+            if (earlier := aside / name).exists():
+                files.move(earlier, partial)
+        aside.rmtree()
 
     def close(self) -> None:
         """Releases the directory for the next run; one this run created and never began
         in is removed."""
         if self.lock is not None:
+            if self.replacing:  # begun: what it moved aside is dropped or put back
+                self._settle(self.replacing)
             self.lock.release()
             self.lock = None
             if self.created and not is_remote(self.path) and [
@@ -184,13 +230,8 @@ class ObjectLock:
             try:
                 if not files.create(file, holder.encode()):  # a race lost: held
                     held = _text(file) or "another process"
-            except FileNotFoundError:
-                bucket = os.fspath(file).split("/")[2]
-                raise ValueError(f"output_dir {file.parent}: the bucket {bucket} does not exist "
-                                 "(or these credentials cannot see it).") from None  # fmt: skip
-            except Exception as err:  # the store's own errors: no permission, no server
-                raise ValueError(f"output_dir {file.parent}: cannot write there "
-                                 f"({type(err).__name__}: {err}).") from None  # fmt: skip
+            except Exception as err:  # the store's own errors: no bucket, no permission, no server
+                raise _unwritable(file, err) from None
         if held:
             raise _in_use(file, held, f" If that run is gone (its host lost without a "
                                       f"SIGTERM), remove {file}.")  # fmt: skip
@@ -198,6 +239,19 @@ class ObjectLock:
     def release(self) -> None:
         if _text(self.file) == self.holder:
             self.file.unlink()
+
+
+def _unwritable(lock: epath.Path, err: Exception) -> ValueError:
+    """The refusal of a bucket folder the lock could not be written in: the bucket missing
+    (a refused upload may answer "not found" too, so the bucket itself is asked), or the
+    store's own error (no permission, no answer)."""
+    fs, name = files.client(lock)
+    bucket = name.split("/")[0]
+    with contextlib.suppress(Exception):  # the same store failing again: its first error
+        if isinstance(err, FileNotFoundError) and not fs.exists(bucket):
+            return ValueError(f"output_dir {lock.parent}: the bucket {bucket} does not exist "
+                              "(or these credentials cannot see it).")  # fmt: skip
+    return ValueError(f"output_dir {lock.parent}: cannot write there ({files.failure(err)}).")
 
 
 def _in_use(lock: epath.Path, held: str, more: str = "") -> ValueError:
@@ -245,4 +299,14 @@ def _foreign(path: epath.Path) -> list[str]:
     record = path / CONFIG
     if record.is_file() and set(read_json(record)) >= RECORD_KEYS:
         return []
-    return sorted(p.name for p in path.iterdir() if p.name != LOCK)
+    return sorted(p.name for p in path.iterdir() if p.name not in (LOCK, ASIDE))
+
+
+def _committed(path: epath.Path) -> set[int]:
+    """The steps of a run directory's whole checkpoints (orbax's: a step's folder appears
+    under its number once committed locally; in a bucket, once it holds its marker)."""
+    folder = path / "checkpoints"
+    if not folder.is_dir():
+        return set()
+    return {int(p.name) for p in folder.iterdir() if p.name.isdigit() and
+            (not is_remote(p) or (p / "commit_success.txt").exists())}  # fmt: skip

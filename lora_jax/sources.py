@@ -43,10 +43,13 @@ class Rows(Protocol):
         ...
 
 
+CACHE = "LORA_JAX_CACHE"  # the variable naming the cache folder
+
+
 def cache_dir() -> Path:
     """Where indexes and conversions of data files are kept: $LORA_JAX_CACHE, else
     ~/.cache/lora_jax."""
-    return Path(os.environ.get("LORA_JAX_CACHE") or Path.home() / ".cache" / "lora_jax")
+    return Path(os.environ.get(CACHE) or Path.home() / ".cache" / "lora_jax")
 
 
 def _cached(path: Path, kind: str, suffix: str, build: Callable[[Any, Path], None]) -> Path:
@@ -65,8 +68,12 @@ def _cached(path: Path, kind: str, suffix: str, build: Callable[[Any, Path], Non
         try:
             folder.mkdir(parents=True, exist_ok=True)
             partial.touch()
-        except PermissionError:  # a read-only cache: the temporary directory instead
-            continue
+        except OSError as err:
+            if os.environ.get(CACHE) and folder == cache_dir() / kind:  # the user's choice
+                why = f"{type(err).__name__}: {err.strerror or err}"
+                raise OSError(f"{CACHE}={os.environ[CACHE]}: cannot keep {path}'s {kind} "
+                              f"there ({why}).") from None  # fmt: skip
+            continue  # the default cache unusable (read-only): the temporary directory
         try:
             build(path, partial)
             os.replace(partial, target)

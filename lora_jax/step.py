@@ -113,10 +113,11 @@ def make_step(
     `loss(combine(adapter, base), micro_batch, rngs)` gives (summed loss, count); the batch's
     leading axis splits into `accum` micro-batches (rows i, i + accum, ... in micro-batch i, so
     each device keeps its share of each). With `dropout_seed`, rngs = {"dropout": a key folded
-    with the step}. Metrics: loss (sum / count), grad_norm, and whatever `metrics(batch, step)`
-    adds. `shardings` pins every argument and result (else jit decides); the adapter and
-    optimizer state are donated. `penalty(adapter)` is a term added to the mean loss once a
-    step (AdaLoRA's orthogonality, `lj.adalora_penalty`), reported as "penalty".
+    with the step}. Metrics: loss (sum / count), targets (the count: 0 where the batch held
+    nothing to learn), grad_norm, and whatever `metrics(batch, step)` adds. `shardings` pins
+    every argument and result (else jit decides); the adapter and optimizer state are donated.
+    `penalty(adapter)` is a term added to the mean loss once a step (AdaLoRA's orthogonality,
+    `lj.adalora_penalty`), reported as "penalty".
     """
 
     def step(adapter, opt_state, base, batch, step):
@@ -135,10 +136,10 @@ def make_step(
             lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch
         )
         zero = (jax.tree.map(jnp.zeros_like, adapter), jnp.float32(0), jnp.float32(0))
-        (grads, total, count), _ = jax.lax.scan(micro, zero, micro_batches)
-        count = jnp.maximum(count, 1.0)
+        (grads, total, targets), _ = jax.lax.scan(micro, zero, micro_batches)
+        count = jnp.maximum(targets, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        out = {"loss": total / count}
+        out = {"loss": total / count, "targets": targets}
         if penalty is not None:
             out["penalty"], more = jax.value_and_grad(penalty)(adapter)
             grads = jax.tree.map(jnp.add, grads, more)

@@ -78,6 +78,11 @@ class Task(Protocol):
         (input_ids, attention_mask, ...) and scalars; `lora_jax.data` pads or packs them."""
         ...
 
+    def targets(self, example: Example) -> int:
+        """How many of an example's tokens (or labels) its loss is taken on: 0 where
+        data.max_length cut them all away."""
+        ...
+
     def packs(self, data: DataFields) -> bool:
         """Whether training batches pack several examples into a row."""
         ...
@@ -108,6 +113,12 @@ def _tokens(ids: list[int]) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
+def _shown(value: Any) -> str:
+    """A wrong-typed value in a refusal, as Python shows it (its start, where long)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 class Classify:
     """A label per text: cross-entropy per example on the model's logits; the accuracy
     before training and after a head-only phase are reported, and at the end the merged
@@ -126,7 +137,7 @@ class Classify:
         nothing coerced (no float, bool or null)."""
         text, label = row[data.text_field], row[data.label_field]
         if not isinstance(text, str):
-            raise ValueError(f"{at}: {data.text_field} is {text!r}, not a string.")
+            raise ValueError(f"{at}: {data.text_field} is {_shown(text)}, not a string.")
         if isinstance(label, str):
             if label not in data.labels:
                 raise ValueError(f"{at}: label {label!r} is not one of data.labels "
@@ -146,6 +157,9 @@ class Classify:
         label = data.labels.index(label) if isinstance(label, str) else label
         return {"input_ids": _tokens(ids), "attention_mask": np.ones(len(ids), np.int32),
                 "labels": np.int32(label)}  # fmt: skip
+
+    def targets(self, example: Example) -> int:
+        return 1  # its label, whatever the cut
 
     def packs(self, data: DataFields) -> bool:
         return False  # one example a row: its logits are read at its own tokens
@@ -195,13 +209,11 @@ class Sft:
 
     def check_row(self, row: Mapping[str, Any], at: str, data: DataFields,
                   classes: int | None) -> None:  # fmt: skip
-        """No template field is null; the response is a string."""
-        for field in template_fields(data.template):
-            if row[field] is None:
-                raise ValueError(f"{at}: {field} is null.")
-        if not isinstance(row[data.response_field], str):
-            raise ValueError(f"{at}: {data.response_field} is {row[data.response_field]!r}, "
-                             "not a string.")  # fmt: skip
+        """Every field it reads (the template's and the response) is a string: nothing else
+        (a number, a JSON object or list, true, null) is formatted into text."""
+        for field in [*template_fields(data.template), data.response_field]:
+            if not isinstance(row[field], str):
+                raise ValueError(f"{at}: {field} is {_shown(row[field])}, not a string.")
 
     def encode(self, row: Mapping[str, Any], tokenizer: Tokenizer,
                data: DataFields) -> Example:  # fmt: skip
@@ -219,6 +231,9 @@ class Sft:
             "positions": np.arange(len(ids), dtype=np.int32),
             "loss_mask": _tokens(mask),
         }
+
+    def targets(self, example: Example) -> int:
+        return int(example["loss_mask"][1:].sum())  # each predicts from the token before
 
     def packs(self, data: DataFields) -> bool:
         return data.pack

