@@ -7,6 +7,9 @@ the Flax model zoo and `lora_jax.io` adapter files in peft's format.
 from __future__ import annotations
 
 from lora_jax.lazy import attributes
+from lora_jax.machine import cpu_alone
+
+cpu_alone()  # before anything imports jax: no libtpu warnings on a host without a TPU
 
 # Each public name and the module that holds it. Names load on first use, so `import
 # lora_jax` is instant (the `lora-jax` command installs its signal handlers before anything

@@ -84,6 +84,10 @@ def topology_devices(name: str) -> list[Any]:
     hosts = (
         {"chips_per_host_bounds": shape + [1] * (3 - len(shape))} if math.prod(shape) < 4 else {}
     )
+    # v4 and v5p chips hold two TensorCores, run as one device each ("megacore", as MaxText
+    # compiles them): a mesh is laid over chips.
+    if jax_name.split(":")[0] in ("v4", "v5p"):
+        hosts["chip_config_name"] = "megacore"
     try:
         desc = topologies.get_topology_desc(topology_name=jax_name, platform="tpu", **hosts)
         return list(desc.devices)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -392,12 +394,16 @@ def exit_with(status: int) -> NoReturn:
     """Ends the process with `status`; a failed command at once, once its line is out and the
     run's other processes have left jax.distributed with it (process 0 serves them): a
     bucket that stopped answering leaves orbax's and tensorstore's writer threads waiting on
-    it, and the interpreter would wait for them at exit. Every file is whole by then."""
+    it, and the interpreter would wait for them at exit. Every file is whole by then. What
+    multiprocessing holds (data workers' queues and their semaphores) is released first, as
+    a normal exit would: else its resource tracker warns of leaked semaphores."""
     if status == 0:
         sys.exit(0)
     sys.stdout.flush()
     sys.stderr.flush()
     jax.distributed.shutdown()  # nothing to do in a run of one process
+    gc.collect()  # the failed run's objects (held in cycles by its traceback) finalized
+    multiprocessing.util._exit_function()  # the exit handler it registers; ours skips atexit
     os._exit(status)
 
 

@@ -10,14 +10,14 @@ dies is noticed by the service itself (its heartbeats stop) and ends the others.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
+
+from lora_jax.machine import on_tpu_vm
 
 _PREFIX = "lora_jax"
 _rounds = itertools.count()  # each wait's own keys: the service keeps a barrier's name
@@ -52,13 +52,6 @@ def join(coordinator: str | None, num_processes: int, process_id: int) -> None:
         jax.distributed.initialize(coordinator, num_processes, process_id)
     elif cluster_processes() > 1 or on_tpu_vm():
         jax.distributed.initialize()
-
-
-def on_tpu_vm(dev: Path = Path("/dev")) -> bool:
-    """Whether this host has TPU chips for libtpu (accel* devices up to v5e, vfio groups from
-    v5p and v6e)."""
-    chips = any(dev.glob("accel*")) or any(p.name.isdigit() for p in dev.glob("vfio/*"))
-    return chips and importlib.util.find_spec("libtpu") is not None
 
 
 def _client() -> Any:

@@ -32,6 +32,7 @@ from lora_jax.peft_format import (
     UNSUPPORTED,
     Entry,
     adapter_config,
+    check_file,
     converted_config,
     exact,
     file_variant,
@@ -214,7 +215,7 @@ def load_adapter(
     naming = _file_naming(directory, tensors, peft_config, naming, hf_config)
     base = traverse_util.flatten_dict(params_of(base_params))
     flat, config = _assembled(*_read(directory, tensors, peft_config, naming, base, layouts),
-                              peft_config)  # fmt: skip
+                              peft_config, directory)  # fmt: skip
     adapter = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     adapter = {"params": adapter} if "params" in base_params else adapter
     combine(adapter, base_params)  # every path and shape checked against the base
@@ -286,11 +287,11 @@ def _fitted(name: str, keys: tuple, layer: int | None, factor: np.ndarray, base:
 
 def _assembled(
     lora: dict[tuple, dict[str, Layers]], dotted: dict[str, set[str]],
-    full: dict[tuple, Layers], peft_config: dict[str, Any],
+    full: dict[tuple, Layers], peft_config: dict[str, Any], directory: Path,
 ) -> tuple[dict[tuple, np.ndarray], LoraConfig]:  # fmt: skip
     """`_read`'s per-layer arrays stacked into our leaves (flat), and the LoraConfig that
-    explains them."""
-    flat, ranks, alphas = {}, {}, {}
+    explains them, adapter_config.json checked against them (`check_file`)."""
+    flat, ranks = {}, {}
     for keys, parts in lora.items():
         path = path_str(keys)
         if not all(n in parts for n in (LORA_A, LORA_B)):
@@ -298,8 +299,13 @@ def _assembled(
         for leaf, per_layer in parts.items():
             flat[(*keys, leaf)] = _stack(per_layer, f"{path}/{leaf}")
         ranks[path] = flat[(*keys, LORA_A)].shape[-1]
-        alphas[path] = peft_value(peft_config.get("alpha_pattern") or {}, min(dotted[path]),
-                                  peft_config["lora_alpha"])  # fmt: skip
+    leaves = {path_str(k): set(parts) for k, parts in lora.items()}
+    try:
+        check_file(peft_config, ranks, leaves, dotted)
+    except ValueError as err:
+        raise ValueError(f"{directory}/adapter_config.json: {err}") from None
+    alphas = {p: peft_value(peft_config.get("alpha_pattern") or {}, min(dotted[p]),
+                            peft_config["lora_alpha"]) for p in ranks}  # fmt: skip
     for keys, per_layer in full.items():
         flat[keys] = _stack(per_layer, path_str(keys))
     return flat, lora_config(peft_config, ranks, alphas, [path_str(k) for k in full])
@@ -399,7 +405,7 @@ def read_adapter(
     if not lora:
         raise ValueError(f"{directory}/adapter_model.safetensors: holds no lora_A/lora_B "
                          "tensors.")  # fmt: skip
-    flat, config = _assembled(lora, dotted, {}, peft_config)
+    flat, config = _assembled(lora, dotted, {}, peft_config, directory)
     for keys in lora:
         a, b = flat[(*keys, LORA_A)], flat[(*keys, LORA_B)]
         if a.shape[: b.ndim - 2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:

@@ -168,6 +168,56 @@ def variant_of(config: LoraConfig) -> Plain:
     return next(v for v in VARIANTS if v.trains(config))
 
 
+def check_file(
+    peft_config: Mapping[str, Any], ranks: dict[str, int], leaves: dict[str, set[str]],
+    names: dict[str, set[str]],
+) -> None:  # fmt: skip
+    """A ValueError naming the key where adapter_config.json contradicts the tensors it came
+    with (the tensors are the truth): a missing key its variant needs, a pattern that is no
+    regex, `r` / `rank_pattern` giving a module another rank than its A has, `use_dora`
+    without (or tensors with) DoRA's magnitudes, a module `target_modules` does not pick.
+    `ranks`, `leaves` and `names`: each adapted module's rank, leaves and torch names."""
+    variant = file_variant(peft_config)
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in peft_config.get(key) or {}:
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as err:
+                raise ValueError(f"{key} {pattern!r} is not a regex ({err}).") from None
+    try:
+        rank = variant.settings(peft_config)["rank"]
+        if "lora_alpha" not in peft_config:
+            raise KeyError("lora_alpha")
+    except KeyError as err:
+        raise ValueError(f"no {err.args[0]!r}, which a {variant.peft_type} adapter "
+                         "needs.") from None  # fmt: skip
+    targets, by_parameter = peft_config.get("target_modules"), peft_config.get("target_parameters")
+    for module, found in ranks.items():
+        name = min(names[module])
+        kind = f"{variant.label or 'LoRA'} adapter (use_dora {bool(peft_config.get('use_dora'))})"
+        if extra := leaves[module] - set(variant.leaves):
+            raise ValueError(f"a {kind}, but {name} has {sorted(extra)} tensors too.")
+        if missing := set(variant.leaves) - leaves[module]:
+            raise ValueError(f"a {kind}, but {name} has no {sorted(missing)} tensors.")
+        if (
+            not isinstance(variant, AdaLoRA)
+            and (given := peft_value(peft_config.get("rank_pattern") or {}, name, rank)) != found
+        ):
+            raise ValueError(f"r / rank_pattern give {name} rank {given}, but its lora_A "
+                             f"has rank {found}.")  # fmt: skip
+        if targets and not by_parameter and not all(_targets(targets, n) for n in names[module]):
+            raise ValueError(f"target_modules {targets!r} does not pick {name}, which holds "
+                             "adapter tensors.")  # fmt: skip
+
+
+def _targets(target_modules: str | list[str], name: str) -> bool:
+    """peft's rule: a string full-matches the module's name; a list picks it by its last
+    parts."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in target_modules)
+
+
 def file_variant(peft_config: Mapping[str, Any]) -> Plain:
     """The record of the variant an adapter_config.json describes; ValueError for a
     peft_type none writes."""

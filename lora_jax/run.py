@@ -90,6 +90,10 @@ def settings_mesh(mesh: MeshSettings, devices: Sequence[Any] | None = None) -> j
     """The mesh the `mesh.*` settings give over `devices` (default: `jax.devices()`), the
     first `mesh.devices` of them."""
     devices = list(jax.devices() if devices is None else devices)
+    if mesh.devices > len(devices):
+        kind = devices[0].device_kind
+        raise ValueError(f"mesh.devices {mesh.devices}: there are {len(devices)} devices "
+                         f"({kind}); give at most that, or -1 for all.")  # fmt: skip
     devices = devices[: None if mesh.devices < 0 else mesh.devices]
     return sharding.make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices, mesh.expert)
 

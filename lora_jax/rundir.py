@@ -34,6 +34,8 @@ import os
 import re
 import secrets
 import socket
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -45,7 +47,9 @@ from lora_jax.settings import RunConfig
 
 CONFIG = "config.json"
 # Settings a resumed run may change: they do not change what a checkpoint holds or means.
-RESUMABLE = ("train.steps", "checkpoint.", "mesh.", "distributed.", "data.eval", "output_dir")
+RESUMABLE = ("train.steps", "checkpoint.", "mesh.", "distributed.", "data.eval", "output_dir",
+             "data_version")  # fmt: skip
+DATA_VERSION = "data_version"  # the record's note of the training rows (`check_data`)
 # What a run leaves in its directory; a fresh run moves an earlier run's aside first, so its
 # own outputs are never mixed with another run's (a resumed run's TensorBoard events past its
 # step are purged by the writer).
@@ -82,7 +86,10 @@ class RunDir:
     def __init__(self, settings: RunConfig, resume: bool, main: bool):
         self.path, self.lock, self.resume = files.path(settings.output_dir), None, resume
         self.settings, self.created = settings.to_dict(), False
-        self.replacing: tuple[str, ...] = ()  # what `begin` moved aside for this run's own
+        self.train_file = settings.data.train
+        self.replacing: tuple[str, ...] = ()  # what `begin` moves aside for this run's own
+        self.aside = False  # whether it moved anything
+        self.data_version: dict[str, Any] | None = None  # the training rows' (`check_data`)
         self.committed: set[int] = set()  # the checkpoints' steps before this run
         if not main:
             return
@@ -102,6 +109,9 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"output_dir {self.path} is a file, not a directory.")
         record = self.path / CONFIG
+        if resume and not record.exists():
+            raise ValueError(f"--resume: output_dir {self.path} holds no run to resume (no "
+                             f"{CONFIG}); run without --resume to start one.")  # fmt: skip
         if foreign := _foreign(self.path):
             raise ValueError(f"output_dir {self.path} holds files no lora_jax run wrote "
                              f"({', '.join(foreign[:4])}); choose a new or empty "
@@ -141,6 +151,27 @@ class RunDir:
         """What the lock file says here (empty where there is none)."""
         return _text(self.path / LOCK)
 
+    def check_data(self, version: dict[str, Any], log: Callable[[str], None]) -> None:
+        """On every process: a resumed run's training rows against those its run began with
+        (`sources.version_of`). Rows added or removed are refused (a checkpoint's place in
+        the data, a row index, would mean other rows); the same count with other contents
+        (a bad row fixed, rows replaced) is said and resumed, each row read as it is now."""
+        self.data_version = version
+        record = self.path / CONFIG
+        began = _record(record).get(DATA_VERSION) if self.resume and record.exists() else None
+        if began is None or began == version:
+            return
+        if began["rows"] != version["rows"]:
+            raise ValueError(f"--resume: {self.train_file} has {version['rows']} rows, the run "
+                             f"began on {began['rows']}: a checkpoint's place in it would mean "
+                             "other rows now. Restore the file, or start fresh (without "
+                             "--resume, or in another output_dir).")  # fmt: skip
+        if self.lock is None:  # said once, by process 0
+            return
+        log(f"--resume: {self.train_file} changed since the run began (the same "
+            f"{version['rows']} rows, other contents): each row is read as it is now, from "
+            "the same place in the data.")  # fmt: skip
+
     def begin(self) -> None:
         """The run is sure to start: a fresh run clears an earlier run's outputs, a resumed
         one its end-of-run outputs; the settings are recorded."""
@@ -154,7 +185,9 @@ class RunDir:
             if (earlier := self.path / name).exists():
                 aside.mkdir(parents=True, exist_ok=True)
                 files.move(earlier, aside / name)
-        write_text(self.path / CONFIG, json.dumps(self.settings, indent=1, sort_keys=True))
+                self.aside = True
+        record = {**self.settings, DATA_VERSION: self.data_version}
+        write_text(self.path / CONFIG, json.dumps(record, indent=1, sort_keys=True))
         self.created = False
 
     def _settle(self, replacing: tuple[str, ...]) -> None:
@@ -180,8 +213,13 @@ class RunDir:
         """Releases the directory for the next run; one this run created and never began
         in is removed."""
         if self.lock is not None:
-            if self.replacing:  # begun: what it moved aside is dropped or put back
-                self._settle(self.replacing)
+            try:
+                if self.aside:  # what `begin` moved aside is dropped or put back
+                    self._settle(self.replacing)
+            except OSError as err:  # the store gone (the run's own error says so): kept
+                why = files.failure(err)
+                warnings.warn(f"{self.path / ASIDE} is left as it is ({why}); the next run "
+                              "there puts it back or drops it.", stacklevel=2)  # fmt: skip
             self.lock.release()
             self.lock = None
             if self.created and not is_remote(self.path) and [

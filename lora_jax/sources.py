@@ -43,6 +43,21 @@ class Rows(Protocol):
         ...
 
 
+def version_of(rows: Rows, sample: int = 64) -> dict[str, Any]:
+    """What a resumed run checks its rows against: their count (a row added or removed
+    moves every later one) and a hash of `sample` rows spread over them (a row replaced is
+    seen where the sample reads it). Any format alike; a few reads, not the whole file."""
+    count, digest = len(rows), hashlib.sha256()
+    picks = {i * (count - 1) // max(sample - 1, 1) for i in range(sample)} if count else set()
+    for index in sorted(picks):
+        try:
+            row = json.dumps(rows.read(index)[0], sort_keys=True, default=str)
+        except BadRow as err:  # hashed as it reads now: a later fix shows as a change
+            row = str(err)
+        digest.update(row.encode())
+    return {"rows": count, "sample": digest.hexdigest()[:16]}
+
+
 CACHE = "LORA_JAX_CACHE"  # the variable naming the cache folder
 
 

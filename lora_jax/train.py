@@ -8,6 +8,7 @@ signal (`lora_jax.signals`) or a bad row only after a checkpoint, every process 
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -26,7 +27,7 @@ from lora_jax.run import Run, evaluate, make_train_step, run_tx, start_distribut
 from lora_jax.rundir import RunDir
 from lora_jax.settings import RunConfig
 from lora_jax.signals import Stopped, StopRequests
-from lora_jax.sources import BadRow
+from lora_jax.sources import BadRow, version_of
 from lora_jax.variants import BASE_MODIFYING_INITS
 
 
@@ -48,6 +49,7 @@ def train(
     try:
         rundir.check_shared(timeout)  # before anything loads: a pod's hosts have own disks
         run = Run.start(settings)  # every input checked
+        rundir.check_data(version_of(run.examples["train"].rows), log)
         rundir.begin()
         hosts.barrier("process 0 cleared the output directory", timeout)  # no write before
         return _loop(run, resume, log, stop)
@@ -97,6 +99,8 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
         start, (adapter, opt_state), data_state = found
         _continue(batches, data_state, out)
         log(f"resumed from step {start} ({out / 'checkpoints'})")
+    elif resume:
+        log(f"--resume: no checkpoint in {out / 'checkpoints'} yet: starting at step 1")
     writer = Writer(out, start, enabled=main, sync_every=ckpt_cfg.every)
     steps = {f: make_train_step(run, tx, shardings) for f, tx in txs.items()}
     if run.router_aux:
@@ -120,9 +124,13 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
                     checkpoints.save(step, (adapter, opt_state), data_state, force=True)
                 saved = (f"checkpoint written in {out / 'checkpoints'}" if step else
                          "nothing trained")  # fmt: skip
+                if isinstance(bad, WorkerLost):
+                    raise WorkerLost(f"{bad} (stopped at step {step}: {saved}; --resume "
+                                     "continues)")  # fmt: skip
                 if bad_anywhere:
-                    why = str(bad) if bad is not None else "another process read a bad row"
-                    raise BadRow(f"{why} (stopped at step {step}: {saved}; fix the row, then "
+                    why, then = (bad, "fix the row") if bad else (
+                        "another process stopped on its data", "see its line")  # fmt: skip
+                    raise BadRow(f"{why} (stopped at step {step}: {saved}; {then}, then "
                                  "--resume)")  # fmt: skip
                 raise stop.stopped(step, saved)
             batch = run.batch(local, train_cfg.batch_size)
@@ -186,13 +194,25 @@ def _anywhere(
     return bad or any(f[0] == "1" for f in flags), bad
 
 
-def _next(batches: Any) -> tuple[BadRow | None, data_lib.Batch | None]:
-    """(None, the next batch), or (the bad row's error, None): the loop saves a checkpoint
-    before it stops on a bad row (with several processes, all stop together)."""
+class WorkerLost(OSError):
+    """A data.workers process ended under the run (killed by the OS, as for memory)."""
+
+
+def _next(batches: Any) -> tuple[BadRow | WorkerLost | None, data_lib.Batch | None]:
+    """(None, the next batch), or (why there is none, None): a bad row, or a data worker
+    lost; the loop saves a checkpoint before it stops (with several processes, all stop
+    together)."""
     try:
         return None, next(batches)
     except BadRow as err:
         return err, None
+    except RuntimeError as err:  # grain's words for a worker that died
+        if not (found := re.match(r"Worker process was terminated .*exit code (-?\d+)", str(err))):
+            raise
+        code = int(found[1])
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        return WorkerLost(f"a data.workers process ended ({how}; the OS ends one that runs "
+                          "out of memory)"), None  # fmt: skip
 
 
 def _continue(batches: Any, state: Mapping[str, Any], out: epath.Path) -> None:

@@ -54,6 +54,42 @@ def test_compile_reports_a_step_that_fits_a_v5e_slice(small_config):
     assert report["remat"] == "projections" and report["micro_batch"] == 8
 
 
+@pytest.mark.parametrize("topology, chips", [("v4:2x2x2", 8), ("v5p-8", 4)])
+def test_two_core_chips_compile_as_one_device_each(small_config, topology, chips):
+    """v4 and v5p chips (two TensorCores each, the docs' own `v4:2x2x2`) compile as one
+    device a chip (megacore), not a traceback from the mesh."""
+    done = compile_cli(small_config, topology, **{"data.max_length": 128,
+                                                   "train.batch_size": 8})  # fmt: skip
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["chips"] == chips and report["fits"] is True
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"hidden_size": None}, "no 'hidden_size', which a llama model needs"),
+    ({"num_attention_heads": 0}, "num_attention_heads is 0: a model size is a whole number"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers is 0: a model size"),
+    ({"vocab_size": 10**12}, "vocab_size is 1000000000000: a model size"),
+    ({"intermediate_size": "128"}, "intermediate_size is '128': a model size"),
+])  # fmt: skip
+def test_a_config_json_that_is_no_model_is_refused(tmp_path, change, says):
+    """Missing or absurd sizes in config.json: one line naming the file and the key, exit 2,
+    not a traceback nor a "fits" for a model of nothing."""
+    config = {k: v for k, v in {**SMALL, **change}.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    done = compile_cli(tmp_path, "v5e-4")
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("lora-jax ")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert lines[0].startswith(f"lora-jax compile: {tmp_path}/config.json: {says}"), lines
+
+
+def test_more_devices_than_the_slice_has_are_refused(small_config):
+    done = compile_cli(small_config, "v5e-4", **{"mesh.devices": 8})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "lora-jax compile: mesh.devices 8: there are 4 devices (TPU v5 lite)" in done.stderr
+
+
 def test_an_oversized_batch_reports_no_fit_with_exit_1(small_config):
     # 1024 rows of 512 tokens a chip, nothing rematerialised: tens of GiB of activations.
     done = compile_cli(small_config, "v5e-4", **{"data.max_length": 512,

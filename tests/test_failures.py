@@ -3,6 +3,7 @@ directory and checks the exit code, that the one-line message names the file, ke
 and that nothing was lost (the inputs' and earlier checkpoints' md5 unchanged, metrics.jsonl
 intact and in step order)."""
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -123,6 +124,44 @@ def test_bad_adapter_files_are_refused_naming_the_file(
     err = one_line(err)
     assert str(broken) in err and re.search(message, err), err
     assert md5s(broken, checkpoints / "llama") == before and not out.exists()
+
+
+# name -> (adapter_config.json's change (None: the key removed), message): each contradicts
+# the tensors (rank 8 on q_proj and v_proj, plain LoRA) or is no config at all.
+CONFIG_CASES = {
+    "r": ({"r": 4}, r"r / rank_pattern give \S+_proj rank 4, but its lora_A has rank 8"),
+    "rank_pattern": ({"rank_pattern": {"v_proj": 2}},
+                     r"r / rank_pattern give \S+v_proj rank 2, but its lora_A has rank 8"),
+    "use_dora": ({"use_dora": True},
+                 r"a DoRA adapter \(use_dora True\), but \S+_proj has no \['lora_magnitude'\]"),
+    "target_modules": ({"target_modules": ["q_proj"]},
+                       r"target_modules \['q_proj'\] does not pick \S+v_proj"),
+    "no r": ({"r": None}, r"no 'r', which a LORA adapter needs"),
+    "no lora_alpha": ({"lora_alpha": None}, r"no 'lora_alpha', which a LORA adapter needs"),
+    "bad alpha_pattern": ({"alpha_pattern": {"(q_proj": 4}},
+                          r"alpha_pattern '\(q_proj' is not a regex"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_an_adapter_config_that_contradicts_its_tensors_is_refused(
+    checkpoints, adapter_dir, tmp_path, capsys, case
+):
+    """The tensors are the truth: merge and inspect refuse a config that says otherwise, in
+    one line naming the file and the key, not a merge of what the config claims."""
+    change, message = CONFIG_CASES[case]
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter_dir, broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    config = {k: v for k, v in {**config, **change}.items() if v is not None}
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    for args in (["merge", "--base", str(checkpoints / "llama"), "--adapter", str(broken),
+                  "--out", str(out)], ["inspect", str(broken)]):  # fmt: skip
+        assert cli_main(args) == 2
+        err = one_line(capsys.readouterr().err)
+        assert f"{broken}/adapter_config.json: " in err and re.search(message, err), err
+    assert not out.exists()
 
 
 def test_merge_never_writes_over_its_inputs(checkpoints, adapter_dir, tmp_path, capsys):
@@ -719,3 +758,106 @@ def test_a_run_stopped_before_it_has_outputs_puts_the_earlier_ones_back(
         after = md5s(out)
         assert {f: after[f] for f in before} == before
         assert all("tfevents" in f and resume for f in set(after) - set(before))
+
+
+def test_resume_needs_a_run_and_the_rows_it_began_on(sft, tmp_path, capsys):
+    """--resume where no run is: refused, nothing created. After the training file lost a
+    row: refused naming it (a checkpoint's row index would mean another row), nothing
+    touched. The same rows with one replaced (a bad row fixed): said, then resumed."""
+    out = tmp_path / "out"
+    assert cli_main([*train_args(sft, out), "--resume"]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"lora-jax train: --resume: output_dir {out} holds no run to resume (no config.json); "
+        "run without --resume to start one.")  # fmt: skip
+    assert not out.exists()
+    data = tmp_path / "train.jsonl"
+    rows = (sft / "train.jsonl").read_text().splitlines(keepends=True)
+    data.write_text("".join(rows))
+    args = train_args(sft, out, **{"data.train": data, "train.steps": 2, "checkpoint.every": 1})
+    assert cli_main(args) == 0
+    capsys.readouterr()
+    before = md5s(out)
+    data.write_text("".join(rows[1:]))
+    more = [*train_args(sft, out, **{"data.train": data, "train.steps": 3}), "--resume"]
+    assert cli_main(more) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"lora-jax train: --resume: {data} has {len(rows) - 1} rows, the run began on "
+        f"{len(rows)}: a checkpoint's place in it would mean other rows now. Restore the "
+        "file, or start fresh (without --resume, or in another output_dir).")  # fmt: skip
+    assert md5s(out) == before
+    data.write_text("".join([rows[1], *rows[1:]]))  # the first row replaced
+    assert cli_main(more) == 0
+    printed = capsys.readouterr()
+    assert f"--resume: {data} changed since the run began (the same {len(rows)} rows" in (
+        printed.out + printed.err)  # fmt: skip
+    assert steps_of(out) == [1, 2, 3]
+
+
+def _workers(pid):
+    """The data worker processes of a run (the children grain started, from its threads;
+    not multiprocessing's resource tracker)."""
+    children = [c for t in Path(f"/proc/{pid}/task").iterdir()
+                for c in (t / "children").read_text().split()]  # fmt: skip
+    found = []
+    for child in map(int, children):
+        with contextlib.suppress(OSError):
+            command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"resource_tracker" not in command:
+                found.append(child)
+    return found
+
+
+def test_a_data_worker_killed_stops_the_run_with_its_steps_checkpointed(sft, tmp_path):
+    """A data.workers process killed (as the OOM killer does): one line naming it, the steps
+    done checkpointed, the --resume hint, no semaphore or shared memory left behind (what the
+    killed worker held, multiprocessing's tracker releases, and says so); --resume
+    finishes."""
+    shm = set(Path("/dev/shm").iterdir())
+    out = tmp_path / "out"
+    sets = overrides(sft, out, **{"train.steps": 5000, "checkpoint.every": 1,
+                                  "data.workers": 2})  # fmt: skip
+    run = cli("train", "--config", LLAMA_SFT, *as_args(sets))
+    metrics = out / "metrics.jsonl"
+    while run.poll() is None and (not metrics.exists() or len(steps_of(out)) < 3):
+        time.sleep(0.05)
+    workers = _workers(run.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 2, err[-3000:]
+    line = one_line(err)
+    found = re.fullmatch(
+        r"lora-jax train: a data\.workers process ended \(killed by SIGKILL; "
+        r"the OS ends one that runs out of memory\) \(stopped at step (\d+): "
+        rf"checkpoint written in {out}/checkpoints; --resume continues\)",
+        line,
+    )
+    assert found, line
+    assert "leaked semaphore" not in err and set(Path("/dev/shm").iterdir()) <= shm, err[-3000:]
+    step = int(found[1])
+    assert step >= 3 and str(step) in {p.name for p in (out / "checkpoints").iterdir()}
+    resumed = cli("train", "--config", LLAMA_SFT, *as_args(sets), "--set",
+                  f"train.steps={step + 2}", "--resume")  # fmt: skip
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert steps_of(out)[-1] == step + 2
+
+
+def test_a_bad_row_read_by_a_data_worker_stops_cleanly(sft, tmp_path):
+    """A bad row past the rows setup checks, read by a data.workers process: one line naming
+    file and row, the steps done checkpointed, nothing of the workers left (no leak
+    warning, no shared memory)."""
+    shm = set(Path("/dev/shm").iterdir())
+    rows = (sft / "train.jsonl").read_text()
+    data = _write(tmp_path / "train.jsonl", rows * 5 + '{"prompt": 5, "response": "w4"}\n' + rows)
+    out = tmp_path / "out"
+    sets = overrides(sft, out, **{"train.steps": 100, "checkpoint.every": 1, "data.workers": 2,
+                                  "data.train": data})  # fmt: skip
+    run = cli("train", "--config", LLAMA_SFT, *as_args(sets))
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 2, err[-3000:]
+    line = one_line(err)
+    assert re.fullmatch(rf"lora-jax train: {data}:321: prompt is 5, not a string\. \(stopped at "
+                        rf"step \d+: checkpoint written in {out}/checkpoints; fix the row, then "
+                        r"--resume\)", line), line  # fmt: skip
+    assert "leaked" not in err and set(Path("/dev/shm").iterdir()) <= shm, err[-3000:]

@@ -16,7 +16,8 @@ from sft_runs import LLAMA_SFT, as_args, cli, overrides
 from test_train import _free_port, logged
 
 from lora_jax import models, sharding
-from lora_jax.hosts import cluster_processes, on_tpu_vm
+from lora_jax.hosts import cluster_processes
+from lora_jax.machine import cpu_alone, on_tpu_vm
 from lora_jax.models import reading
 
 FOUR_DEVICES = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -130,6 +131,26 @@ def test_a_tpu_vm_is_told_by_its_chips(tmp_path):
     assert not on_tpu_vm(tmp_path)
     (tmp_path / "accel0").touch()
     assert on_tpu_vm(tmp_path)  # libtpu is installed here (the tpu extra)
+
+
+def test_a_host_without_a_tpu_hears_nothing_from_libtpu(tmp_path):
+    """libtpu installed (the test extra) on a host with no TPU: `import lora_jax` keeps jax
+    on the CPU before jax loads, so neither a command nor a notebook's `import jax` after it
+    prints libtpu's warnings about the TPU VM it did not find. A TPU's chips, or platforms a
+    user chose, are left alone."""
+    (tmp_path / "tpu").mkdir()
+    (tmp_path / "tpu" / "accel0").touch()
+    for environ, dev, expected in (({}, tmp_path, "cpu"), ({"JAX_PLATFORMS": "tpu"}, tmp_path,
+                                   "tpu"), ({}, tmp_path / "tpu", None)):  # fmt: skip
+        cpu_alone(environ, dev)
+        assert environ.get("JAX_PLATFORMS") == expected
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    for command in (["-c", "import lora_jax, jax; print(jax.devices())"],
+                    ["-m", "lora_jax.cli", "inspect", str(tmp_path / "nowhere")]):  # fmt: skip
+        run = subprocess.run([sys.executable, *command], env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert "TPU" not in run.stderr and "libtpu" not in run.stderr, run.stderr
+        assert "CpuDevice" in run.stdout or run.stderr.startswith("lora-jax inspect: ")
 
 
 def per_device_bytes() -> dict:

@@ -318,7 +318,42 @@ def config_of(path_or_repo_id: str | os.PathLike) -> dict[str, Any]:
     else:
         directory = checkpoint_dir(path_or_repo_id, patterns=["config.json"])
         file = directory / "config.json"
-    return read_json(file)
+    hf_config = read_json(file)
+    try:
+        check_sizes(hf_config)
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
+    return hf_config
+
+
+# A model's sizes, by each family's names: whole numbers >= 1 that fit token ids and
+# indices (int32). A config that gives 0 heads or layers, a string, or 10^12 is no model.
+SIZES = (
+    *("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"),
+    *("num_attention_heads", "num_key_value_heads", "max_position_embeddings"),
+    *("moe_intermediate_size", "n_embd", "n_layer", "n_head", "n_positions", "n_inner"),
+)
+
+
+def check_sizes(hf_config: dict[str, Any]) -> None:
+    """A ValueError naming the first size of a config.json that is not a whole number in
+    [1, 2^31), or that its family needs and it lacks."""
+
+    def check(name: str, value: Any) -> None:
+        if value is not None and not (type(value) is int and 1 <= value < 2**31):
+            raise ValueError(f"{name} is {value!r}: a model size is a whole number from 1 to "
+                             "2^31 - 1.")  # fmt: skip
+
+    for name in SIZES:
+        check(name, hf_config.get(name))
+    family, _ = family_of(hf_config)
+    try:
+        config = family.config.from_hf(hf_config)
+    except KeyError as err:
+        raise ValueError(f"no {err.args[0]!r}, which a {hf_config['model_type']} model "
+                         "needs.") from None  # fmt: skip
+    for name in SIZES:
+        check(name, getattr(config, name, None))
 
 
 def from_pretrained(
