@@ -14,7 +14,9 @@ import copy
 import dataclasses
 import importlib.util
 import math
+import os
 import string
+import tempfile
 import traceback
 import types
 import typing
@@ -22,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from lora_jax import files
 from lora_jax.config import LOFTQ, AdaLora, LoraConfig
 from lora_jax.files import is_remote
 from lora_jax.models.options import DTYPES, REMAT_POLICIES
@@ -360,7 +363,7 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> dict[str, An
     """get_config() of a Python config file (the quickstart when None), with "a.b=value"
     overrides, checked by `RunConfig.from_dict`: an unknown key, a value of the wrong type or
     a bad file is a ValueError naming the file or the key."""
-    config = copy.deepcopy(dict(default_config() if path is None else _from_file(Path(path))))
+    config = copy.deepcopy(dict(default_config() if path is None else _from_file(path)))
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
@@ -383,24 +386,37 @@ def _literal(text: str) -> Any:
         return text  # a bare string
 
 
-def _from_file(file: Path) -> dict[str, Any]:
+def _from_file(where: str | os.PathLike) -> dict[str, Any]:
+    """get_config() of a config file: local, or in a bucket (fetched, then run as a local
+    copy; errors name the URL)."""
+    file = files.path(where)
     if not file.is_file():
         raise FileNotFoundError(f"config file {file} does not exist.")
+    if not is_remote(file):
+        return _run_config(Path(os.fspath(file)), str(file))
+    with tempfile.TemporaryDirectory(prefix="lora_jax-") as tmp:
+        local = Path(tmp) / file.name
+        files.download(file, local)
+        return _run_config(local, str(file))
+
+
+def _run_config(file: Path, shown: str) -> dict[str, Any]:
+    """get_config() of a local config file, its errors naming it as `shown`."""
     spec = importlib.util.spec_from_file_location(file.stem, file)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
-            raise ValueError(f"{file}: defines no get_config().")
+            raise ValueError(f"{shown}: defines no get_config().")
         config = module.get_config()
     except SyntaxError as err:
-        raise ValueError(f"{file}:{err.lineno}: {err.msg}.") from None
+        raise ValueError(f"{shown}:{err.lineno}: {err.msg}.") from None
     except Exception as err:  # the file's own code failed: say where, in one line
-        if str(err).startswith(str(file)):
+        if str(err).startswith(shown):
             raise
         line = next((f.lineno for f in reversed(traceback.extract_tb(err.__traceback__))
                      if f.filename == str(file)), "?")  # fmt: skip
-        raise ValueError(f"{file}:{line}: {type(err).__name__}: {err}") from None
+        raise ValueError(f"{shown}:{line}: {type(err).__name__}: {err}") from None
     if not isinstance(config, Mapping):
-        raise ValueError(f"{file}: get_config() returned {type(config).__name__}, not a dict.")
+        raise ValueError(f"{shown}: get_config() returned {type(config).__name__}, not a dict.")
     return config

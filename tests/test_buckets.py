@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import peft
@@ -258,3 +259,20 @@ def test_of_two_writers_racing_for_an_object_one_creates_it(gcs):
     lock = files.path(f"{gcs.folder()}/.lock")
     assert files.create(lock, b"first") and not files.create(lock, b"second")
     assert lock.read_text() == "first"
+
+
+def test_a_config_file_in_a_bucket_is_the_local_one(gcs, tmp_path):
+    """--config gs://...: the config file fetched and run as the local copy is, its errors
+    naming the URL and line."""
+    from lora_jax.settings import load_config
+
+    folder = gcs.folder()
+    url = gcs.put(Path(LLAMA_SFT), f"{folder}/sft.py")
+    assert load_config(url, ["train.steps=7"]) == load_config(LLAMA_SFT, ["train.steps=7"])
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config():\n    return {'model': 1 / 0}\n")
+    url = gcs.put(broken, f"{folder}/broken.py")
+    with pytest.raises(ValueError, match=rf"^{url}:2: ZeroDivisionError"):
+        load_config(url)
+    with pytest.raises(FileNotFoundError, match=rf"config file {folder}/absent.py does not"):
+        load_config(f"{folder}/absent.py")
