@@ -15,8 +15,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import jax
 from flax import traverse_util
@@ -129,7 +130,7 @@ def compile_command(args: argparse.Namespace) -> int:
     print(f"compiling for {args.topology} with the TPU compiler (minutes for a large model)...",
           file=sys.stderr)  # fmt: skip
     if args.search:
-        best, tried = aot.search(config, hf_config, args.topology, log=log)
+        best, tried = _waited(lambda: aot.search(config, hf_config, args.topology, log=log))
         if args.json:
             plain = dataclasses.asdict
             print(json.dumps({**(plain(best) if best else {"topology": args.topology,
@@ -141,9 +142,34 @@ def compile_command(args: argparse.Namespace) -> int:
         else:
             print("nothing fits, not even one row a chip under remat 'full'.")
         return 0 if best else 1
-    report = aot.compile_step(config, hf_config, args.topology)
+    report = _waited(lambda: aot.compile_step(config, hf_config, args.topology))
     print(json.dumps(dataclasses.asdict(report), indent=1) if args.json else report.line())
     return 0 if report.fits else 1
+
+
+T = TypeVar("T")
+
+
+def _waited(work: Callable[[], T]) -> T:
+    """`work()` in a thread of its own while this one waits for it: XLA's compiler keeps the
+    thread that calls it in C++ for as long as it compiles (minutes for a large model),
+    where Python's signal handlers cannot run. Waiting here, Ctrl-C and SIGTERM end the
+    command within a second; the compile is abandoned with the process."""
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            done["value"] = work()
+        except BaseException as err:  # handed to the waiting thread, which raises it
+            done["error"] = err
+
+    thread = threading.Thread(target=run, name="compile", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in done:
+        raise done["error"]
+    return done["value"]
 
 
 def _on_base(adapter: Params, base: Params, adapter_dir: str, base_dir: str) -> dict:
@@ -401,6 +427,8 @@ def exit_with(status: int) -> NoReturn:
         sys.exit(0)
     sys.stdout.flush()
     sys.stderr.flush()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # another one now: ended at once
+        signal.signal(signum, lambda *_: os._exit(status))
     jax.distributed.shutdown()  # nothing to do in a run of one process
     gc.collect()  # the failed run's objects (held in cycles by its traceback) finalized
     multiprocessing.util._exit_function()  # the exit handler it registers; ours skips atexit

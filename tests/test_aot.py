@@ -2,11 +2,13 @@
 no TPU), its per-chip report, and the sharding that makes it fit."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from sft_runs import LLAMA_SFT, as_args
+from sft_runs import LLAMA_SFT, ROOT, as_args
 
 from lora_jax import aot
 from lora_jax import data as data_lib
@@ -14,6 +16,7 @@ from lora_jax.settings import DataSettings, load_config
 from lora_jax.tasks import TASKS, Encoder
 
 GIB = 2**30
+CONFIG_70B = str(ROOT / "configs" / "llama3_70b_sft.py")
 # A small decoder whose step compiles in seconds.
 SMALL = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=512,
              hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
@@ -186,3 +189,30 @@ def test_a_mixture_of_experts_step_compiles_for_tpu(tmp_path, expert):
     report = json.loads(done.stdout)
     assert report["fits"] is True and report["chips"] == 4
     assert report["mesh"]["expert"] == expert and report["tokens_per_chip"] == 8 * 256 // 4
+
+
+# Llama-3-70B's shapes: XLA compiles its step for a v5e-64 in minutes on this machine.
+LLAMA_70B = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
+                 hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                 num_attention_heads=64, num_key_value_heads=8,
+                 max_position_embeddings=131072, rope_theta=500000.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_a_long_compile_at_once(tmp_path, signum):
+    """Ctrl-C or SIGTERM while XLA compiles (which holds its thread in C++, where Python's
+    handlers cannot run) ends the command in one line with 130 / 143, not when the minutes
+    of compiling are over: the compile runs in a thread the command waits for. The signal
+    comes once tracing (seconds) is done; under load it may come sooner, and is handled
+    all the same."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
+    command = [sys.executable, "-m", "lora_jax.cli", "compile", "--config", CONFIG_70B,
+               "--topology", "v5e-64", "--set", f"model.path={tmp_path}"]  # fmt: skip
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    while not run.stderr.readline().startswith("compiling for"):
+        assert run.poll() is None
+    time.sleep(15)
+    run.send_signal(signum)
+    _, err = run.communicate(timeout=120)  # the compile alone takes minutes more
+    assert run.returncode == 128 + signum, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()] == ["lora-jax compile: interrupted"]
