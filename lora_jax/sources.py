@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -309,6 +310,8 @@ class TfdsRows:
         except ImportError:
             raise ImportError(f"'{spec}' needs tensorflow-datasets: pip install "
                               "'lora_jax[tfds]'.") from None  # fmt: skip
+        absl, level = logging.getLogger("absl"), logging.getLogger("absl").level
+        absl.setLevel(logging.ERROR)  # tfds's warning of a folder it fails to read: ours below
         try:
             self.source = tfds.data_source(name, split=split, download=False)
         except Exception as err:  # tfds raises many kinds; all mean "not available here"
@@ -317,6 +320,8 @@ class TfdsRows:
                           f"{why}) from {tfds.core.constants.DATA_DIR}. Prepare it once, with "
                           f"network: `tfds build {name} --file_format=array_record`, or use a "
                           "JSONL file.") from err  # fmt: skip
+        finally:
+            absl.setLevel(level)
 
     def __len__(self) -> int:
         return len(self.source)

@@ -861,3 +861,15 @@ def test_a_bad_row_read_by_a_data_worker_stops_cleanly(sft, tmp_path):
                         rf"step \d+: checkpoint written in {out}/checkpoints; fix the row, then "
                         r"--resume\)", line), line  # fmt: skip
     assert "leaked" not in err and set(Path("/dev/shm").iterdir()) <= shm, err[-3000:]
+
+
+def test_a_tfds_set_not_prepared_is_one_line(sft, tmp_path):
+    """A TFDS folder with a version but no prepared split (as an interrupted `tfds build`
+    leaves it): the refusal alone, no warning of tfds's own before it."""
+    (tmp_path / "tfds" / "mnist" / "3.0.1").mkdir(parents=True)
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    run = cli(*train_args(sft, tmp_path / "out", **{"data.train": "tfds:mnist"}), env=env)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 2
+    assert [line for line in err.splitlines() if line.strip()] == [one_line(err)], err
+    assert one_line(err).startswith("lora-jax train: tfds:mnist: split 'train' could not be")
