@@ -429,6 +429,10 @@ def exit_with(status: int) -> NoReturn:
     sys.stderr.flush()
     for signum in (signal.SIGINT, signal.SIGTERM):  # another one now: ended at once
         signal.signal(signum, lambda *_: os._exit(status))
+    # The command's line is out: a background thread that fails as the process ends (a
+    # client's, whose bucket is gone) or a finalizer says nothing more.
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda unraisable: None
     jax.distributed.shutdown()  # nothing to do in a run of one process
     gc.collect()  # the failed run's objects (held in cycles by its traceback) finalized
     multiprocessing.util._exit_function()  # the exit handler it registers; ours skips atexit

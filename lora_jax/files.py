@@ -133,7 +133,7 @@ def failure(err: BaseException) -> str:
     while not str(err) and err.__cause__ is not None:
         err = err.__cause__
     line = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-    if isinstance(err, TimeoutError):
+    if isinstance(err, TimeoutError) and type(err).__module__.startswith(("aiohttp", "fsspec")):
         line += f"; no answer for {TIMEOUT}={os.environ.get(TIMEOUT, 60)} seconds, each try"
     return line
 
