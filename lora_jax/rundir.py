@@ -151,30 +151,45 @@ class RunDir:
         """What the lock file says here (empty where there is none)."""
         return _text(self.path / LOCK)
 
-    def check_data(self, version: dict[str, Any], log: Callable[[str], None]) -> None:
-        """On every process: a resumed run's training rows against those its run began with
-        (`sources.version_of`). Rows added or removed are refused (a checkpoint's place in
-        the data, a row index, would mean other rows); the same count with other contents
-        (a bad row fixed, rows replaced) is said and resumed, each row read as it is now."""
-        self.data_version = version
+    def check_data(
+        self, version: dict[str, Any], log: Callable[[str], None], timeout_s: float
+    ) -> None:
+        """A resumed run's training rows against those its run began with
+        (`sources.version_of`), by process 0 (the record is its to read: it rewrites it in
+        `begin`), its refusal raised on every process. Rows added or removed are refused (a
+        checkpoint's place in the data, a row index, would mean other rows); the same count
+        with other contents (a bad row fixed, rows replaced) is said and resumed, each row
+        read as it is now."""
+        self.data_version, refusal = version, ""
+        if self.lock is not None:
+            try:
+                refusal = self._data_refusal(version, log)
+            except (ValueError, OSError) as err:  # an unreadable record: said on every process
+                refusal = str(err)
+        refusal = hosts.from_process_0(refusal, "process 0 checked the training rows", timeout_s)
+        if refusal:
+            raise ValueError(refusal if self.lock is not None else f"process 0: {refusal}")
+
+    def _data_refusal(self, version: dict[str, Any], log: Callable[[str], None]) -> str:
+        """`check_data`'s refusal (empty where there is none), on process 0."""
         record = self.path / CONFIG
         began = _record(record).get(DATA_VERSION) if self.resume and record.exists() else None
         if began is None or began == version:
-            return
+            return ""
         if began["rows"] != version["rows"]:
-            raise ValueError(f"--resume: {self.train_file} has {version['rows']} rows, the run "
-                             f"began on {began['rows']}: a checkpoint's place in it would mean "
-                             "other rows now. Restore the file, or start fresh (without "
-                             "--resume, or in another output_dir).")  # fmt: skip
-        if self.lock is None:  # said once, by process 0
-            return
+            return (f"--resume: {self.train_file} has {version['rows']} rows, the run began "
+                    f"on {began['rows']}: a checkpoint's place in it would mean other rows "
+                    "now. Restore the file, or start fresh (without --resume, or in another "
+                    "output_dir).")  # fmt: skip
         log(f"--resume: {self.train_file} changed since the run began (the same "
             f"{version['rows']} rows, other contents): each row is read as it is now, from "
             "the same place in the data.")  # fmt: skip
+        return ""
 
     def begin(self) -> None:
-        """The run is sure to start: a fresh run clears an earlier run's outputs, a resumed
-        one its end-of-run outputs; the settings are recorded."""
+        """The run is sure to start: a fresh run moves an earlier run's outputs aside, a
+        resumed one its end-of-run outputs (`_settle` drops or restores them at the end);
+        the settings and the training rows' version are recorded."""
         if self.lock is None:
             return
         self._settle(())  # what a process killed outright left aside

@@ -49,7 +49,7 @@ def train(
     try:
         rundir.check_shared(timeout)  # before anything loads: a pod's hosts have own disks
         run = Run.start(settings)  # every input checked
-        rundir.check_data(version_of(run.examples["train"].rows), log)
+        rundir.check_data(version_of(run.examples["train"].rows), log, timeout)
         rundir.begin()
         hosts.barrier("process 0 cleared the output directory", timeout)  # no write before
         return _loop(run, resume, log, stop)
