@@ -136,18 +136,20 @@ class Report:
     tokens_per_chip: int  # a micro-batch's tokens on each chip
     compile_s: float
     mesh: dict[str, int]  # the mesh's axis sizes: {"data": 1, "fsdp": 8, "expert": 2, ...}
+    compiled: bool = True  # False: the weights alone overflow a chip, found before compiling
 
     def line(self) -> str:
         """One line a person reads: the bytes, the verdict."""
         gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
         verdict = "fits" if self.fits else "does NOT fit"
+        how = (f"compiled in {self.compile_s:.0f} s" if self.compiled else
+               "not compiled: the weights alone overflow a chip")  # fmt: skip
         return (
             f"{self.topology} ({self.chips} x {self.device_kind}, mesh "
             f"{' x '.join(f'{a} {n}' for a, n in self.mesh.items())}), remat {self.remat!r}, "
             f"{self.tokens_per_chip} tokens a chip: {gib(self.bytes)} a chip (base "
             f"{gib(self.base_bytes)}, adapter + optimizer {gib(self.trained_bytes)}, temporaries "
-            f"{gib(self.temp_bytes)}) of {gib(self.hbm_bytes)} HBM: {verdict}; compiled in "
-            f"{self.compile_s:.0f} s"
+            f"{gib(self.temp_bytes)}) of {gib(self.hbm_bytes)} HBM: {verdict}; {how}"
         )
 
 
@@ -200,21 +202,26 @@ def compile_step(config: Mapping[str, Any] | RunConfig, hf_config: Mapping[str, 
              for k, (shape, dtype) in shapes.items()}  # fmt: skip
     scalar = jax.ShapeDtypeStruct((), np.int32, sharding=shardings.scalar)
     start = time.perf_counter()
-    lowered = step.lower(_on(setup.adapter, shardings.adapter), _on(opt_state, shardings.opt_state),
-                         _on(setup.base, shardings.base), batch, scalar)  # fmt: skip
     hbm = hbm_bytes(devices)
     base = _per_chip(setup.base, shardings.base)
     trained = _per_chip((setup.adapter, opt_state), (shardings.adapter, shardings.opt_state))
-    try:
-        memory = lowered.compile().memory_analysis()
-        temp = memory.temp_size_in_bytes
-        total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + temp
-                 - memory.alias_size_in_bytes)  # fmt: skip
-    except Exception as err:
-        if not (refusal := _out_of_hbm(err)):
-            raise
-        temp = refusal[0]
-        total = base + trained + temp  # the compiler stopped before counting the rest
+    temp, total, compiled = 0, base + trained, False
+    # Weights that overflow a chip alone need no compile (minutes, for an absurd size).
+    if total <= hbm:
+        lowered = step.lower(_on(setup.adapter, shardings.adapter),
+                             _on(opt_state, shardings.opt_state), _on(setup.base, shardings.base),
+                             batch, scalar)  # fmt: skip
+        compiled = True
+        try:
+            memory = lowered.compile().memory_analysis()
+            temp = memory.temp_size_in_bytes
+            total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + temp
+                     - memory.alias_size_in_bytes)  # fmt: skip
+        except Exception as err:
+            if not (refusal := _out_of_hbm(err)):
+                raise
+            temp = refusal[0]
+            total = base + trained + temp  # the compiler stopped before counting the rest
     shards = sharding.batch_shards(setup.mesh)
     micro = rows // cfg.train.grad_accum
     return Report(
@@ -222,7 +229,7 @@ def compile_step(config: Mapping[str, Any] | RunConfig, hf_config: Mapping[str, 
         hbm_bytes=hbm, fits=total <= hbm, bytes=total, base_bytes=base, trained_bytes=trained,
         temp_bytes=temp, remat=cfg.model.remat, micro_batch=micro, max_length=length,
         tokens_per_chip=micro * length // shards, compile_s=time.perf_counter() - start,
-        mesh=dict(setup.mesh.shape),
+        mesh=dict(setup.mesh.shape), compiled=compiled,
     )  # fmt: skip
 
 

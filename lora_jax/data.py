@@ -259,6 +259,7 @@ def train_stream(encode: Encode, batch_size: int, seed: int, rows: slice, pack: 
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
+        _start_quiet_tracker()
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     # Packed and batched here, not in the workers: each would pack its own examples, and the
     # batches would depend on the number of workers.
@@ -267,6 +268,23 @@ def train_stream(encode: Encode, batch_size: int, seed: int, rows: slice, pack: 
         return packed(examples, order.local, length, pad_id).batch(order.local, drop_remainder=True)
     collate = encode.padded()
     return stream.map(lambda chunk: collate(unjoined(chunk)))
+
+
+def _start_quiet_tracker() -> None:
+    """multiprocessing's resource tracker started without its report of what it cleans at
+    exit. A worker killed by the OS loses the shared memory it was filling and queueing; the
+    tracker unlinks those segments when the run ends (nothing is left), but its warning
+    about them would follow the run's own line. It reads warning filters from its command
+    line, built from `sys.warnoptions`; a tracker already running is left as it is."""
+    import sys
+    from multiprocessing import resource_tracker
+
+    saved = list(sys.warnoptions)
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning:multiprocessing.resource_tracker")
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions[:] = saved
 
 
 def eval_batches(encode: Encode, batch_size: int, rows: slice,

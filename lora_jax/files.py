@@ -98,9 +98,10 @@ def _bound_requests() -> None:
     silence = aiohttp.ClientTimeout(sock_connect=timeout, sock_read=timeout)
     fsspec.config.conf.setdefault("gcs", {}).setdefault("requests_timeout", silence)
     # tensorstore (orbax's arrays) through curl: under 1 byte a second for that long ends it.
-    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", str(max(1, round(timeout))))
+    whole = str(max(1, round(timeout)))  # curl counts whole seconds
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", whole)
     os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
-    os.environ.setdefault("TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS", str(max(1, round(timeout))))
+    os.environ.setdefault("TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS", whole)
 
 
 def _point_at_emulator() -> None:

@@ -192,9 +192,9 @@ def check_file(
         raise ValueError(f"no {err.args[0]!r}, which a {variant.peft_type} adapter "
                          "needs.") from None  # fmt: skip
     targets, by_parameter = peft_config.get("target_modules"), peft_config.get("target_parameters")
+    kind = f"{variant.label or 'LoRA'} adapter (use_dora {bool(peft_config.get('use_dora'))})"
     for module, found in ranks.items():
         name = min(names[module])
-        kind = f"{variant.label or 'LoRA'} adapter (use_dora {bool(peft_config.get('use_dora'))})"
         if extra := leaves[module] - set(variant.leaves):
             raise ValueError(f"a {kind}, but {name} has {sorted(extra)} tensors too.")
         if missing := set(variant.leaves) - leaves[module]:

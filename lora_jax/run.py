@@ -37,7 +37,7 @@ from lora_jax.models import moe
 from lora_jax.models.options import DTYPES
 from lora_jax.quant import loftq, quantize
 from lora_jax.settings import DistributedSettings, MeshSettings, RunConfig, TrainSettings
-from lora_jax.sources import open_rows
+from lora_jax.sources import BadRow, open_rows
 from lora_jax.step import StepShardings, factors_only, make_step, opt_state_shardings
 from lora_jax.tasks import TASKS, Encoder, Task
 from lora_jax.tree import as_dict, combine, init, sites, split
@@ -385,14 +385,39 @@ def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, floa
     sums = np.zeros(3)
     bar = tqdm(total=len(run.examples[split_name]), desc=split_name, unit="ex", leave=False,
                delay=1, disable=jax.process_index() != 0)  # fmt: skip
-    for local, real in run.eval_batches(split_name):
-        terms = run.eval_terms(adapter, run.base, run.batch(local, size))
-        sums += np.asarray([float(t) for t in terms])
-        bar.update(real)
-    bar.close()
+    timeout = run.config.distributed.timeout_s
+    try:  # closed on a bad row too: a bar left open prints past the run's last line
+        for local, real in _read_together(run.eval_batches(split_name), split_name, timeout):
+            terms = run.eval_terms(adapter, run.base, run.batch(local, size))
+            sums += np.asarray([float(t) for t in terms])
+            bar.update(real)
+    finally:
+        bar.close()
     if not sums[1]:  # a mean of nothing: said, not written as NaN
         data = run.config.data
         raise ValueError(f"{getattr(data, split_name)}: no row keeps a token to evaluate "
                          f"within data.max_length {data.max_length} (each prompt fills it): "
                          "raise data.max_length, or shorten the prompts.")  # fmt: skip
     return {"loss": float(sums[0] / sums[1]), "accuracy": float(sums[2] / sums[1])}
+
+
+def _read_together(batches: Iterator[Any], split_name: str, timeout_s: float) -> Iterator[Any]:
+    """`batches`, each read by every process before any evaluates it: a bad row read by one
+    process stops them all, each with a line (one stopping alone would leave the others
+    waiting for it in the eval step's collectives). One process: no wait."""
+    while True:
+        bad = None
+        try:
+            item = next(batches)
+        except StopIteration:  # on every process at once: each reads as many batches
+            return
+        except BadRow as err:
+            bad = err
+        doing = f"reading the {split_name} split"
+        flags = hosts.gather(str(int(bad is not None)), doing, timeout_s)
+        if bad is not None:
+            raise bad
+        if "1" in flags:
+            raise BadRow(f"process {flags.index('1')} read a bad row of the {split_name} split "
+                         "(see its line)")  # fmt: skip
+        yield item

@@ -105,6 +105,19 @@ def test_an_oversized_batch_reports_no_fit_with_exit_1(small_config):
     assert report["bytes"] > report["hbm_bytes"]
 
 
+def test_weights_that_overflow_a_chip_are_no_fit_without_a_compile(tmp_path):
+    """A vocabulary of 2^31 - 1 (a size, but absurd): the embeddings alone overflow a v5e
+    chip, said at once with exit 1, not minutes of compiling."""
+    (tmp_path / "config.json").write_text(json.dumps({**SMALL, "vocab_size": 2**31 - 1}))
+    done = compile_cli(tmp_path, "v5e-4", **{"train.batch_size": 8})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["fits"] is False and report["compiled"] is False and report["temp_bytes"] == 0
+    assert report["base_bytes"] > report["hbm_bytes"] and report["bytes"] > report["hbm_bytes"]
+    line = aot.Report(**report).line()
+    assert line.endswith("does NOT fit; not compiled: the weights alone overflow a chip"), line
+
+
 def test_a_bad_topology_is_one_line_naming_the_accepted_forms(small_config):
     done = compile_cli(small_config, "v5e-7", **{"train.batch_size": 8})
     assert done.returncode == 2 and done.stdout == ""

@@ -106,6 +106,27 @@ def test_a_second_sigterm_ends_a_process_stuck_waiting_for_another(sft, tmp_path
                                     "the steps since the last checkpoint are lost")  # fmt: skip
 
 
+def test_a_bad_eval_row_read_by_one_process_stops_both_with_the_training_kept(sft, tmp_path):
+    """The eval file's last row truncated, read by one process in the eval after the last
+    step: both stop in one line (that one naming file and row, the other naming it), the last
+    step checkpointed. (Before, the other process waited in the eval's collectives.)"""
+    whole = (sft / "eval.jsonl").read_text()
+    eval_file = tmp_path / "eval.jsonl"  # past the rows setup checks (256)
+    eval_file.write_text(whole * (300 // whole.count("\n") + 1) + '{"prompt": "ab')
+    out = tmp_path / "run"
+    procs = two_processes(sft, [out, out], **{"data.eval": eval_file, "train.steps": 2})
+    lines = []
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+        lines.append(err.splitlines()[-1])
+    assert all("in the eval after the last step: checkpoint written" in line for line in lines)
+    named = [line for line in lines if f"{eval_file}:" in line]
+    others = [line for line in lines if "read a bad row of the eval split (see its line)" in line]
+    assert len(named) == 1 and len(others) == 1, lines
+    assert (out / "checkpoints" / "2").is_dir() and not (out / "adapter").exists()
+
+
 @pytest.mark.parametrize(
     ("environ", "count"),
     [
