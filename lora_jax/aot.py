@@ -196,8 +196,9 @@ def compile_step(config: Mapping[str, Any] | RunConfig, hf_config: Mapping[str, 
     shardings = run.step_shardings(setup, tx)
     step = run.make_train_step(setup, tx, shardings)
     opt_state = jax.eval_shape(tx.init, setup.adapter)
-    rows, length = cfg.train.batch_size, cfg.data.max_length
-    shapes = TASKS[cfg.data.task].batch_shapes(cfg.data, rows)
+    task = TASKS[cfg.data.task]
+    rows, length = cfg.train.batch_size, task.row_length(cfg.data)
+    shapes = task.batch_shapes(cfg.data, rows)
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings.batch)
              for k, (shape, dtype) in shapes.items()}  # fmt: skip
     scalar = jax.ShapeDtypeStruct((), np.int32, sharding=shardings.scalar)
@@ -227,7 +228,7 @@ def compile_step(config: Mapping[str, Any] | RunConfig, hf_config: Mapping[str, 
     return Report(
         topology=topology, chips=len(devices), device_kind=devices[0].device_kind,
         hbm_bytes=hbm, fits=total <= hbm, bytes=total, base_bytes=base, trained_bytes=trained,
-        temp_bytes=temp, remat=cfg.model.remat, micro_batch=micro, max_length=length,
+        temp_bytes=temp, remat=cfg.model.remat, micro_batch=micro, max_length=cfg.data.max_length,
         tokens_per_chip=micro * length // shards, compile_s=time.perf_counter() - start,
         mesh=dict(setup.mesh.shape), compiled=compiled,
     )  # fmt: skip

@@ -98,7 +98,10 @@ class Encode:
             self.encoder.check(row, where)
         except ValueError as err:
             raise BadRow(str(err)) from None
-        return self.encoder(row)
+        try:
+            return self.encoder(row)
+        except ValueError as err:  # what only its tokens show (a prompt that fills a pair's row)
+            raise BadRow(f"{where}: {err}") from None
 
     def padded(self, length: int | None = None) -> Padded:
         """The collator of these examples: padded with the encoder's pad id to `length`, or

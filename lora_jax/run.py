@@ -194,8 +194,9 @@ class Setup:
 
     @property
     def task(self) -> Task:
-        """The task's behaviour (`lora_jax.tasks`): loss terms, evals reported, checks."""
-        return TASKS[self.config.data.task]
+        """The task's behaviour (`lora_jax.tasks`), with its settings: loss terms, evals
+        reported, checks."""
+        return TASKS[self.config.data.task].bound(self.config)
 
     @functools.cached_property
     def apply(self) -> Callable:
@@ -285,8 +286,9 @@ def adamw(train: TrainSettings) -> optax.GradientTransformation:
 
 
 def loss_terms(run: Setup, params: Any, batch: Mapping[str, jax.Array], rngs: Any = None):
-    """(summed loss, count, summed correct) of a batch by the run's task (`lora_jax.tasks`):
-    per example for classification, per response token for SFT; float32 logits and loss."""
+    """(summed loss, count, summed correct, {metric: sum}) of a batch by the run's task
+    (`lora_jax.tasks`): per example for classification, per response token for SFT, per
+    pair for DPO; float32 logits and loss."""
     return run.task.loss_terms(run.apply, params, batch, rngs)
 
 
@@ -304,11 +306,11 @@ def with_router_loss(run: Setup, params: Any, batch: Mapping[str, jax.Array], rn
         sown.append(state["intermediates"])
         return out
 
-    total, count, _ = run.task.loss_terms(apply, params, batch, rngs)
+    total, count, _, sums = run.task.loss_terms(apply, params, batch, rngs)
     logits = moe.sown_router_logits(sown[0])
     real = batch[run.task.real_tokens].reshape(-1) > 0
     aux = moe.load_balancing_loss(logits, run.model.config.experts_per_token, real)
-    return total + run.router_aux * aux * count, count
+    return total + run.router_aux * aux * count, count, sums
 
 
 def run_tx(run: Setup, head_only: bool) -> optax.GradientTransformation:
@@ -334,7 +336,8 @@ def make_train_step(run: Setup, tx: optax.GradientTransformation, shardings: Ste
 
     def loss(params, batch, rngs):
         if not run.router_aux:
-            return loss_terms(run, params, batch, rngs)[:2]
+            total, count, _, sums = loss_terms(run, params, batch, rngs)
+            return total, count, sums
         return with_router_loss(run, params, batch, rngs)
 
     def metrics(batch, step):
@@ -379,17 +382,20 @@ def saved_adapter(run: Run, directory: str | Path) -> Any:
 
 
 def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, float]:
-    """Mean loss and accuracy (per example, or per response token) over a whole split, read
-    in order (each process its own rows), with a progress bar."""
+    """Mean loss and accuracy (per example, per response token or per pair), and the task's
+    other metrics, over a whole split, read in order (each process its own rows), with a
+    progress bar."""
     size = run.config.train.batch_size
-    sums = np.zeros(3)
+    sums, more = np.zeros(3), {}
     bar = tqdm(total=len(run.examples[split_name]), desc=split_name, unit="ex", leave=False,
                delay=1, disable=jax.process_index() != 0)  # fmt: skip
     timeout = run.config.distributed.timeout_s
     try:  # closed on a bad row too: a bar left open prints past the run's last line
         for local, real in _read_together(run.eval_batches(split_name), split_name, timeout):
-            terms = run.eval_terms(adapter, run.base, run.batch(local, size))
+            *terms, extra = run.eval_terms(adapter, run.base, run.batch(local, size))
             sums += np.asarray([float(t) for t in terms])
+            for name, value in extra.items():
+                more[name] = more.get(name, 0.0) + float(value)
             bar.update(real)
     finally:
         bar.close()
@@ -398,7 +404,8 @@ def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, floa
         raise ValueError(f"{getattr(data, split_name)}: no row keeps a token to evaluate "
                          f"within data.max_length {data.max_length} (each prompt fills it): "
                          "raise data.max_length, or shorten the prompts.")  # fmt: skip
-    return {"loss": float(sums[0] / sums[1]), "accuracy": float(sums[2] / sums[1])}
+    return {"loss": float(sums[0] / sums[1]), "accuracy": float(sums[2] / sums[1]),
+            **{name: value / sums[1] for name, value in more.items()}}  # fmt: skip
 
 
 def _read_together(batches: Iterator[Any], split_name: str, timeout_s: float) -> Iterator[Any]:

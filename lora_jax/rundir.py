@@ -73,8 +73,10 @@ def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def changed(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, old value, new value) of each setting that differs and that a resumed run may
-    not change."""
+    not change. A key the record lacks (a setting added since it was written) counts as its
+    default, which is what that run ran with."""
     old, new = _dotted(before), _dotted(after)
+    old = {**{k: v for k, v in _dotted(RunConfig().to_dict()).items() if k not in old}, **old}
     keys = sorted(set(old) | set(new))
     return [(k, old.get(k), new.get(k)) for k in keys
             if old.get(k) != new.get(k) and not k.startswith(RESUMABLE)]  # fmt: skip

@@ -30,6 +30,7 @@ from lora_jax.files import is_remote
 from lora_jax.models.options import DTYPES, REMAT_POLICIES
 from lora_jax.quant import KINDS
 from lora_jax.tasks import TASKS
+from lora_jax.variants import BASE_MODIFYING_INITS
 
 QUICKSTART_DATA = "package:lora_jax/datasets/negation"
 SFT_DATA = "package:lora_jax/datasets/arithmetic"
@@ -77,8 +78,10 @@ class DataSettings:
     label_field: str = "label"
     labels: tuple[str, ...] = ("negative", "positive")  # label names, in id order
     response_field: str = "response"
-    template: str = "{prompt}"  # sft: the prompt, from the row's fields
-    max_length: int = 24
+    chosen_field: str = "chosen"  # dpo: the preferred response
+    rejected_field: str = "rejected"  # dpo: the other
+    template: str = "{prompt}"  # sft, dpo: the prompt, from the row's fields
+    max_length: int = 24  # dpo: of each of a pair's two sequences (prompt + response)
     pack: bool = True  # sft: several examples a row (classification: one, padded per batch)
     workers: int = 0  # processes that read and encode ahead (0: threads of this process)
 
@@ -120,6 +123,25 @@ class TrainSettings:
             _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
         _require(self.batch_size % self.grad_accum == 0, "train.batch_size", self.batch_size,
                  f"must be a multiple of train.grad_accum ({self.grad_accum})")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoSettings:
+    """Preference tuning (data.task "dpo"): the loss and its strength. The reference policy
+    is the base itself (the adapter skipped), so it needs no settings."""
+
+    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    beta: float = 0.1  # the strength of the KL penalty (IPO's tau; SimPO's reward scale)
+    label_smoothing: float = 0.0  # sigmoid: the share of pairs taken as mislabelled (cDPO)
+    simpo_gamma: float = 0.5  # simpo: the reward margin the chosen response must clear
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.beta) and self.beta > 0, "dpo.beta", self.beta,
+                 "must be a finite number > 0")  # fmt: skip
+        _require(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", self.label_smoothing,
+                 "must be in [0, 0.5)")  # fmt: skip
+        _require(math.isfinite(self.simpo_gamma), "dpo.simpo_gamma", self.simpo_gamma,
+                 "must be a finite number")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +208,7 @@ class RunConfig:
     checkpoint: CheckpointSettings = CheckpointSettings()
     output_dir: str = "runs/quickstart"
     distributed: DistributedSettings = DistributedSettings()
+    dpo: DpoSettings = DpoSettings()
 
     def __post_init__(self) -> None:
         # A run clears its directory: never the current one or one above it (an empty
@@ -204,6 +227,14 @@ class RunConfig:
                  "(nf4 or int8) too")  # fmt: skip
         if (spec := self.lora.adalora) is not None:
             self._schedule_adalora(spec)
+        if self.data.task == "dpo":  # the reference is the base as the step holds it
+            _require(not self.lora.modules_to_save, "lora.modules_to_save",
+                     list(self.lora.modules_to_save), "must be empty with data.task 'dpo': "
+                     "the reference policy is the base with the adapter skipped, and a fully "
+                     "trained leaf has no untouched copy in the step")  # fmt: skip
+            _require(self.lora.init not in BASE_MODIFYING_INITS, "lora.init", self.lora.init,
+                     "rewrites the base (its residual), which data.task 'dpo' takes as the "
+                     "reference policy: use gaussian or kaiming")  # fmt: skip
 
     def _schedule_adalora(self, spec: AdaLora) -> None:
         """AdaLoRA's total_steps defaults to train.steps; its final pattern (fixed at step

@@ -22,7 +22,8 @@ from lora_jax.tree import LORA, Params, combine, partition
 
 # (params, batch, rngs) -> (summed loss, count): the step divides the sums over micro-batches
 # once, so a padded or masked batch weighs each real example or token the same.
-Loss = Callable[[Params, Mapping[str, jax.Array], Any], tuple[jax.Array, jax.Array]]
+# A loss may add a third result, {name: summed value}: each reported as its sum / count.
+Loss = Callable[[Params, Mapping[str, jax.Array], Any], tuple]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,16 @@ def factors_only(
     return optax.chain(gate, tx, gate)
 
 
+def _chunked(hidden: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int) -> tuple:
+    """(hidden, targets, weights) flattened over tokens and padded (weight 0) to whole
+    chunks: (chunks, chunk, ...) each, for a scan over chunks."""
+    h, t, w = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), weights.reshape(-1)
+    chunk = min(chunk, t.size)
+    pad = -t.size % chunk
+    h, t, w = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(t, (0, pad)), jnp.pad(w, (0, pad))
+    return h.reshape(-1, chunk, h.shape[-1]), t.reshape(-1, chunk), w.reshape(-1, chunk)
+
+
 def token_terms(
     head: Callable[[jax.Array], jax.Array],
     hidden: jax.Array,
@@ -77,10 +88,7 @@ def token_terms(
     backward, never for the whole batch x vocabulary. A batch of one chunk is not
     checkpointed: its logits are the last thing the forward computes and the first the
     backward reads, so keeping them costs no peak memory and saves a second head matmul."""
-    h, t, w = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), weights.reshape(-1)
-    chunk = min(chunk, t.size)
-    pad = -t.size % chunk  # padded tokens weigh 0
-    h, t, w = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(t, (0, pad)), jnp.pad(w, (0, pad))
+    chunks = _chunked(hidden, targets, weights, chunk)
 
     def terms(h, t, w):
         logits = head(h).astype(jnp.float32)
@@ -88,14 +96,31 @@ def token_terms(
         correct = (jnp.argmax(logits, -1) == t).astype(jnp.float32)
         return jnp.stack([jnp.sum(losses * w), jnp.sum(w), jnp.sum(correct * w)])
 
-    chunks = (h.reshape(-1, chunk, h.shape[-1]), t.reshape(-1, chunk), w.reshape(-1, chunk))
-    per_chunk = terms if len(t) == chunk else jax.checkpoint(terms)
+    per_chunk = terms if len(chunks[0]) == 1 else jax.checkpoint(terms)
 
     def add(total, xs):
         return total + per_chunk(*xs), None
 
     sums, _ = jax.lax.scan(add, jnp.zeros(3, jnp.float32), chunks)
     return sums[0], sums[1], sums[2]
+
+
+def token_logps(
+    head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,
+    chunk: int = 1024,
+) -> jax.Array:  # fmt: skip
+    """The float32 log-probability of each of `targets` (B, T) given `hidden` (B, T, D), the
+    head applied a chunk of tokens at a time as in `token_terms` (a sequence's score, as
+    preference losses take it, is their masked sum)."""
+    h, t, _ = _chunked(hidden, targets, jnp.zeros(targets.shape, jnp.float32), chunk)
+
+    def logps(h, t):
+        logits = head(h).astype(jnp.float32)
+        return -optax.softmax_cross_entropy_with_integer_labels(logits, t)
+
+    per_chunk = logps if len(h) == 1 else jax.checkpoint(logps)
+    out = jax.lax.map(lambda xs: per_chunk(*xs), (h, t))
+    return out.reshape(-1)[: targets.size].reshape(targets.shape)
 
 
 def make_step(
@@ -114,7 +139,8 @@ def make_step(
     leading axis splits into `accum` micro-batches (rows i, i + accum, ... in micro-batch i, so
     each device keeps its share of each). With `dropout_seed`, rngs = {"dropout": a key folded
     with the step}. Metrics: loss (sum / count), targets (the count: 0 where the batch held
-    nothing to learn), grad_norm, and whatever `metrics(batch, step)` adds. `shardings` pins
+    nothing to learn), grad_norm, the loss's own sums / count, and whatever
+    `metrics(batch, step)` adds. `shardings` pins
     every argument and result (else jit decides); the adapter and optimizer state are donated.
     `penalty(adapter)` is a term added to the mean loss once a step (AdaLoRA's orthogonality,
     `lj.adalora_penalty`), reported as "penalty".
@@ -125,21 +151,24 @@ def make_step(
         if dropout_seed is not None:
             rngs = {"dropout": jax.random.fold_in(jax.random.key(dropout_seed), step)}
 
-        def micro(carry, mb):
-            def value(a):
-                return loss(combine(a, base), mb, rngs)
+        def value(a, mb):
+            total, count, *sums = loss(combine(a, base), mb, rngs)
+            return total, (count, sums[0] if sums else {})
 
-            (total, count), grads = jax.value_and_grad(value, has_aux=True)(adapter)
-            return jax.tree.map(jnp.add, carry, (grads, total, count)), None
+        def micro(carry, mb):
+            (total, aux), grads = jax.value_and_grad(value, has_aux=True)(adapter, mb)
+            return jax.tree.map(jnp.add, carry, (grads, total, aux)), None
 
         micro_batches = jax.tree.map(
             lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch
         )
-        zero = (jax.tree.map(jnp.zeros_like, adapter), jnp.float32(0), jnp.float32(0))
-        (grads, total, targets), _ = jax.lax.scan(micro, zero, micro_batches)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        shapes = jax.eval_shape(lambda: value(adapter, first))  # the loss's own sums
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (adapter, *shapes))
+        (grads, total, (targets, sums)), _ = jax.lax.scan(micro, zero, micro_batches)
         count = jnp.maximum(targets, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        out = {"loss": total / count, "targets": targets}
+        out = {"loss": total / count, "targets": targets, **{k: v / count for k, v in sums.items()}}
         if penalty is not None:
             out["penalty"], more = jax.value_and_grad(penalty)(adapter)
             grads = jax.tree.map(jnp.add, grads, more)

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import string
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +24,12 @@ import optax
 
 from lora_jax.config import LoraConfig
 from lora_jax.data import SEGMENT_IDS, Batch, Example, Tokenizer
-from lora_jax.step import token_terms
-from lora_jax.tree import combine, merge
+from lora_jax.step import token_logps, token_terms
+from lora_jax.tree import combine, merge, split
 
-Terms = tuple[jax.Array, jax.Array, jax.Array]  # (summed loss, summed weight, summed correct)
+# (summed loss, summed weight, summed correct, {metric: summed value}): the step and the eval
+# report each sum over the summed weight.
+Terms = tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]
 Shapes = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
@@ -38,6 +40,8 @@ class DataFields(Protocol):
     label_field: str
     labels: Sequence[str]
     response_field: str
+    chosen_field: str
+    rejected_field: str
     template: str
     max_length: int
     pack: bool
@@ -63,8 +67,17 @@ class Task(Protocol):
     reports_probe: bool  # an eval before training and after the head-only phase
     real_tokens: str  # the batch entry that is 0 on padding and nonzero on real tokens
 
+    def bound(self, config: Any) -> Task:
+        """The task with its own settings section of the run's config (`dpo.*`); itself for
+        a task that has none."""
+        ...
+
     def fields(self, data: DataFields) -> list[str]:
         """The row fields it reads."""
+        ...
+
+    def row_length(self, data: DataFields) -> int:
+        """The longest batch row an example takes (data.max_length, or more for a pair)."""
         ...
 
     def check_row(self, row: Mapping[str, Any], at: str, data: DataFields,
@@ -101,7 +114,7 @@ class Task(Protocol):
 
     def loss_terms(self, apply: Callable, params: Any, batch: Mapping[str, jax.Array],
                    rngs: Any = None) -> Terms:  # fmt: skip
-        """(summed loss, summed weight, summed correct) of a batch, in float32."""
+        """(summed loss, summed weight, summed correct, other sums) of a batch, in float32."""
         ...
 
     def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
@@ -128,8 +141,14 @@ class Classify:
     reports_probe = True
     real_tokens = "attention_mask"
 
+    def bound(self, config: Any) -> Classify:
+        return self
+
     def fields(self, data: DataFields) -> list[str]:
         return [data.text_field, data.label_field]
+
+    def row_length(self, data: DataFields) -> int:
+        return data.max_length
 
     def check_row(self, row: Mapping[str, Any], at: str, data: DataFields,
                   classes: int | None) -> None:  # fmt: skip
@@ -184,7 +203,7 @@ class Classify:
         labels = batch["labels"]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return jnp.sum(losses * weight), jnp.sum(weight), jnp.sum(correct * weight)
+        return jnp.sum(losses * weight), jnp.sum(weight), jnp.sum(correct * weight), {}
 
     def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
         """The merged model's eval predictions against the factored forward's (one process:
@@ -204,8 +223,14 @@ class Sft:
     reports_probe = False
     real_tokens = SEGMENT_IDS
 
+    def bound(self, config: Any) -> Sft:
+        return self
+
     def fields(self, data: DataFields) -> list[str]:
         return [*template_fields(data.template), data.response_field]
+
+    def row_length(self, data: DataFields) -> int:
+        return data.max_length
 
     def check_row(self, row: Mapping[str, Any], at: str, data: DataFields,
                   classes: int | None) -> None:  # fmt: skip
@@ -246,12 +271,7 @@ class Sft:
         return None  # a decoder keeps its LM head
 
     def check_model(self, architecture: type, arch: str, model_dir: str) -> None:
-        """A decoder (the zoo's CausalLM), or a ValueError saying which task fits."""
-        from lora_jax.models.common import CausalLM
-
-        if not issubclass(architecture, CausalLM):
-            raise ValueError(f"data.task 'sft' trains a decoder (a causal LM); {model_dir} "
-                             f"holds {arch}: use data.task 'classify', or a decoder.")  # fmt: skip
+        _decoder_only(self.name, architecture, arch, model_dir)
 
     def loss_terms(self, apply: Callable, params: Any, batch: Mapping[str, jax.Array],
                    rngs: Any = None) -> Terms:  # fmt: skip
@@ -262,13 +282,157 @@ class Sft:
         real = batch[SEGMENT_IDS][:, 1:] > 0
         mask = batch["loss_mask"][:, 1:] * real * _weight(batch)[:, None]
         head = functools.partial(apply, params, rngs=rngs, method="head")
-        return token_terms(head, hidden[:, :-1], batch["input_ids"][:, 1:], mask)
+        return (*token_terms(head, hidden[:, :-1], batch["input_ids"][:, 1:], mask), {})
 
     def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
         """Nothing beyond the eval loss: a generation check needs the user's prompts."""
 
 
-TASKS: dict[str, Task] = {task.name: task for task in (Classify(), Sft())}
+@dataclasses.dataclass(frozen=True)
+class Dpo:
+    """Preference pairs (a prompt, a chosen and a rejected response), trained so that the
+    policy (base + adapter) raises the chosen response's log-probability against the
+    reference's more than the rejected one's. The reference is the base itself: the same
+    tree with the adapter's leaves left out, so no second copy of the weights exists. A pair
+    is one row: prompt + chosen (segment 1), then prompt + rejected (segment 2), each cut at
+    data.max_length, positions restarting, so one forward scores both.
+
+    Losses (`loss`): "sigmoid" (DPO; `label_smoothing` > 0: conservative DPO), "ipo" (on
+    per-token log-ratios, as TRL computes it) and "simpo" (reference-free: length-normalised
+    log-probs and a margin `simpo_gamma`; no reference forward). Metrics as TRL names them."""
+
+    name: ClassVar[str] = "dpo"
+    reports_probe: ClassVar[bool] = False
+    real_tokens: ClassVar[str] = SEGMENT_IDS
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+
+    def bound(self, config: Any) -> Dpo:
+        d = config.dpo
+        return Dpo(d.beta, d.loss, d.label_smoothing, d.simpo_gamma)
+
+    def fields(self, data: DataFields) -> list[str]:
+        return [*template_fields(data.template), data.chosen_field, data.rejected_field]
+
+    def row_length(self, data: DataFields) -> int:
+        return 2 * data.max_length
+
+    def check_row(self, row: Mapping[str, Any], at: str, data: DataFields,
+                  classes: int | None) -> None:  # fmt: skip
+        """Every field a string; each response holds text, and the two differ (a pair of
+        the same text prefers nothing)."""
+        for field in self.fields(data):
+            if not isinstance(row[field], str):
+                raise ValueError(f"{at}: {field} is {_shown(row[field])}, not a string.")
+        for field in (data.chosen_field, data.rejected_field):
+            if not row[field].strip():
+                raise ValueError(f"{at}: {field} is empty: a pair needs two responses.")
+        if row[data.chosen_field] == row[data.rejected_field]:
+            raise ValueError(f"{at}: {data.chosen_field} and {data.rejected_field} are the same "
+                             "text: the pair prefers nothing.")  # fmt: skip
+
+    def encode(self, row: Mapping[str, Any], tokenizer: Tokenizer,
+               data: DataFields) -> Example:  # fmt: skip
+        """The pair as one row: input_ids (prompt, chosen, EOS, then prompt, rejected, EOS),
+        segment_ids 1 then 2, positions restarting, loss_mask on response tokens. A prompt
+        that leaves no response token within data.max_length is a ValueError."""
+        prompt = tokenizer(data.template.format(**row))
+        if len(prompt) >= data.max_length:
+            raise ValueError(f"the prompt is {len(prompt)} tokens, leaving no room for a "
+                             f"response within data.max_length {data.max_length}.")  # fmt: skip
+        eos = [tokenizer.eos] if tokenizer.eos is not None else []
+        sides = [(prompt + tokenizer(row[field], special=False) + eos)[: data.max_length]
+                 for field in (data.chosen_field, data.rejected_field)]  # fmt: skip
+        places = [(n, i) for n, side in enumerate(sides, 1) for i in range(len(side))]
+        return {
+            "input_ids": _tokens([t for side in sides for t in side]),
+            SEGMENT_IDS: _tokens([n for n, _ in places]),
+            "positions": _tokens([i for _, i in places]),
+            "loss_mask": _tokens([int(i >= len(prompt)) for _, i in places]),
+        }
+
+    def targets(self, example: Example) -> int:
+        return 1  # the pair: `encode` keeps a response token on each side
+
+    def packs(self, data: DataFields) -> bool:
+        return False  # one pair a row, padded to a bucket length
+
+    def batch_shapes(self, data: DataFields, rows: int) -> Shapes:
+        tokens = ((rows, self.row_length(data)), np.dtype(np.int32))
+        return dict.fromkeys(("input_ids", SEGMENT_IDS, "positions", "loss_mask"), tokens)
+
+    def num_labels(self, configured: int | None) -> int | None:
+        return None
+
+    def check_model(self, architecture: type, arch: str, model_dir: str) -> None:
+        _decoder_only(self.name, architecture, arch, model_dir)
+
+    def loss_terms(self, apply: Callable, params: Any, batch: Mapping[str, jax.Array],
+                   rngs: Any = None) -> Terms:  # fmt: skip
+        """(summed pair loss, pairs, pairs whose chosen reward is higher, TRL's metrics as
+        sums): rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+        logps/chosen, logps/rejected."""
+        logps, counts = _pair_logps(apply, params, batch, rngs)
+        if self.loss == "simpo":
+            scores = logps / counts  # no reference: length-normalised log-probs
+        else:  # the reference: the base alone (its adapter leaves left out; no dropout)
+            base = split(params, LoraConfig())[1]
+            scores = logps - jax.lax.stop_gradient(_pair_logps(apply, base, batch)[0])
+        delta = scores[:, 0] - scores[:, 1]
+        if self.loss == "sigmoid":
+            smooth = self.label_smoothing
+            losses = (-(1 - smooth) * jax.nn.log_sigmoid(self.beta * delta)
+                      - smooth * jax.nn.log_sigmoid(-self.beta * delta))  # fmt: skip
+        elif self.loss == "ipo":
+            per_token = scores / counts
+            losses = (per_token[:, 0] - per_token[:, 1] - 1 / (2 * self.beta)) ** 2
+        else:
+            losses = -jax.nn.log_sigmoid(self.beta * delta - self.simpo_gamma)
+        rewards = jax.lax.stop_gradient(self.beta * scores)
+        weight = _weight(batch)
+        won = (rewards[:, 0] > rewards[:, 1]).astype(jnp.float32)
+        total = lambda x: jnp.sum(x * weight)  # noqa: E731
+        sums = {
+            "rewards/chosen": total(rewards[:, 0]),
+            "rewards/rejected": total(rewards[:, 1]),
+            "rewards/accuracies": total(won),
+            "rewards/margins": total(rewards[:, 0] - rewards[:, 1]),
+            "logps/chosen": total(logps[:, 0]),
+            "logps/rejected": total(logps[:, 1]),
+        }
+        return total(losses), jnp.sum(weight), total(won), jax.lax.stop_gradient(sums)
+
+    def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
+        """Nothing beyond the eval's metrics."""
+
+
+def _pair_logps(apply: Callable, params: Any, batch: Mapping[str, jax.Array],
+                rngs: Any = None) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """(summed response log-probs, response tokens), each (rows, 2): chosen, rejected (a
+    pair's segments 1 and 2); float32."""
+    inputs = [batch[k] for k in ("input_ids", SEGMENT_IDS, "positions")]
+    hidden = apply(params, *inputs, rngs=rngs, method="hidden")
+    head = functools.partial(apply, params, rngs=rngs, method="head")
+    logps = token_logps(head, hidden[:, :-1], batch["input_ids"][:, 1:])
+    segments, mask = batch[SEGMENT_IDS][:, 1:], batch["loss_mask"][:, 1:] > 0
+    sides = [(segments == n) & mask for n in (1, 2)]
+    sums = jnp.stack([jnp.sum(jnp.where(side, logps, 0.0), -1) for side in sides], -1)
+    counts = jnp.stack([jnp.sum(side, -1) for side in sides], -1).astype(jnp.float32)
+    return sums, jnp.maximum(counts, 1.0)
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (Classify(), Sft(), Dpo())}
+
+
+def _decoder_only(task: str, architecture: type, arch: str, model_dir: str) -> None:
+    """A ValueError unless the checkpoint is a decoder (the zoo's CausalLM)."""
+    from lora_jax.models.common import CausalLM
+
+    if not issubclass(architecture, CausalLM):
+        raise ValueError(f"data.task {task!r} trains a decoder (a causal LM); {model_dir} "
+                         f"holds {arch}: use data.task 'classify', or a decoder.")  # fmt: skip
 
 
 def _weight(batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -309,7 +473,7 @@ class Encoder:
 
     @property
     def max_length(self) -> int:
-        return self.data.max_length
+        return self.task.row_length(self.data)
 
     @property
     def pad(self) -> int:
@@ -320,7 +484,8 @@ class Encoder:
         has a value of the wrong type."""
         if missing := [f for f in self.task.fields(self.data) if f not in row]:
             raise ValueError(f"{at}: no field {missing[0]!r} (the row has {sorted(row)}); set "
-                             "data.text_field / label_field / response_field, or the "
+                             "data.text_field / label_field / response_field / "
+                             "chosen_field / rejected_field, or the "
                              "template's fields.")  # fmt: skip
         self.task.check_row(row, at, self.data, self.classes)
 

@@ -355,8 +355,9 @@ def test_a_bad_row_found_mid_run_stops_after_a_checkpoint(sft, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
     assert err[-1] == (f"lora-jax train: {path}:300: no field 'response' (the row has "
-                       "['prompt']); set data.text_field / label_field / response_field, or "
-                       f"the template's fields. (stopped at step {step}: checkpoint written in "
+                       "['prompt']); set data.text_field / label_field / response_field / "
+                       "chosen_field / rejected_field, or the template's fields. (stopped at "
+                       f"step {step}: checkpoint written in "
                        f"{out / 'checkpoints'}; fix the row, then --resume)")  # fmt: skip
     assert (out / "checkpoints" / str(step)).is_dir()
     assert len([line for line in (out / "metrics.jsonl").open()]) == step

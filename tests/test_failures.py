@@ -31,6 +31,8 @@ from lora_jax import models
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.cli import WholeLines
 from lora_jax.cli import main as cli_main
+from lora_jax.rundir import changed
+from lora_jax.settings import RunConfig
 
 
 def md5s(*paths):
@@ -272,6 +274,17 @@ def test_a_second_run_in_the_same_directory_is_refused(sft, tmp_path, capsys):
     # Released (the holder ended, even by kill -9: the OS drops an flock): the run goes ahead.
     assert cli_main(train_args(sft, out, **{"train.steps": 2})) == 0
     assert steps_of(out) == [1, 2]
+
+
+def test_a_record_from_before_a_setting_existed_compares_it_as_its_default():
+    """A run recorded by a version without the `dpo` section (nor data.chosen_field)
+    resumes: a setting added since counts as its default; set otherwise, it is a change."""
+    now = RunConfig().to_dict()
+    old = json.loads(json.dumps(now))
+    del old["dpo"], old["data"]["chosen_field"]
+    assert changed(old, now) == []
+    now["dpo"]["beta"] = 0.5
+    assert changed(old, now) == [("dpo.beta", 0.1, 0.5)]
 
 
 def test_resume_refuses_changed_settings_and_touches_nothing(sft, tmp_path, capsys):

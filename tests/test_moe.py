@@ -279,7 +279,7 @@ def test_training_adds_transformers_router_loss_when_the_router_is_trained(check
              "loss_mask": jnp.asarray(mask)}  # fmt: skip
     run = types.SimpleNamespace(apply=model.apply, task=TASKS["sft"], model=model,
                                 router_aux=0.5)  # fmt: skip
-    total, count = with_router_loss(run, params, batch, None)
+    total, count, _ = with_router_loss(run, params, batch, None)
     peer = PEERS["mixtral"][1].from_pretrained(checkpoints / "mixtral",
                                                router_aux_loss_coef=0.5).eval()  # fmt: skip
     labels = torch.tensor(np.where(mask == 1, IDS, -100))

@@ -267,7 +267,7 @@ def test_packed_rows_give_the_loss_of_one_example_per_row(sft, tmp_path):
     assert packed[data_lib.SEGMENT_IDS].max() == 2 and packed["positions"][0, 11] == 0
     params = lj.combine(randomize_adapters(run.adapter, jax.random.key(0)), run.base)
     totals = [
-        np.asarray(loss_terms(run, params, jax.tree.map(jnp.asarray, batch)))
+        np.asarray(loss_terms(run, params, jax.tree.map(jnp.asarray, batch))[:3])
         for batch in (plain, packed)
     ]
     # (summed loss, response tokens, correct): segments see only themselves, positions restart.
@@ -483,7 +483,7 @@ def test_huge_pages_are_asked_for_only_where_they_change_something(
         ("train.learning_rate='fast'", r"train.learning_rate is 'fast' \(str\); expected float"),
         ("model.dtype=float8", r"model.dtype is 'float8'; choose one of \['float32', 'bfloat16'"),
         ("model.remat=some", r"model.remat is 'some'; choose one of \['none', 'full'"),
-        ("data.task=clasify", r"data.task is 'clasify'; choose one of \['classify', 'sft'\]"),
+        ("data.task=clasify", r"data.task is 'clasify'; choose one of \['classify', 'sft', 'dpo"),
         ("train.batch_size=0", r"train.batch_size is 0; must be >= 1"),
         ("mesh.devices=0", r"mesh.devices is 0; must be -1 or >= 1"),
         ("lora.rank=2.5", r"lora.rank is 2.5 \(float\); expected int"),

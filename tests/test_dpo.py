@@ -1,0 +1,291 @@
+"""Preference tuning (data.task "dpo") with the base as its own reference: the loss, TRL's
+metrics and the adapter gradients against TRL's DPOTrainer with a peft LoRA model (the
+oracle), every loss against its formula in float64, and `lora-jax train` on pairs."""
+
+import contextlib
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers as tf
+from datasets import Dataset
+from hf_peer import PEERS
+from safetensors.torch import load_file
+from sft_runs import LLAMA_SFT, as_args, overrides
+from test_aot import SMALL, compile_cli
+from test_failures import one_line
+from trl import DPOConfig, DPOTrainer
+
+import lora_jax as lj
+from lora_jax import models
+from lora_jax.cli import main as cli_main
+from lora_jax.data import Padded, Tokenizer
+from lora_jax.settings import DataSettings
+from lora_jax.tasks import Dpo
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected")  # fmt: skip
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def preference_rows(count, seed=0):
+    """Prompts of a few words; the chosen response their reversal shifted by 40 (as the SFT
+    set's), the rejected one shifted by 41."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(count):
+        drawn = rng.integers(3, 50, int(rng.integers(2, 6)))
+        rows.append({"prompt": " ".join(f"w{w}" for w in drawn),
+                     "chosen": " ".join(f"w{w + 40}" for w in drawn[::-1]),
+                     "rejected": " ".join(f"w{w + 41}" for w in drawn[::-1])})  # fmt: skip
+    return rows
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def peer(sft, tmp_path_factory):
+    """The tiny Llama, a peft LoRA adapter with random A and B saved from it, and ours
+    loaded from that file: (model, base params, adapter, lora config, tokenizer, dir)."""
+    directory = tmp_path_factory.mktemp("dpo")
+    model, params, hf_config = models.from_pretrained(sft / "llama")
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    peft.get_peft_model(PEERS["llama"][1].from_pretrained(sft / "llama"), config).save_pretrained(
+        directory / "adapter"
+    )
+    adapter, lora = lj.load_adapter(directory / "adapter", params)
+    return model, params, adapter, lora, Tokenizer(sft / "llama", hf_config), directory
+
+
+def pairs_batch(task, tokenizer, rows, max_length=12):
+    data = DataSettings(task="dpo", max_length=max_length)
+    examples = [task.encode(r, tokenizer, data) for r in rows]
+    length = task.row_length(data)
+    return examples, {k: jnp.asarray(v) for k, v in Padded(0, length, length)(examples).items()}
+
+
+def ours(task, model, params, adapter, lora, batch):
+    """(mean loss, {metric: mean}, adapter gradients of the mean loss)."""
+
+    def mean(a):
+        total, count, _, sums = task.loss_terms(lj.lora_apply(model.apply, lora),
+                                                lj.combine(a, params), batch)  # fmt: skip
+        return total / count, {k: v / count for k, v in sums.items()}
+
+    (loss, metrics), grads = jax.value_and_grad(mean, has_aux=True)(adapter)
+    return float(loss), {k: float(v) for k, v in metrics.items()}, grads
+
+
+def trl_inputs(examples):
+    """TRL's batch of the same token ids: every chosen sequence, then every rejected one,
+    right-padded, with its attention and completion masks."""
+    seqs = [[np.asarray(e[k])[np.asarray(e["segment_ids"]) == side]
+             for k in ("input_ids", "loss_mask")] for side in (1, 2) for e in examples]  # fmt: skip
+    length = max(len(ids) for ids, _ in seqs)
+    out = {k: torch.zeros(len(seqs), length, dtype=torch.long)
+           for k in ("input_ids", "attention_mask", "completion_mask")}  # fmt: skip
+    for row, (ids, mask) in enumerate(seqs):
+        out["input_ids"][row, : len(ids)] = torch.tensor(ids)
+        out["attention_mask"][row, : len(ids)] = 1
+        out["completion_mask"][row, : len(ids)] = torch.tensor(mask)
+    return out
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_loss_metrics_and_gradients_equal_trls(sft, peer, tmp_path, loss_type):
+    """TRL's DPOTrainer given the base and a peft LoRA config (so its reference is the base
+    with the adapter disabled, as ours), the adapter then set to the random one ours holds:
+    on one batch of four pairs of unequal lengths, the loss, TRL's six metrics and every
+    adapter gradient equal ours at 1e-4 (float32; measured about 1e-7)."""
+    model, params, adapter, lora, tokenizer, directory = peer
+    rows = preference_rows(4)
+    task = Dpo(beta=0.1, loss=loss_type)
+    examples, batch = pairs_batch(task, tokenizer, rows)
+    loss, metrics, grads = ours(task, model, params, adapter, lora, batch)
+
+    hf_tokenizer = tf.PreTrainedTokenizerFast(tokenizer_file=str(sft / "llama" / "tokenizer.json"),
+                                              eos_token="</s>", pad_token="[UNK]")  # fmt: skip
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss_type],
+                     report_to="none", use_cpu=True)  # fmt: skip
+    trainer = DPOTrainer(model=PEERS["llama"][1].from_pretrained(sft / "llama"), args=args,
+                         peft_config=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=hf_tokenizer)  # fmt: skip
+    saved = load_file(directory / "adapter" / "adapter_model.safetensors")
+    peft.set_peft_model_state_dict(trainer.model, saved)
+    theirs = trainer._compute_loss(trainer.model, trl_inputs(examples), False)
+    theirs.backward()
+    theirs = theirs.detach()
+    np.testing.assert_allclose(loss, theirs.item(), rtol=1e-4)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    for name in METRICS:
+        np.testing.assert_allclose(metrics[name], logged[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    # TRL's gradients through peft's own save and our loader: the same leaves, our layout.
+    for p in trainer.model.parameters():
+        if p.grad is not None:
+            p.data = p.grad
+    trainer.model.save_pretrained(tmp_path / "grads")
+    expected, _ = lj.load_adapter(tmp_path / "grads", params)
+    flat, want = jax.tree.leaves_with_path(grads), dict(jax.tree.leaves_with_path(expected))
+    assert len(flat) == len(want) == 3 * 2  # A and B of 3 targets (the layers stacked)
+    scale = max(float(jnp.abs(g).max()) for _, g in flat)
+    for path, g in flat:
+        np.testing.assert_allclose(g, want[path], atol=1e-4 * scale, err_msg=str(path))
+
+
+def float64_logps(sft, peer, rows, max_length=12):
+    """Each pair's summed response log-probs (chosen, rejected) under the peft policy and
+    under its base (adapter disabled), in float64 by PyTorch: the formulas' inputs."""
+    _, _, _, _, tokenizer, directory = peer
+    examples, _ = pairs_batch(Dpo(), tokenizer, rows, max_length)
+    base = PEERS["llama"][1].from_pretrained(sft / "llama").double()
+    policy = peft.PeftModel.from_pretrained(base, directory / "adapter").double().eval()
+    out = np.zeros((2, len(rows), 2))  # (policy / reference, pair, chosen / rejected)
+    counts = np.zeros((len(rows), 2))
+    for i, e in enumerate(examples):
+        for side in (1, 2):
+            keep = np.asarray(e["segment_ids"]) == side
+            ids, mask = np.asarray(e["input_ids"])[keep], np.asarray(e["loss_mask"])[keep]
+            counts[i, side - 1] = mask[1:].sum()
+            for which in (0, 1):
+                skipped = policy.disable_adapter() if which else contextlib.nullcontext()
+                with torch.no_grad(), skipped:
+                    logits = policy(input_ids=torch.tensor(ids[None])).logits[0, :-1]
+                logps = torch.log_softmax(logits, -1)[range(len(ids) - 1), ids[1:]].numpy()
+                out[which, i, side - 1] = float(np.sum(logps * mask[1:]))
+    return out[0], out[1], counts
+
+
+@pytest.mark.parametrize("loss_type, settings", [
+    ("sigmoid", {"label_smoothing": 0.2}),  # conservative DPO
+    ("ipo", {"beta": 0.5}),
+    ("simpo", {"beta": 2.0, "simpo_gamma": 0.8}),
+])  # fmt: skip
+def test_each_loss_equals_its_formula_in_float64(sft, peer, loss_type, settings):
+    """The loss and rewards against numpy float64 from PyTorch's float64 log-probs: cDPO's
+    smoothed sigmoid, IPO's squared per-token margin, SimPO's length-normalised margin with
+    no reference; 1e-5 (float32 here)."""
+    model, params, adapter, lora, tokenizer, _ = peer
+    rows = preference_rows(6, seed=1)
+    task = Dpo(loss=loss_type, **settings)
+    _, batch = pairs_batch(task, tokenizer, rows)
+    loss, metrics, _ = ours(task, model, params, adapter, lora, batch)
+    policy, reference, counts = float64_logps(sft, peer, rows)
+    beta = task.beta
+    scores = policy / counts if loss_type == "simpo" else policy - reference
+    delta = scores[:, 0] - scores[:, 1]
+    log_sigmoid = lambda x: -np.logaddexp(0, -x)  # noqa: E731
+    if loss_type == "sigmoid":
+        eps = task.label_smoothing
+        losses = -(1 - eps) * log_sigmoid(beta * delta) - eps * log_sigmoid(-beta * delta)
+    elif loss_type == "ipo":
+        per_token = scores / counts
+        losses = (per_token[:, 0] - per_token[:, 1] - 1 / (2 * beta)) ** 2
+    else:
+        losses = -log_sigmoid(beta * delta - task.simpo_gamma)
+    np.testing.assert_allclose(loss, losses.mean(), rtol=1e-5)
+    rewards = beta * scores
+    np.testing.assert_allclose(metrics["rewards/margins"], np.mean(rewards[:, 0] - rewards[:, 1]),
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(metrics["logps/chosen"], policy[:, 0].mean(), rtol=1e-5)
+    assert metrics["rewards/accuracies"] == pytest.approx(np.mean(rewards[:, 0] > rewards[:, 1]))
+
+
+def test_at_init_the_policy_is_its_own_reference(peer):
+    """B = 0: policy and reference log-probs are equal, so the sigmoid loss is log 2 and
+    every reward 0, while the gradient is not 0."""
+    model, params, adapter, lora, tokenizer, _ = peer
+    fresh = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.zeros_like(leaf) if path[-1].key == "lora_b" else leaf, adapter
+    )
+    _, batch = pairs_batch(Dpo(), tokenizer, preference_rows(4))
+    loss, metrics, grads = ours(Dpo(), model, params, fresh, lora, batch)
+    assert abs(loss - math.log(2)) < 1e-6
+    # Equal but for float32 rounding: the policy's forward adds x·A·B = 0 where the base's
+    # does not, and XLA fuses the two programs differently.
+    assert abs(metrics["rewards/chosen"]) < 1e-6 and abs(metrics["rewards/rejected"]) < 1e-6
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))  # it learns
+
+
+def dpo_sets(sft, tmp_path, out, **changes):
+    data = {"train": write_rows(tmp_path / "train.jsonl", preference_rows(64)),
+            "eval": write_rows(tmp_path / "eval.jsonl", preference_rows(16, seed=1))}  # fmt: skip
+    sets = {"data.task": "dpo", "data.train": data["train"], "data.eval": data["eval"],
+            "data.max_length": 12, "dpo.beta": 1.0, **changes}  # fmt: skip
+    return ["train", "--config", LLAMA_SFT, *as_args(overrides(sft, out, **sets))]
+
+
+def test_train_on_pairs_writes_trls_metrics_and_learns(sft, tmp_path):
+    """`lora-jax train` with data.task dpo: the first step's loss is log 2 (the adapter
+    starts at B = 0), the six metrics are in metrics.jsonl and eval.json, and the reward
+    accuracy on the eval pairs rises above chance."""
+    out = tmp_path / "out"
+    assert cli_main(dpo_sets(sft, tmp_path, out, **{"train.steps": 60, "dpo.beta": 3.0})) == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert abs(logged[0]["loss"] - math.log(2)) < 1e-6
+    assert all(set(METRICS) <= set(line) for line in logged)
+    assert np.mean([m["loss"] for m in logged[-5:]]) < math.log(2) - 0.1
+    final = json.loads((out / "eval.json").read_text())
+    # 16 eval pairs; chance is 8 (measured: 12).
+    assert set(METRICS) <= set(final) and final["rewards/accuracies"] >= 10 / 16, final
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("row, says", [
+    ({"prompt": "w3", "chosen": "w4"}, "no field 'rejected'"),
+    ({"prompt": "w3", "chosen": "w4 w5", "rejected": "w4 w5"},
+     "chosen and rejected are the same text"),
+    ({"prompt": "w3", "chosen": " ", "rejected": "w4"}, "chosen is empty"),
+    ({"prompt": "w3", "chosen": 5, "rejected": "w4"}, "chosen is 5, not a string"),
+    ({"prompt": " ".join(["w3"] * 12), "chosen": "w4", "rejected": "w5"},
+     "the prompt is 12 tokens, leaving no room for a response within data.max_length 12"),
+])  # fmt: skip
+def test_a_bad_pair_is_one_line_naming_file_and_row(sft, tmp_path, capsys, row, says):
+    out = tmp_path / "out"
+    args = dpo_sets(sft, tmp_path, out)
+    train = tmp_path / "train.jsonl"
+    write_rows(train, [*preference_rows(3), row])
+    assert cli_main(args) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"{train}:4: {says}" in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"lora.modules_to_save": ["lm_head"]},
+     "lora.modules_to_save is ['lm_head']; must be empty with data.task 'dpo'"),
+    ({"lora.init": "pissa"}, "lora.init is 'pissa'; rewrites the base (its residual)"),
+])  # fmt: skip
+def test_settings_that_leave_no_untouched_base_are_refused(sft, tmp_path, capsys, change, says):
+    """The reference policy is the base as the step holds it: a fully trained leaf or a
+    base rewritten at init would make it something else."""
+    out = tmp_path / "out"
+    assert cli_main(dpo_sets(sft, tmp_path, out, **change)) == 2
+    line = one_line(capsys.readouterr().err)
+    assert says in line, line
+    assert not out.exists()
+
+
+def test_a_dpo_step_compiles_for_tpu_within_a_quarter_of_sfts_bytes(tmp_path):
+    """The DPO step (policy forward and backward of both responses, the reference forward)
+    compiled by the TPU compiler for a v5e:2x2 at the SFT step's tokens a chip: its bytes a
+    chip within 1.25x of SFT's (the reference forward saves nothing for the backward)."""
+    (tmp_path / "config.json").write_text(json.dumps(SMALL))
+    sft_step = compile_cli(tmp_path, "v5e:2x2", **{"data.task": "sft", "data.max_length": 256,
+                                                   "train.batch_size": 8})  # fmt: skip
+    dpo_step = compile_cli(tmp_path, "v5e:2x2", **{"data.task": "dpo", "data.max_length": 128,
+                                                   "train.batch_size": 8})  # fmt: skip
+    assert sft_step.returncode == dpo_step.returncode == 0, dpo_step.stderr[-3000:]
+    sft_report, dpo_report = json.loads(sft_step.stdout), json.loads(dpo_step.stdout)
+    assert dpo_report["tokens_per_chip"] == sft_report["tokens_per_chip"] == 8 * 256 // 4
+    assert dpo_report["base_bytes"] == sft_report["base_bytes"]  # one base, not two
+    assert dpo_report["bytes"] <= 1.25 * sft_report["bytes"], (dpo_report, sft_report)
