@@ -47,6 +47,15 @@ class DataFields(Protocol):
     pack: bool
 
 
+class PreferenceFields(Protocol):
+    """The `dpo.*` settings the DPO task reads (`lora_jax.settings.DpoSettings` has them)."""
+
+    loss: str
+    beta: float
+    label_smoothing: float
+    simpo_gamma: float
+
+
 class Trained(Protocol):
     """What a task's end-of-run check reads of the run (`lora_jax.run.Run` has it)."""
 
@@ -299,19 +308,17 @@ class Dpo:
 
     Losses (`loss`): "sigmoid" (DPO; `label_smoothing` > 0: conservative DPO), "ipo" (on
     per-token log-ratios, as TRL computes it) and "simpo" (reference-free: length-normalised
-    log-probs and a margin `simpo_gamma`; no reference forward). Metrics as TRL names them."""
+    log-probs and a margin `simpo_gamma`; no reference forward). Metrics as TRL names them.
+    `settings` are the run's `dpo.*` (`bound`); `TASKS`' own instance has none and reads
+    and encodes rows only."""
 
     name: ClassVar[str] = "dpo"
     reports_probe: ClassVar[bool] = False
     real_tokens: ClassVar[str] = SEGMENT_IDS
-    beta: float = 0.1
-    loss: str = "sigmoid"
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
+    settings: PreferenceFields | None = None
 
     def bound(self, config: Any) -> Dpo:
-        d = config.dpo
-        return Dpo(d.beta, d.loss, d.label_smoothing, d.simpo_gamma)
+        return Dpo(config.dpo)
 
     def fields(self, data: DataFields) -> list[str]:
         return [*template_fields(data.template), data.chosen_field, data.rejected_field]
@@ -374,23 +381,25 @@ class Dpo:
         """(summed pair loss, pairs, pairs whose chosen reward is higher, TRL's metrics as
         sums): rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
         logps/chosen, logps/rejected."""
+        if (s := self.settings) is None:
+            raise ValueError("the dpo task's loss needs its settings: TASKS['dpo'].bound(config)")
         logps, counts = _pair_logps(apply, params, batch, rngs)
-        if self.loss == "simpo":
+        if s.loss == "simpo":
             scores = logps / counts  # no reference: length-normalised log-probs
         else:  # the reference: the base alone (its adapter leaves left out; no dropout)
             base = split(params, LoraConfig())[1]
             scores = logps - jax.lax.stop_gradient(_pair_logps(apply, base, batch)[0])
         delta = scores[:, 0] - scores[:, 1]
-        if self.loss == "sigmoid":
-            smooth = self.label_smoothing
-            losses = (-(1 - smooth) * jax.nn.log_sigmoid(self.beta * delta)
-                      - smooth * jax.nn.log_sigmoid(-self.beta * delta))  # fmt: skip
-        elif self.loss == "ipo":
+        if s.loss == "sigmoid":
+            smooth = s.label_smoothing
+            losses = (-(1 - smooth) * jax.nn.log_sigmoid(s.beta * delta)
+                      - smooth * jax.nn.log_sigmoid(-s.beta * delta))  # fmt: skip
+        elif s.loss == "ipo":
             per_token = scores / counts
-            losses = (per_token[:, 0] - per_token[:, 1] - 1 / (2 * self.beta)) ** 2
+            losses = (per_token[:, 0] - per_token[:, 1] - 1 / (2 * s.beta)) ** 2
         else:
-            losses = -jax.nn.log_sigmoid(self.beta * delta - self.simpo_gamma)
-        rewards = jax.lax.stop_gradient(self.beta * scores)
+            losses = -jax.nn.log_sigmoid(s.beta * delta - s.simpo_gamma)
+        rewards = jax.lax.stop_gradient(s.beta * scores)
         weight = _weight(batch)
         won = (rewards[:, 0] > rewards[:, 1]).astype(jnp.float32)
         total = lambda x: jnp.sum(x * weight)  # noqa: E731

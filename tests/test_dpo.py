@@ -25,7 +25,7 @@ import lora_jax as lj
 from lora_jax import models
 from lora_jax.cli import main as cli_main
 from lora_jax.data import Padded, Tokenizer
-from lora_jax.settings import DataSettings
+from lora_jax.settings import DataSettings, DpoSettings
 from lora_jax.tasks import Dpo
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -108,7 +108,7 @@ def test_loss_metrics_and_gradients_equal_trls(sft, peer, tmp_path, loss_type):
     adapter gradient equal ours at 1e-4 (float32; measured about 1e-7)."""
     model, params, adapter, lora, tokenizer, directory = peer
     rows = preference_rows(4)
-    task = Dpo(beta=0.1, loss=loss_type)
+    task = Dpo(DpoSettings(beta=0.1, loss=loss_type))
     examples, batch = pairs_batch(task, tokenizer, rows)
     loss, metrics, grads = ours(task, model, params, adapter, lora, batch)
 
@@ -176,22 +176,22 @@ def test_each_loss_equals_its_formula_in_float64(sft, peer, loss_type, settings)
     no reference; 1e-5 (float32 here)."""
     model, params, adapter, lora, tokenizer, _ = peer
     rows = preference_rows(6, seed=1)
-    task = Dpo(loss=loss_type, **settings)
+    task = Dpo(DpoSettings(loss=loss_type, **settings))
     _, batch = pairs_batch(task, tokenizer, rows)
     loss, metrics, _ = ours(task, model, params, adapter, lora, batch)
     policy, reference, counts = float64_logps(sft, peer, rows)
-    beta = task.beta
+    beta = task.settings.beta
     scores = policy / counts if loss_type == "simpo" else policy - reference
     delta = scores[:, 0] - scores[:, 1]
     log_sigmoid = lambda x: -np.logaddexp(0, -x)  # noqa: E731
     if loss_type == "sigmoid":
-        eps = task.label_smoothing
+        eps = task.settings.label_smoothing
         losses = -(1 - eps) * log_sigmoid(beta * delta) - eps * log_sigmoid(-beta * delta)
     elif loss_type == "ipo":
         per_token = scores / counts
         losses = (per_token[:, 0] - per_token[:, 1] - 1 / (2 * beta)) ** 2
     else:
-        losses = -log_sigmoid(beta * delta - task.simpo_gamma)
+        losses = -log_sigmoid(beta * delta - task.settings.simpo_gamma)
     np.testing.assert_allclose(loss, losses.mean(), rtol=1e-5)
     rewards = beta * scores
     np.testing.assert_allclose(metrics["rewards/margins"], np.mean(rewards[:, 0] - rewards[:, 1]),
@@ -208,7 +208,7 @@ def test_at_init_the_policy_is_its_own_reference(peer):
         lambda path, leaf: jnp.zeros_like(leaf) if path[-1].key == "lora_b" else leaf, adapter
     )
     _, batch = pairs_batch(Dpo(), tokenizer, preference_rows(4))
-    loss, metrics, grads = ours(Dpo(), model, params, fresh, lora, batch)
+    loss, metrics, grads = ours(Dpo(DpoSettings()), model, params, fresh, lora, batch)
     assert abs(loss - math.log(2)) < 1e-6
     # Equal but for float32 rounding: the policy's forward adds x·A·B = 0 where the base's
     # does not, and XLA fuses the two programs differently.
