@@ -25,7 +25,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lora_jax import run, sharding
 from lora_jax.settings import RunConfig
-from lora_jax.tasks import TASKS
 
 CHIPS = ("v2", "v3", "v4", "v5e", "v5p", "v6e")
 # Cloud TPU slice names: v5e / v6e count chips (a 2D torus), v4 / v5p TensorCores, two a
@@ -196,9 +195,8 @@ def compile_step(config: Mapping[str, Any] | RunConfig, hf_config: Mapping[str, 
     shardings = run.step_shardings(setup, tx)
     step = run.make_train_step(setup, tx, shardings)
     opt_state = jax.eval_shape(tx.init, setup.adapter)
-    task = TASKS[cfg.data.task]
-    rows, length = cfg.train.batch_size, task.row_length(cfg.data)
-    shapes = task.batch_shapes(cfg.data, rows)
+    rows, length = cfg.train.batch_size, setup.task.row_length(cfg.data)
+    shapes = setup.task.batch_shapes(cfg.data, rows)
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings.batch)
              for k, (shape, dtype) in shapes.items()}  # fmt: skip
     scalar = jax.ShapeDtypeStruct((), np.int32, sharding=shardings.scalar)

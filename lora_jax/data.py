@@ -12,6 +12,7 @@ lengths, so the step compiles a bounded number of times.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -279,7 +280,6 @@ def _start_quiet_tracker() -> None:
     tracker unlinks those segments when the run ends (nothing is left), but its warning
     about them would follow the run's own line. It reads warning filters from its command
     line, built from `sys.warnoptions`; a tracker already running is left as it is."""
-    import sys
     from multiprocessing import resource_tracker
 
     saved = list(sys.warnoptions)

@@ -65,14 +65,15 @@ def factors_only(
     return optax.chain(gate, tx, gate)
 
 
-def _chunked(hidden: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int) -> tuple:
-    """(hidden, targets, weights) flattened over tokens and padded (weight 0) to whole
-    chunks: (chunks, chunk, ...) each, for a scan over chunks."""
-    h, t, w = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), weights.reshape(-1)
-    chunk = min(chunk, t.size)
-    pad = -t.size % chunk
-    h, t, w = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(t, (0, pad)), jnp.pad(w, (0, pad))
-    return h.reshape(-1, chunk, h.shape[-1]), t.reshape(-1, chunk), w.reshape(-1, chunk)
+def _chunked(chunk: int, hidden: jax.Array, *per_token: jax.Array) -> tuple:
+    """`hidden` (B, T, D) and each (B, T) array of `per_token` flattened over tokens and
+    padded with zeros (a weight of 0) to whole chunks: (chunks, chunk, ...) each, for a scan
+    over chunks."""
+    tokens = per_token[0].size
+    chunk = min(chunk, tokens)
+    pad = -tokens % chunk
+    h = jnp.pad(hidden.reshape(tokens, -1), ((0, pad), (0, 0))).reshape(-1, chunk, hidden.shape[-1])
+    return (h, *(jnp.pad(x.reshape(-1), (0, pad)).reshape(-1, chunk) for x in per_token))
 
 
 def token_terms(
@@ -88,7 +89,7 @@ def token_terms(
     backward, never for the whole batch x vocabulary. A batch of one chunk is not
     checkpointed: its logits are the last thing the forward computes and the first the
     backward reads, so keeping them costs no peak memory and saves a second head matmul."""
-    chunks = _chunked(hidden, targets, weights, chunk)
+    chunks = _chunked(chunk, hidden, targets, weights)
 
     def terms(h, t, w):
         logits = head(h).astype(jnp.float32)
@@ -112,7 +113,7 @@ def token_logps(
     """The float32 log-probability of each of `targets` (B, T) given `hidden` (B, T, D), the
     head applied a chunk of tokens at a time as in `token_terms` (a sequence's score, as
     preference losses take it, is their masked sum)."""
-    h, t, _ = _chunked(hidden, targets, jnp.zeros(targets.shape, jnp.float32), chunk)
+    h, t = _chunked(chunk, hidden, targets)
 
     def logps(h, t):
         logits = head(h).astype(jnp.float32)
