@@ -49,7 +49,8 @@ def merge_command(args: argparse.Namespace) -> None:
                            new_head=labels is not None)  # fmt: skip
     print(
         f"merged {path(args.adapter)} ({weights_bytes(args.adapter):,} bytes) "
-        f"into {type(model).__name__} from {args.base}: wrote {out} "
+        f"into {(hf_config.get('architectures') or [type(model).__name__])[0]} "
+        f"from {args.base}: wrote {out} "
         f"({weights_bytes(out):,} bytes, {args.dtype})"
     )
 

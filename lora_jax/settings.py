@@ -28,6 +28,7 @@ from lora_jax import files
 from lora_jax.config import LOFTQ, AdaLora, LoraConfig
 from lora_jax.files import is_remote
 from lora_jax.models.options import DTYPES, REMAT_POLICIES
+from lora_jax.preference import LOSSES
 from lora_jax.quant import KINDS
 from lora_jax.tasks import TASKS
 from lora_jax.variants import BASE_MODIFYING_INITS
@@ -39,6 +40,7 @@ Dtype = Literal[tuple(DTYPES)]
 Remat = Literal[tuple(REMAT_POLICIES)]
 Quantization = Literal[KINDS]
 Task = Literal[tuple(TASKS)]
+PreferenceLoss = Literal[LOSSES]
 
 
 def _require(ok: bool, key: str, value: Any, want: str) -> None:
@@ -130,7 +132,7 @@ class DpoSettings:
     """Preference tuning (data.task "dpo"): the loss and its strength. The reference policy
     is the base itself (the adapter skipped), so it needs no settings."""
 
-    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    loss: PreferenceLoss = "sigmoid"
     beta: float = 0.1  # the strength of the KL penalty (IPO's tau; SimPO's reward scale)
     label_smoothing: float = 0.0  # sigmoid: the share of pairs taken as mislabelled (cDPO)
     simpo_gamma: float = 0.5  # simpo: the reward margin the chosen response must clear

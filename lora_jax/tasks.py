@@ -24,6 +24,7 @@ import optax
 
 from lora_jax.config import LoraConfig
 from lora_jax.data import SEGMENT_IDS, Batch, Example, Tokenizer
+from lora_jax.preference import pair_losses, pair_metrics, side_logps
 from lora_jax.step import token_logps, token_terms
 from lora_jax.tree import combine, merge, split
 
@@ -384,34 +385,15 @@ class Dpo:
         if (s := self.settings) is None:
             raise ValueError("the dpo task's loss needs its settings: TASKS['dpo'].bound(config)")
         logps, counts = _pair_logps(apply, params, batch, rngs)
-        if s.loss == "simpo":
-            scores = logps / counts  # no reference: length-normalised log-probs
-        else:  # the reference: the base alone (its adapter leaves left out; no dropout)
-            base = split(params, LoraConfig())[1]
-            scores = logps - jax.lax.stop_gradient(_pair_logps(apply, base, batch)[0])
-        delta = scores[:, 0] - scores[:, 1]
-        if s.loss == "sigmoid":
-            smooth = s.label_smoothing
-            losses = (-(1 - smooth) * jax.nn.log_sigmoid(s.beta * delta)
-                      - smooth * jax.nn.log_sigmoid(-s.beta * delta))  # fmt: skip
-        elif s.loss == "ipo":
-            per_token = scores / counts
-            losses = (per_token[:, 0] - per_token[:, 1] - 1 / (2 * s.beta)) ** 2
-        else:
-            losses = -jax.nn.log_sigmoid(s.beta * delta - s.simpo_gamma)
-        rewards = jax.lax.stop_gradient(s.beta * scores)
+        # The reference: the base alone (its adapter leaves left out; no dropout).
+        reference = None if s.loss == "simpo" else _pair_logps(
+            apply, split(params, LoraConfig())[1], batch)[0]  # fmt: skip
+        losses, rewards = pair_losses(s.loss, logps, counts, reference, beta=s.beta,
+                                      label_smoothing=s.label_smoothing,
+                                      simpo_gamma=s.simpo_gamma)  # fmt: skip
         weight = _weight(batch)
-        won = (rewards[:, 0] > rewards[:, 1]).astype(jnp.float32)
-        total = lambda x: jnp.sum(x * weight)  # noqa: E731
-        sums = {
-            "rewards/chosen": total(rewards[:, 0]),
-            "rewards/rejected": total(rewards[:, 1]),
-            "rewards/accuracies": total(won),
-            "rewards/margins": total(rewards[:, 0] - rewards[:, 1]),
-            "logps/chosen": total(logps[:, 0]),
-            "logps/rejected": total(logps[:, 1]),
-        }
-        return total(losses), jnp.sum(weight), total(won), jax.lax.stop_gradient(sums)
+        sums = pair_metrics(rewards, logps, weight)
+        return jnp.sum(losses * weight), jnp.sum(weight), sums["rewards/accuracies"], sums
 
     def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
         """Nothing beyond the eval's metrics."""
@@ -425,11 +407,7 @@ def _pair_logps(apply: Callable, params: Any, batch: Mapping[str, jax.Array],
     hidden = apply(params, *inputs, rngs=rngs, method="hidden")
     head = functools.partial(apply, params, rngs=rngs, method="head")
     logps = token_logps(head, hidden[:, :-1], batch["input_ids"][:, 1:])
-    segments, mask = batch[SEGMENT_IDS][:, 1:], batch["loss_mask"][:, 1:] > 0
-    sides = [(segments == n) & mask for n in (1, 2)]
-    sums = jnp.stack([jnp.sum(jnp.where(side, logps, 0.0), -1) for side in sides], -1)
-    counts = jnp.stack([jnp.sum(side, -1) for side in sides], -1).astype(jnp.float32)
-    return sums, jnp.maximum(counts, 1.0)
+    return side_logps(logps, batch[SEGMENT_IDS][:, 1:], batch["loss_mask"][:, 1:])
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (Classify(), Sft(), Dpo())}

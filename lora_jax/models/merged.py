@@ -66,14 +66,16 @@ def merge_checkpoint(
         whole param (modules_to_save), else the base's with the adapter folded in."""
         if keys in flat:
             return np.asarray(flat[keys][index], dtype)
-        value = leaves[keys].read(checkpoint, index, dtype)
         module = keys[:-1]
         if keys[-1] != KERNEL or (*module, LORA_A) not in flat:
-            return value
+            return leaves[keys].read(checkpoint, index, dtype)
         factors = {(*module, n): flat[(*module, n)][index] for n in ADAPTER_LEAVES
                    if (*module, n) in flat}  # fmt: skip
+        # Merged at float32 and rounded to `dtype` once, as peft's merge_and_unload then a
+        # cast: a base read in bfloat16 first would be rounded twice.
+        value = leaves[keys].read(checkpoint, index, np.promote_types(dtype, np.float32))
         tree = traverse_util.unflatten_dict({**factors, keys: value})
-        return np.asarray(traverse_util.flatten_dict(merge(tree, config))[keys])
+        return np.asarray(traverse_util.flatten_dict(merge(tree, config))[keys], dtype)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         """The merged checkpoint's tensors, in `layout`'s order."""
