@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import peft
 import pytest
 import torch
@@ -26,6 +27,7 @@ from lora_jax import models
 from lora_jax.cli import main as cli_main
 from lora_jax.data import Padded, Tokenizer
 from lora_jax.settings import DataSettings, DpoSettings
+from lora_jax.step import make_step
 from lora_jax.tasks import Dpo
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -100,28 +102,34 @@ def trl_inputs(examples):
     return out
 
 
+def trl_trainer(sft, directory, rows, tmp_path, **settings):
+    """TRL's DPOTrainer given the base and a peft LoRA config (so its reference is the base
+    with the adapter disabled, as ours), its adapter then set to the one ours loaded."""
+    hf_tokenizer = tf.PreTrainedTokenizerFast(tokenizer_file=str(sft / "llama" / "tokenizer.json"),
+                                              eos_token="</s>", pad_token="[UNK]")  # fmt: skip
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True,
+                     **settings)  # fmt: skip
+    trainer = DPOTrainer(model=PEERS["llama"][1].from_pretrained(sft / "llama"), args=args,
+                         peft_config=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=hf_tokenizer)  # fmt: skip
+    saved = load_file(directory / "adapter" / "adapter_model.safetensors")
+    peft.set_peft_model_state_dict(trainer.model, saved)
+    return trainer
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_loss_metrics_and_gradients_equal_trls(sft, peer, tmp_path, loss_type):
-    """TRL's DPOTrainer given the base and a peft LoRA config (so its reference is the base
-    with the adapter disabled, as ours), the adapter then set to the random one ours holds:
-    on one batch of four pairs of unequal lengths, the loss, TRL's six metrics and every
-    adapter gradient equal ours at 1e-4 (float32; measured about 1e-7)."""
+    """TRL's DPOTrainer (`trl_trainer`) holding the random adapter ours holds: on one batch
+    of four pairs of unequal lengths, the loss, TRL's six metrics and every adapter gradient
+    equal ours at 1e-4 (float32; measured about 1e-7)."""
     model, params, adapter, lora, tokenizer, directory = peer
     rows = preference_rows(4)
     task = Dpo(DpoSettings(beta=0.1, loss=loss_type))
     examples, batch = pairs_batch(task, tokenizer, rows)
     loss, metrics, grads = ours(task, model, params, adapter, lora, batch)
 
-    hf_tokenizer = tf.PreTrainedTokenizerFast(tokenizer_file=str(sft / "llama" / "tokenizer.json"),
-                                              eos_token="</s>", pad_token="[UNK]")  # fmt: skip
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss_type],
-                     report_to="none", use_cpu=True)  # fmt: skip
-    trainer = DPOTrainer(model=PEERS["llama"][1].from_pretrained(sft / "llama"), args=args,
-                         peft_config=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=hf_tokenizer)  # fmt: skip
-    saved = load_file(directory / "adapter" / "adapter_model.safetensors")
-    peft.set_peft_model_state_dict(trainer.model, saved)
+    trainer = trl_trainer(sft, directory, rows, tmp_path, beta=0.1, loss_type=[loss_type])
     theirs = trainer._compute_loss(trainer.model, trl_inputs(examples), False)
     theirs.backward()
     theirs = theirs.detach()
@@ -140,6 +148,48 @@ def test_loss_metrics_and_gradients_equal_trls(sft, peer, tmp_path, loss_type):
     scale = max(float(jnp.abs(g).max()) for _, g in flat)
     for path, g in flat:
         np.testing.assert_allclose(g, want[path], atol=1e-4 * scale, err_msg=str(path))
+
+
+def step_loss(task, model, lora):
+    """The task's loss as `step.make_step` takes it: (summed loss, pairs, metric sums)."""
+    apply = lj.lora_apply(model.apply, lora)
+
+    def loss(params, batch, rngs):
+        total, count, _, sums = task.loss_terms(apply, params, batch, rngs)
+        return total, count, sums
+
+    return loss
+
+
+def test_a_run_of_steps_follows_trls_loss_curve(sft, peer, tmp_path):
+    """Ten AdamW steps over two alternating batches of four pairs, from the same adapter:
+    our step (`step.make_step` on the task's loss, optax's adamw) and TRL's (its loss,
+    backward, then the optimizer its trainer builds) give the same loss curve at 1e-3, and
+    the curve falls, so the comparison tells the steps apart (measured: 2e-6)."""
+    model, params, adapter, lora, tokenizer, directory = peer
+    rows, lr = preference_rows(8, seed=2), 5e-3
+    task = Dpo(DpoSettings(beta=0.5))
+    batches = [pairs_batch(task, tokenizer, rows[i : i + 4]) for i in (0, 4)]
+    tx = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    step = make_step(step_loss(task, model, lora), tx)
+    state = (jax.tree.map(jnp.copy, adapter), tx.init(adapter))
+    ours_curve = []
+    for i in range(10):
+        *state, metrics = step(*state, params, batches[i % 2][1], i)
+        ours_curve.append(float(metrics["loss"]))
+
+    trainer = trl_trainer(sft, directory, rows, tmp_path, beta=0.5, learning_rate=lr,
+                          weight_decay=0.0, adam_epsilon=1e-8)  # fmt: skip
+    optimizer = trainer.create_optimizer()
+    theirs_curve = []
+    for i in range(10):
+        optimizer.zero_grad()
+        value = trainer._compute_loss(trainer.model, trl_inputs(batches[i % 2][0]), False)
+        value.backward()
+        optimizer.step()
+        theirs_curve.append(value.item())
+    np.testing.assert_allclose(ours_curve, theirs_curve, rtol=1e-3)
+    assert theirs_curve[-1] < theirs_curve[0] - 0.1, theirs_curve
 
 
 def float64_logps(sft, peer, rows, max_length=12):
@@ -214,6 +264,22 @@ def test_at_init_the_policy_is_its_own_reference(peer):
     # does not, and XLA fuses the two programs differently.
     assert abs(metrics["rewards/chosen"]) < 1e-6 and abs(metrics["rewards/rejected"]) < 1e-6
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))  # it learns
+
+
+def test_the_step_holds_the_base_once(peer):
+    """The reference is the policy's own base: the compiled DPO step's arguments are the
+    adapter, its optimizer state, one base and the batch, byte for byte: a second base, or
+    the reference's log-probs computed apart, would add to them."""
+    model, params, adapter, lora, tokenizer, _ = peer
+    task, tx = Dpo(DpoSettings()), optax.adamw(1e-3)
+    _, batch = pairs_batch(task, tokenizer, preference_rows(2))
+    args = (adapter, tx.init(adapter), params, batch)
+    step = make_step(step_loss(task, model, lora), tx)
+    memory = step.lower(*args, jnp.int32(0)).compile().memory_analysis()
+    nbytes = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree))  # noqa: E731
+    assert nbytes(params) > 4 * nbytes(args[:2])  # the base is the bulk of the arguments
+    # And the step number's 4 bytes where XLA keeps it (unused without dropout).
+    assert 0 <= memory.argument_size_in_bytes - nbytes(args) <= 4
 
 
 def dpo_sets(sft, tmp_path, out, **changes):
