@@ -56,11 +56,12 @@ MODELS = {  # config.json of each shape, as the hub has it
                          tie_word_embeddings=False),
 }  # fmt: skip
 # (model, shipped config, topology, rows a chip, tokens a row, remat); the configs' own
-# settings first.
+# settings first. A DPO row is a pair: two sequences of its length.
 ROWS = [
     ("8b", "llama3_8b_sft.py", "v5e:4x4", 4, 2048, "full"),
     ("8b", "llama3_8b_sft.py", "v5e:4x4", 1, 2048, "full"),
     ("8b", "llama3_8b_sft.py", "v5e:4x4", 1, 2048, "projections"),
+    ("8b", "llama3_8b_dpo.py", "v5e:4x4", 2, 2048, "full"),  # pairs a chip, tokens a side
     ("70b", "llama3_70b_sft.py", "v5e:8x8", 1, 2048, "full"),
     ("70b", "llama3_70b_qlora.py", "v5e:2x4", 1, 2048, "full"),
     ("qwen3-32b", "qwen3_32b_sft.py", "v5e:4x8", 1, 2048, "full"),
@@ -162,10 +163,13 @@ def main() -> None:
             if "error" in got:
                 print(f"{name} | failed: {got['error']}")
                 continue
-            bound = lower_bound(MODELS[model], got["chips"], rows, length, remat, quantized,
+            sequences = rows * (2 if "dpo" in config else 1)
+            bound = lower_bound(MODELS[model], got["chips"], sequences, length, remat, quantized,
                                 expert=got["mesh"]["expert"])  # fmt: skip
             plain = (
-                "-" if args.no_probe or quantized else probe(model, topology, rows, length, remat)
+                "-"
+                if args.no_probe or quantized or sequences > rows
+                else probe(model, topology, rows, length, remat)
             )
             total = got["bytes"] / GIB
             against = f"{total / float(plain):.2f}" if plain.replace(".", "").isdigit() else "-"

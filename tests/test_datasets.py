@@ -1,4 +1,4 @@
-"""The shipped synthetic SFT sets are what their generator writes, and their answers are right."""
+"""The shipped synthetic sets are what their generator writes, and their answers are right."""
 
 import json
 import re
@@ -27,3 +27,7 @@ def test_answers_are_right():
     for row in synthetic.splits("reverse")["test"]:
         words = row["prompt"].removeprefix("Reverse the words: ").split()
         assert row["response"].split() == words[::-1] and 3 <= len(words) <= 5
+    for row in synthetic.splits("arithmetic_pairs")["test"]:
+        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", row["prompt"]).groups()
+        right = int(a) + int(b) if op == "+" else int(a) - int(b)
+        assert int(row["chosen"]) == right and abs(int(row["rejected"]) - right) in (1, 10)

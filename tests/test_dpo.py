@@ -5,6 +5,10 @@ oracle), every loss against its formula in float64, and `lora-jax train` on pair
 import contextlib
 import json
 import math
+import os
+import re
+import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,16 +21,19 @@ import transformers as tf
 from datasets import Dataset
 from hf_peer import PEERS
 from safetensors.torch import load_file
-from sft_runs import LLAMA_SFT, as_args, overrides
+from sft_runs import LLAMA_SFT, ROOT, as_args, cli, losses, overrides
 from test_aot import SMALL, compile_cli
 from test_failures import one_line
+from test_train import _free_port, logged
 from trl import DPOConfig, DPOTrainer
 
 import lora_jax as lj
 from lora_jax import models
 from lora_jax.cli import main as cli_main
 from lora_jax.data import Padded, Tokenizer
-from lora_jax.settings import DataSettings, DpoSettings
+from lora_jax.files import resolve
+from lora_jax.settings import DataSettings, DpoSettings, RunConfig, load_config
+from lora_jax.sources import read_rows
 from lora_jax.step import make_step
 from lora_jax.tasks import Dpo
 
@@ -306,6 +313,48 @@ def test_train_on_pairs_writes_trls_metrics_and_learns(sft, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_two_processes_stopped_and_resumed_give_one_processs_curve(sft, tmp_path):
+    """DPO as a pod runs it: two jax.distributed processes, each with its own directory's
+    view of the run, SIGTERM to process 1 stops both after one step and checkpoint,
+    --resume on both finishes, and the curve is the one process's on 8 devices."""
+    port, env = _free_port(), dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    # A learning rate a third of SFT's: at 3e-2 the two orders of summation drift apart by
+    # 1e-3 over 16 steps, the pairs' loss amplifying every difference (a resume's error
+    # would instead jump at the step it resumed from).
+    common = {"train.steps": 12, "checkpoint.every": 4, "mesh.fsdp": 4, "mesh.tensor": 2,
+              "mesh.devices": -1, "train.batch_size": 8, "train.learning_rate": 1e-2}  # fmt: skip
+
+    def start(*extra):
+        procs = []
+        for pid in range(2):
+            join = {"distributed.coordinator": f"localhost:{port}",
+                    "distributed.num_processes": 2, "distributed.process_id": pid}  # fmt: skip
+            sets = dpo_sets(sft, tmp_path, tmp_path / "multi", **common, **join)
+            procs.append(cli(*sets, *extra, env=env))
+        return procs
+
+    procs, metrics = start(), tmp_path / "multi" / "metrics.jsonl"
+    while procs[0].poll() is None and len(logged(metrics)) < 3:
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)
+    stopped = set()
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+        stopped |= set(re.findall(r"stopped by SIGTERM at step (\d+): checkpoint written", err))
+    assert len(stopped) == 1 and int(stopped.pop()) < 12  # both, at the same step
+    port = _free_port()
+    for p in start("--resume"):
+        _, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err[-3000:]
+    single = dpo_sets(sft, tmp_path, tmp_path / "single", **{**common, "mesh.devices": 8})
+    assert cli_main(single) == 0
+    # float32; the all-reduces sum in another order than one process's: 1e-4 relative
+    # (measured 5e-7).
+    np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), rtol=1e-4)
+    assert len(losses(tmp_path / "multi")) == 12
+
+
 @pytest.mark.parametrize("row, says", [
     ({"prompt": "w3", "chosen": "w4"}, "no field 'rejected'"),
     ({"prompt": "w3", "chosen": "w4 w5", "rejected": "w4 w5"},
@@ -339,6 +388,18 @@ def test_settings_that_leave_no_untouched_base_are_refused(sft, tmp_path, capsys
     line = one_line(capsys.readouterr().err)
     assert says in line, line
     assert not out.exists()
+
+
+def test_the_shipped_dpo_config_reads_the_shipped_pairs():
+    """configs/llama3_8b_dpo.py is a DPO run at 2 pairs a chip on 16 chips, and every row of
+    its default data (the shipped arithmetic pairs) is a pair the task accepts."""
+    config = RunConfig.from_dict(load_config(str(ROOT / "configs" / "llama3_8b_dpo.py")))
+    assert (config.data.task, config.train.batch_size, config.data.max_length) == ("dpo", 32, 2048)
+    for split in (config.data.train, config.data.eval):
+        rows = read_rows(resolve(split))
+        assert len(rows) >= 200
+        for i, row in enumerate(rows):
+            Dpo().check_row(row, f"{split}:{i + 1}", config.data, None)
 
 
 def test_a_dpo_step_compiles_for_tpu_within_a_quarter_of_sfts_bytes(tmp_path):

@@ -1,8 +1,11 @@
-"""Two small SFT tasks for the notebooks and the SFT configs, drawn from fixed seeds.
+"""Small tasks for the notebooks and the shipped configs, drawn from fixed seeds.
 
 arithmetic: "What is 27 + 45?" -> "72" (sums and differences of two-digit numbers).
 reverse: "Reverse the words: sun cat red" -> "red cat sun" (three to five common words).
-Rows are {"prompt", "response"}; no test prompt appears in train. `python -m
+arithmetic_pairs: preference pairs (DPO) on arithmetic's questions: the right answer chosen,
+a near miss ("71", "82") rejected.
+SFT rows are {"prompt", "response"}, pairs {"prompt", "chosen", "rejected"}; no test prompt
+appears in train. `python -m
 lora_jax.datasets.synthetic` rewrites the JSONL files beside this module; a test checks the
 shipped files are exactly what it writes.
 """
@@ -36,7 +39,15 @@ def reverse(rng: random.Random) -> dict[str, str]:
     }
 
 
-TASKS = {"arithmetic": arithmetic, "reverse": reverse}
+def arithmetic_pairs(rng: random.Random) -> dict[str, str]:
+    """An arithmetic question, its answer preferred to one off by one or by ten: wrong in
+    the way a model that half-learned the sum is wrong."""
+    row = arithmetic(rng)
+    miss = int(row["response"]) + rng.choice((-10, -1, 1, 10))
+    return {"prompt": row["prompt"], "chosen": row["response"], "rejected": str(miss)}
+
+
+TASKS = {"arithmetic": arithmetic, "reverse": reverse, "arithmetic_pairs": arithmetic_pairs}
 
 
 def splits(task: str) -> dict[str, list[dict[str, str]]]:
