@@ -20,6 +20,7 @@ import grain
 import numpy as np
 from grain import experimental as grain_x
 
+from lora_jax import chat
 from lora_jax.files import path
 from lora_jax.sources import BadRow, ListedRows, Rows
 
@@ -63,9 +64,26 @@ class Tokenizer:
         eos = hf_config.get("eos_token_id")
         self.eos = eos[0] if isinstance(eos, list) else eos
         self.pad = hf_config.get("pad_token_id") or 0
+        self.directory = str(directory)
+        self.chat_template, self.specials = chat.read_template(directory)
+        # As transformers loads it: tokenizer_config.json's special tokens (bos "<s>", ...)
+        # are one token each in text, as a chat template writes them. Those of the vocab only.
+        known = [t for t in self.specials.values() if self.fast.token_to_id(t) is not None]
+        self.fast.add_special_tokens(known)
 
     def __call__(self, text: str, special: bool = True) -> list[int]:
         return self.fast.encode(text, add_special_tokens=special).ids
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False
+             ) -> list[int]:  # fmt: skip
+        """A conversation's tokens by the checkpoint's chat template, as transformers'
+        apply_chat_template(tokenize=True) gives them (the template writes any BOS)."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.directory} has no chat template (tokenizer_config.json's "
+                             "chat_template, or chat_template.jinja): a conversational row "
+                             "needs one.")  # fmt: skip
+        text = chat.render(self.chat_template, messages, self.specials, add_generation_prompt)
+        return self(text, special=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.fast.decode(list(ids), skip_special_tokens=True)

@@ -7,8 +7,10 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,7 @@ from test_train import _free_port, logged
 from trl import DPOConfig, DPOTrainer
 
 import lora_jax as lj
-from lora_jax import models
+from lora_jax import chat, models
 from lora_jax.cli import main as cli_main
 from lora_jax.data import Padded, Tokenizer
 from lora_jax.files import resolve
@@ -372,6 +374,105 @@ def test_a_bad_pair_is_one_line_naming_file_and_row(sft, tmp_path, capsys, row, 
     assert cli_main(args) == 2
     line = one_line(capsys.readouterr().err)
     assert f"{train}:4: {says}" in line, line
+    assert not out.exists()
+
+
+# Chat templates as their checkpoints ship them (the file names which).
+TEMPLATES = json.loads((Path(__file__).parent / "chat_templates.json").read_text())
+
+
+def with_template(sft, tmp_path, name):
+    """The tiny Llama with a chat template in its tokenizer_config.json, as the hub's are."""
+    directory = tmp_path / name
+    shutil.copytree(sft / "llama", directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": TEMPLATES[name], "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "[UNK]", "tokenizer_class": "PreTrainedTokenizerFast"}))  # fmt: skip
+    return directory
+
+
+def conversations(rows, system=False):
+    """TRL's conversational form of `preference_rows`: the prompt a user turn (after an
+    earlier exchange and a system turn, where asked), each response an assistant turn."""
+    earlier = [{"role": "user", "content": "w7 w8"}, {"role": "assistant", "content": "w48 w47"}]
+    head = [{"role": "system", "content": "w90 w91"}] if system else []
+    turn = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    return [{"prompt": [*head, *earlier, *turn("user", r["prompt"])],
+             "chosen": turn("assistant", r["chosen"]),
+             "rejected": turn("assistant", r["rejected"])} for r in rows]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral", "zephyr"])
+def test_conversational_pairs_are_rendered_and_split_as_trl_does(sft, tmp_path, name):
+    """Rows of message lists: the text is transformers' apply_chat_template's, and each
+    side's tokens and loss mask are TRL's DPOTrainer's (its prompt_ids then chosen_ids or
+    rejected_ids, the completion starting where prompt and conversation part)."""
+    directory = with_template(sft, tmp_path, name)
+    rows = conversations(preference_rows(4, seed=3), system=name != "mistral")
+    hf_tokenizer = tf.AutoTokenizer.from_pretrained(directory)
+    _, _, hf_config = models.from_pretrained(directory)
+    tokenizer = Tokenizer(directory, hf_config)
+    for messages in (rows[0]["prompt"], rows[0]["prompt"] + rows[0]["chosen"]):
+        for generation in (False, True):
+            assert chat.render(tokenizer.chat_template, messages, tokenizer.specials, generation) \
+                == hf_tokenizer.apply_chat_template(messages, tokenize=False,
+                                                    add_generation_prompt=generation)  # fmt: skip
+    data = DataSettings(task="dpo", max_length=64, template="{prompt}")
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True)
+    trainer = DPOTrainer(model=PEERS["llama"][1].from_pretrained(directory), args=args,
+                         peft_config=peft.LoraConfig(r=4, target_modules=TARGETS),
+                         train_dataset=Dataset.from_list(rows),
+                         processing_class=hf_tokenizer)  # fmt: skip
+    for row, theirs in zip(rows, trainer.train_dataset, strict=True):
+        Dpo().check_row(row, "row", data, None)
+        example = Dpo().encode(row, tokenizer, data)
+        for side, key in ((1, "chosen_ids"), (2, "rejected_ids")):
+            keep = example["segment_ids"] == side
+            ids = list(theirs["prompt_ids"]) + list(theirs[key])
+            assert example["input_ids"][keep].tolist() == ids
+            assert example["loss_mask"][keep].tolist() == [0] * len(theirs["prompt_ids"]) + [1] * (
+                len(ids) - len(theirs["prompt_ids"]))  # fmt: skip
+
+
+def test_conversational_pairs_train(sft, tmp_path):
+    """`lora-jax train` on conversational pairs (zephyr's template) runs to the end, the
+    first loss log 2, and the eval's reward accuracy is reported."""
+    directory = with_template(sft, tmp_path, "zephyr")
+    train = write_rows(tmp_path / "chat.jsonl", conversations(preference_rows(32)))
+    out = tmp_path / "out"
+    sets = {"model.path": directory, "data.train": train, "data.eval": train,
+            "data.max_length": 48, "train.steps": 4, "data.template": "{prompt}"}  # fmt: skip
+    args = dpo_sets(sft, tmp_path, out, **sets)
+    assert cli_main(args) == 0
+    assert abs(losses(out)[0] - math.log(2)) < 1e-6
+    assert "rewards/accuracies" in json.loads((out / "eval.json").read_text())
+
+
+@pytest.mark.parametrize("template, change, says", [
+    ("zephyr", {"data.template": "Q: {prompt}"}, "data.template 'Q: {prompt}' adds text to it: "
+     "set data.template to '{prompt}'"),
+    ("zephyr", {"row": {"chosen": [{"role": "assistant"}]}},
+     "chosen[0] is not a message with a string role and content"),
+    ("mistral", {"row": {"prompt": [{"role": "assistant", "content": "w3"}]}},
+     "the chat template fails: Conversation roles must alternate"),
+    (None, {}, "has no chat template (tokenizer_config.json's chat_template, or "
+     "chat_template.jinja): a conversational row needs one"),
+])  # fmt: skip
+def test_a_bad_conversational_row_is_one_line(sft, tmp_path, capsys, template, change, says):
+    """A template that wraps the prompt, a message without content, a row the checkpoint's
+    own template refuses, a checkpoint with no template: one line naming file and row, exit
+    2, nothing written."""
+    model = with_template(sft, tmp_path, template) if template else sft / "llama"
+    rows = conversations(preference_rows(3))
+    rows[-1].update(change.pop("row", {}))
+    train = write_rows(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "out"
+    sets = {"model.path": model, "data.train": train, "data.eval": train,
+            "data.template": "{prompt}", "data.max_length": 64, **change}  # fmt: skip
+    assert cli_main(dpo_sets(sft, tmp_path, out, **sets)) == 2
+    line = one_line(capsys.readouterr().err)
+    row = 1 if "data.template" in change or template is None else 3
+    assert f"{train}:{row}: " in line and says in line, line
     assert not out.exists()
 
 
