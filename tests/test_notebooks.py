@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = re.search(r'^Repository = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)[1]
 NOTEBOOKS = {p.stem: p for p in sorted((ROOT / "colab").glob("*.ipynb"))}
 # A notebook's TPU case is 8 cores (v2-8): the SFT notebook runs on 8 simulated devices.
-DEVICES = {"quickstart": 1, "llm_sft_tpu": 8, "compose_adapters": 1}
+DEVICES = {"quickstart": 1, "llm_sft_tpu": 8, "compose_adapters": 1, "dpo": 1}
 # How the docs spell each module a notebook may use.
 MODULES = {
     "lora_jax": "lj",
@@ -36,7 +36,7 @@ def code(notebook: nbformat.NotebookNode) -> str:
     return re.sub(r"^(\s*)[%!].*$", r"\1pass", "\n\n".join(cells), flags=re.M)
 
 
-def test_the_three_notebooks_exist():
+def test_the_four_notebooks_exist():
     assert set(NOTEBOOKS) == set(DEVICES)
 
 
