@@ -5,8 +5,8 @@ look the task up in `TASKS` and never branch on it.
 
 Tasks sit under the settings (which offer `TASKS`' names as `data.task`'s choices) and over
 the data pipeline (an `Encoder` is the `data.RowEncoder` of a task and its settings): what
-they read of the settings and of a run is described here, as protocols (`DataFields`,
-`Trained`), not imported.
+they read of the settings and of a run is described in `base`, as protocols (`DataFields`,
+`Trained`), not imported. A task is a module of this package: `classify`, `sft`, `dpo`.
 """
 
 from __future__ import annotations

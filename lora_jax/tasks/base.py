@@ -112,6 +112,7 @@ class Task(Protocol):
 
 
 def tokens(ids: list[int]) -> np.ndarray:
+    """Token ids as an example's 1-D int32 array."""
     return np.asarray(ids, np.int32)
 
 
