@@ -299,12 +299,14 @@ def dpo_sets(sft, tmp_path, out, **changes):
     return ["train", "--config", LLAMA_SFT, *as_args(overrides(sft, out, **sets))]
 
 
-def test_train_on_pairs_writes_trls_metrics_and_learns(sft, tmp_path):
+def test_train_on_pairs_writes_trls_metrics_and_learns(sft, tmp_path, capsys):
     """`lora-jax train` with data.task dpo: the first step's loss is log 2 (the adapter
     starts at B = 0), the six metrics are in metrics.jsonl and eval.json, and the reward
-    accuracy on the eval pairs rises above chance."""
+    accuracy on the eval pairs rises above chance; `lora-jax eval` of the saved adapter
+    reports the run's own final metrics."""
     out = tmp_path / "out"
-    assert cli_main(dpo_sets(sft, tmp_path, out, **{"train.steps": 60, "dpo.beta": 3.0})) == 0
+    args = dpo_sets(sft, tmp_path, out, **{"train.steps": 60, "dpo.beta": 3.0})
+    assert cli_main(args) == 0
     logged = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     assert abs(logged[0]["loss"] - math.log(2)) < 1e-6
     assert all(set(METRICS) <= set(line) for line in logged)
@@ -313,6 +315,12 @@ def test_train_on_pairs_writes_trls_metrics_and_learns(sft, tmp_path):
     # 16 eval pairs; chance is 8 (measured: 12).
     assert set(METRICS) <= set(final) and final["rewards/accuracies"] >= 10 / 16, final
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    capsys.readouterr()
+    assert cli_main(["eval", *args[1:]]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed.startswith(f"{out / 'adapter'} on ")
+    for name in METRICS:
+        assert f"{name} {final[name]:.4f}" in printed, (name, printed)
 
 
 def test_two_processes_stopped_and_resumed_give_one_processs_curve(sft, tmp_path):
