@@ -76,7 +76,8 @@ class Dpo:
         the two differ (a pair of the same text prefers nothing)."""
         sides = (data.chosen_field, data.rejected_field)
         if is_conversation(row[data.chosen_field]):
-            if data.template != "{" + (prompt := template_fields(data.template)[0]) + "}":
+            prompt = (template_fields(data.template) or ["prompt"])[0]
+            if data.template != "{" + prompt + "}":
                 raise ValueError(f"{at}: a conversational row is rendered by the checkpoint's "
                                  f"chat template, and data.template {data.template!r} adds text "
                                  f"to it: set data.template to '{{{prompt}}}'.")  # fmt: skip
