@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lora_jax.files import path
+from lora_jax.files import path, read_json
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                   "mask_token")  # fmt: skip
@@ -44,7 +44,7 @@ def read_template(directory: Any) -> tuple[str | None, dict[str, str]]:
     is the one named "default"."""
     folder = path(directory)
     config_file = folder / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = read_json(config_file) if config_file.is_file() else {}  # damaged: one line
     specials = {}
     for name in SPECIAL_TOKENS:
         token = config.get(name)

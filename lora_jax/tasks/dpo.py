@@ -119,8 +119,8 @@ class Dpo:
         return False  # one pair a row, padded to a bucket length
 
     def batch_shapes(self, data: DataFields, rows: int) -> Shapes:
-        tokens = ((rows, self.row_length(data)), np.dtype(np.int32))
-        return dict.fromkeys(("input_ids", SEGMENT_IDS, "positions", "loss_mask"), tokens)
+        spec = ((rows, self.row_length(data)), np.dtype(np.int32))
+        return dict.fromkeys(("input_ids", SEGMENT_IDS, "positions", "loss_mask"), spec)
 
     def num_labels(self, configured: int | None) -> int | None:
         return None

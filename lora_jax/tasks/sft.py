@@ -75,8 +75,8 @@ class Sft:
         return data.pack
 
     def batch_shapes(self, data: DataFields, rows: int) -> Shapes:
-        tokens = ((rows, data.max_length), np.dtype(np.int32))
-        return dict.fromkeys(("input_ids", SEGMENT_IDS, "positions", "loss_mask"), tokens)
+        spec = ((rows, data.max_length), np.dtype(np.int32))
+        return dict.fromkeys(("input_ids", SEGMENT_IDS, "positions", "loss_mask"), spec)
 
     def num_labels(self, configured: int | None) -> int | None:
         return None  # a decoder keeps its LM head
