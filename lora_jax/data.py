@@ -133,6 +133,18 @@ class Encode:
         return [self(index) for index in range(min(count, len(self)))]
 
 
+class WithValues(Encode):
+    """`encode`'s examples, each with its row's entries of `values` (arrays over the split's
+    rows, computed before training) as scalars. Picklable, as `Encode`."""
+
+    def __init__(self, encode: Encode, values: Mapping[str, np.ndarray]):
+        super().__init__(encode.rows, encode.encoder)
+        self.values = {k: np.ascontiguousarray(v) for k, v in values.items()}
+
+    def __call__(self, index: int) -> Example:
+        return super().__call__(index) | {k: v[int(index)] for k, v in self.values.items()}
+
+
 def buckets(max_length: int) -> list[int]:
     """The lengths an unpacked batch is padded to: max_length and its halves down to an
     eighth, each rounded up to a multiple of 8."""

@@ -12,6 +12,7 @@ leaf like its kernel, the batch over (data, fsdp, expert).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -260,6 +261,39 @@ class Run(Setup):
                                      cfg.train.seed, self.rows, self.task.packs(cfg.data),
                                      workers=cfg.data.workers)  # fmt: skip
 
+    def per_row(self, split: str, fn: Callable, desc: str,
+                between: Callable[[], None] = lambda: None) -> np.ndarray:  # fmt: skip
+        """fn(base, batch)'s rows over a split's rows in order (each process reads its own), as
+        one (rows, ...) array on every process; `between` runs after each batch (a stop
+        request's check)."""
+        compiled = jax.jit(fn, out_shardings=sharding.replicated(self.mesh))
+        parts = []
+        with contextlib.closing(self.in_order(split, desc)) as batches:
+            for batch, real in batches:
+                parts.append(np.asarray(compiled(self.base, batch))[:real])
+                between()
+        return np.concatenate(parts)
+
+    def in_order(self, split: str, desc: str) -> Iterator[tuple[dict[str, jax.Array], int]]:
+        """A split's global batches once, in order (`eval_batches`), read by every process
+        before any computes (`_read_together`), and the real rows in each; a progress bar
+        that closes with the generator (close it: a bar left open prints past the run's
+        last line)."""
+        size, timeout = self.config.train.batch_size, self.config.distributed.timeout_s
+        bar = tqdm(total=len(self.examples[split]), desc=desc, unit="ex", leave=False, delay=1,
+                   disable=jax.process_index() != 0)  # fmt: skip
+        try:
+            for local, real in _read_together(self.eval_batches(split), split, timeout):
+                yield self.batch(local, size), real
+                bar.update(real)
+        finally:
+            bar.close()
+
+    def with_values(self, values: Mapping[str, np.ndarray]) -> Run:
+        """The run whose training examples carry `values` (the task's `row_values`)."""
+        train = data_lib.WithValues(self.examples["train"], values)
+        return dataclasses.replace(self, examples={**self.examples, "train": train})
+
     @functools.cached_property
     def eval_terms(self) -> Callable:
         """(adapter, base, batch) -> loss_terms, compiled once for every evaluation."""
@@ -385,20 +419,13 @@ def evaluate(run: Run, adapter: Any, split_name: str = "eval") -> dict[str, floa
     """Mean loss and accuracy (per example, per response token or per pair), and the task's
     other metrics, over a whole split, read in order (each process its own rows), with a
     progress bar."""
-    size = run.config.train.batch_size
     sums, more = np.zeros(3), {}
-    bar = tqdm(total=len(run.examples[split_name]), desc=split_name, unit="ex", leave=False,
-               delay=1, disable=jax.process_index() != 0)  # fmt: skip
-    timeout = run.config.distributed.timeout_s
-    try:  # closed on a bad row too: a bar left open prints past the run's last line
-        for local, real in _read_together(run.eval_batches(split_name), split_name, timeout):
-            *terms, extra = run.eval_terms(adapter, run.base, run.batch(local, size))
+    with contextlib.closing(run.in_order(split_name, split_name)) as batches:
+        for batch, _ in batches:
+            *terms, extra = run.eval_terms(adapter, run.base, batch)
             sums += np.asarray([float(t) for t in terms])
             for name, value in extra.items():
                 more[name] = more.get(name, 0.0) + float(value)
-            bar.update(real)
-    finally:
-        bar.close()
     if not sums[1]:  # a mean of nothing: said, not written as NaN
         data = run.config.data
         raise ValueError(f"{getattr(data, split_name)}: no row keeps a token to evaluate "

@@ -130,12 +130,16 @@ class TrainSettings:
 @dataclasses.dataclass(frozen=True)
 class DpoSettings:
     """Preference tuning (data.task "dpo"): the loss and its strength. The reference policy
-    is the base itself (the adapter skipped), so it needs no settings."""
+    is the base itself (the adapter skipped): no model to name, only when to compute its
+    log-probs."""
 
     loss: PreferenceLoss = "sigmoid"
     beta: float = 0.1  # the strength of the KL penalty (IPO's tau; SimPO's reward scale)
     label_smoothing: float = 0.0  # sigmoid: the share of pairs taken as mislabelled (cDPO)
     simpo_gamma: float = 0.5  # simpo: the reward margin the chosen response must clear
+    # The reference's log-probs computed once, in a pass over the training pairs before the
+    # first step (again on --resume), instead of a reference forward in every step.
+    precompute_reference: bool = False
 
     def __post_init__(self) -> None:
         _require(math.isfinite(self.beta) and self.beta > 0, "dpo.beta", self.beta,

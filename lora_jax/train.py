@@ -30,6 +30,8 @@ from lora_jax.signals import Stopped, StopRequests
 from lora_jax.sources import BadRow, version_of
 from lora_jax.variants import BASE_MODIFYING_INITS
 
+PASS = "in the pass over the training rows before the first step"
+
 
 def train(
     config: Mapping[str, Any] | RunConfig, resume: bool = False, log: Callable = tqdm.write
@@ -88,6 +90,13 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
     opt_state = jax.jit(txs[False].init, out_shardings=shardings.opt_state)(run.adapter)
     ckpt_cfg = run.config.checkpoint
     timeout = run.config.distributed.timeout_s
+    # The task's pass over the training rows, where it has one (DPO's reference log-probs):
+    # made anew on --resume (from the base alone, they come out the same).
+    values = run.task.row_values(run, lambda: _stop_in_setup(stop, timeout, PASS))
+    if values:
+        log(f"{' and '.join(values)} of the {len(run.examples['train'])} training rows "
+            "computed (one forward pass)")  # fmt: skip
+        run = run.with_values(values)
     checkpoints = Checkpoints(out / "checkpoints", ckpt_cfg.every, ckpt_cfg.keep, timeout)
     batches = iter(run.stream())
     # PiSSA/OLoRA rewrote the base: the adapter is saved for the original base through its
@@ -110,9 +119,7 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
         log(f"eval before training: {_fmt(evaluate(run, adapter))}")
     bar = writer.progress(start, train_cfg.steps)
     try:
-        if _anywhere(stop, timeout, f"starting at step {start + 1}")[0]:  # asked in setup
-            raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} before "
-                          f"step {start + 1}; nothing trained")  # fmt: skip
+        _stop_in_setup(stop, timeout, f"before step {start + 1}")  # asked in setup
         data_state = batches.get_state()  # what a checkpoint of the newest step holds
         for step in range(start, train_cfg.steps):
             t0 = time.perf_counter()
@@ -180,6 +187,14 @@ def _loop(run: Run, resume: bool, log: Callable, stop: StopRequests) -> dict:
     # Every process: it gathers the adapter first.
     finish(out, adapter, metrics, run.lora, run.hf_config, run.model_dir, log, initial)
     return metrics
+
+
+def _stop_in_setup(stop: StopRequests, timeout_s: float, when: str) -> None:
+    """`Stopped` on every process where any was asked to stop (`when`: before which step,
+    or in which phase of the setup)."""
+    if _anywhere(stop, timeout_s, when)[0]:
+        raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} {when}; "
+                      "nothing trained")  # fmt: skip
 
 
 def _anywhere(

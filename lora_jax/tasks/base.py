@@ -37,7 +37,8 @@ class DataFields(Protocol):
 
 
 class Trained(Protocol):
-    """What a task's end-of-run check reads of the run (`lora_jax.run.Run` has it)."""
+    """What a task reads of the run before the first step and after the last (`lora_jax.run.Run`
+    has it)."""
 
     model: Any
     base: Any
@@ -46,6 +47,12 @@ class Trained(Protocol):
 
     def eval_batches(self, split: str = "eval") -> Iterator[tuple[Batch, int]]:
         """(this process's rows of a global batch, real rows in it), the split in order."""
+        ...
+
+    def per_row(self, split: str, fn: Callable, desc: str, between: Callable[[], None]
+                ) -> np.ndarray:  # fmt: skip
+        """fn(base, batch)'s rows over a split's rows in order, as one array on every
+        process; `between` is called after each batch."""
         ...
 
 
@@ -106,6 +113,11 @@ class Task(Protocol):
         """(summed loss, summed weight, summed correct, other sums) of a batch, in float32."""
         ...
 
+    def row_values(self, run: Trained, between: Callable[[], None]) -> dict[str, np.ndarray]:
+        """Values of each training row computed once before the first step, which its
+        examples then carry as scalars (DPO's reference log-probs, when asked); {}: none."""
+        ...
+
     def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
         """What the task checks once training is done."""
         ...
@@ -114,6 +126,12 @@ class Task(Protocol):
 def tokens(ids: list[int]) -> np.ndarray:
     """Token ids as an example's 1-D int32 array."""
     return np.asarray(ids, np.int32)
+
+
+def response_tokens(text: str, tokenizer: Tokenizer) -> list[int]:
+    """A response's tokens as the model learns to write it: no special tokens before it (it
+    follows the prompt), EOS after it, where the checkpoint has one."""
+    return tokenizer(text, special=False) + ([tokenizer.eos] if tokenizer.eos is not None else [])
 
 
 def shown(value: Any) -> str:

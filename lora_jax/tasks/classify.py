@@ -88,6 +88,9 @@ class Classify:
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         return jnp.sum(losses * weight), jnp.sum(weight), jnp.sum(correct * weight), {}
 
+    def row_values(self, run: Trained, between: Callable[[], None]) -> dict[str, np.ndarray]:
+        return {}  # its examples are the rows alone
+
     def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
         """The merged model's eval predictions against the factored forward's (one process:
         the eval split is whole there)."""

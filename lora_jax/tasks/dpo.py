@@ -23,12 +23,17 @@ from lora_jax.tasks.base import (
     Terms,
     Trained,
     decoder_only,
+    response_tokens,
     row_weights,
     shown,
     template_fields,
     tokens,
 )
 from lora_jax.tree import split
+
+# A pair's reference log-probs, when computed before training (`dpo.precompute_reference`):
+# scalars its example carries, chosen then rejected.
+REFERENCE = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 class PreferenceFields(Protocol):
@@ -38,6 +43,7 @@ class PreferenceFields(Protocol):
     beta: float
     label_smoothing: float
     simpo_gamma: float
+    precompute_reference: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +58,10 @@ class Dpo:
     Losses (`loss`): "sigmoid" (DPO; `label_smoothing` > 0: conservative DPO), "ipo" (on
     per-token log-ratios, as TRL computes it) and "simpo" (reference-free: length-normalised
     log-probs and a margin `simpo_gamma`; no reference forward). Metrics as TRL names them.
-    `settings` are the run's `dpo.*` (`bound`); `TASKS`' own instance has none and reads
-    and encodes rows only."""
+    With `precompute_reference`, the reference's log-probs are computed once before the
+    first step (`row_values`) and each example carries them, so the step has no reference
+    forward. `settings` are the run's `dpo.*` (`bound`); `TASKS`' own instance has none and
+    reads and encodes rows only."""
 
     name: ClassVar[str] = "dpo"
     reports_probe: ClassVar[bool] = False
@@ -83,13 +91,15 @@ class Dpo:
                                  f"to it: set data.template to '{{{prompt}}}'.")  # fmt: skip
             for field in (prompt, *sides):
                 check_conversation(row[field], field, at)
+            texts = {f: "".join(m["content"] for m in row[f]) for f in sides}
         else:
             for field in self.fields(data):
                 if not isinstance(row[field], str):
                     raise ValueError(f"{at}: {field} is {shown(row[field])}, not a string.")
-            for field in sides:
-                if not row[field].strip():
-                    raise ValueError(f"{at}: {field} is empty: a pair needs two responses.")
+            texts = {f: row[f] for f in sides}
+        for field, text in texts.items():
+            if not text.strip():
+                raise ValueError(f"{at}: {field} is empty: a pair needs two responses.")
         if row[data.chosen_field] == row[data.rejected_field]:
             raise ValueError(f"{at}: {data.chosen_field} and {data.rejected_field} are the same "
                              "text: the pair prefers nothing.")  # fmt: skip
@@ -120,7 +130,15 @@ class Dpo:
 
     def batch_shapes(self, data: DataFields, rows: int) -> Shapes:
         spec = ((rows, self.row_length(data)), np.dtype(np.int32))
-        return dict.fromkeys(("input_ids", SEGMENT_IDS, "positions", "loss_mask"), spec)
+        shapes = dict.fromkeys(("input_ids", SEGMENT_IDS, "positions", "loss_mask"), spec)
+        if self._precomputed():
+            shapes |= dict.fromkeys(REFERENCE, ((rows,), np.dtype(np.float32)))
+        return shapes
+
+    def _precomputed(self) -> bool:
+        """Whether examples carry the reference's log-probs (SimPO uses none)."""
+        s = self.settings
+        return s is not None and s.precompute_reference and s.loss != "simpo"
 
     def num_labels(self, configured: int | None) -> int | None:
         return None
@@ -136,15 +154,29 @@ class Dpo:
         if (s := self.settings) is None:
             raise ValueError("the dpo task's loss needs its settings: TASKS['dpo'].bound(config)")
         logps, counts = _pair_logps(apply, params, batch, rngs)
-        # The reference: the base alone (its adapter leaves left out; no dropout).
-        reference = None if s.loss == "simpo" else _pair_logps(
-            apply, split(params, LoraConfig())[1], batch)[0]  # fmt: skip
+        # The reference: the base alone (its adapter leaves left out; no dropout), unless
+        # the batch carries its log-probs (training batches, with precompute_reference).
+        if s.loss == "simpo":
+            reference = None
+        elif REFERENCE[0] in batch:
+            reference = jnp.stack([batch[k] for k in REFERENCE], axis=-1)
+        else:
+            reference = _pair_logps(apply, split(params, LoraConfig())[1], batch)[0]
         losses, rewards = pair_losses(s.loss, logps, counts, reference, beta=s.beta,
                                       label_smoothing=s.label_smoothing,
                                       simpo_gamma=s.simpo_gamma)  # fmt: skip
         weight = row_weights(batch)
         sums = pair_metrics(rewards, logps, weight)
         return jnp.sum(losses * weight), jnp.sum(weight), sums["rewards/accuracies"], sums
+
+    def row_values(self, run: Trained, between: Callable[[], None]) -> dict[str, np.ndarray]:
+        """With precompute_reference: each training pair's reference log-probs (the base's),
+        in one forward pass over the split; they cost 8 bytes a pair on each process."""
+        if not self._precomputed():
+            return {}
+        logps = run.per_row("train", lambda base, batch: _pair_logps(run.apply, base, batch)[0],
+                            "reference log-probs", between)  # fmt: skip
+        return dict(zip(REFERENCE, logps.T, strict=True))
 
     def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
         """Nothing beyond the eval's metrics."""
@@ -160,8 +192,7 @@ def _pair_tokens(row: Mapping[str, Any], tokenizer: Tokenizer,
     sides = (data.chosen_field, data.rejected_field)
     if not is_conversation(row[data.chosen_field]):
         prompt = tokenizer(data.template.format(**row))
-        eos = [tokenizer.eos] if tokenizer.eos is not None else []
-        return len(prompt), [prompt + tokenizer(row[f], special=False) + eos for f in sides]
+        return len(prompt), [prompt + response_tokens(row[f], tokenizer) for f in sides]
     messages = row[template_fields(data.template)[0]]
     prompt = tokenizer.chat(messages, add_generation_prompt=True)
     whole = [tokenizer.chat([*messages, *row[f]]) for f in sides]

@@ -18,6 +18,7 @@ from lora_jax.tasks.base import (
     Terms,
     Trained,
     decoder_only,
+    response_tokens,
     row_weights,
     shown,
     template_fields,
@@ -57,8 +58,7 @@ class Sft:
         example), positions, and loss_mask (1 on response tokens and EOS). Packed, segment
         ids number the examples of a row (1, 2, ...) and positions restart with each."""
         prompt = tokenizer(data.template.format(**row))
-        answer = tokenizer(row[data.response_field], special=False)
-        answer += [tokenizer.eos] if tokenizer.eos is not None else []
+        answer = response_tokens(row[data.response_field], tokenizer)
         ids = (prompt + answer)[: data.max_length]
         mask = ([0] * len(prompt) + [1] * len(answer))[: len(ids)]
         return {
@@ -94,6 +94,9 @@ class Sft:
         mask = batch["loss_mask"][:, 1:] * real * row_weights(batch)[:, None]
         head = functools.partial(apply, params, rngs=rngs, method="head")
         return (*token_terms(head, hidden[:, :-1], batch["input_ids"][:, 1:], mask), {})
+
+    def row_values(self, run: Trained, between: Callable[[], None]) -> dict[str, np.ndarray]:
+        return {}  # its examples are the rows alone
 
     def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
         """Nothing beyond the eval loss: a generation check needs the user's prompts."""
