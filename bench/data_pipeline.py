@@ -7,12 +7,15 @@ pipeline  the stream alone (no model): real tokens/s of packed batches of the sh
           config (32 rows of 1024) on the arithmetic set, with 0 and 2 worker processes,
           against the CPU bench's train step (bench/RESULTS.md: 2,058 tokens/s)
 padding   padded tokens per step of that config: every row padded to 1024 (the pipeline
-          before packing) against packed rows
+          before packing) against packed rows; and the share of padding in
+          configs/llama3_8b_dpo.py's batches on the shipped arithmetic pairs, one pair a row
+          (padded to a bucket length) against packed pairs
 curve     that config's `lora-jax train` (tiny Llama, float32, 20 steps), packed and with
           data.pack=False (padded to bucket lengths): wall time and the loss along the run
 
   python bench/data_pipeline.py                 # 10k, 2M, 20M rows (about 1.4 GB of JSONL)
   python bench/data_pipeline.py --rows 10000 1000000
+  python bench/data_pipeline.py --parts padding  # the padding rows alone
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+PARTS = ["setup", "pipeline", "padding", "curve"]
+PAIRS_DATA = "package:lora_jax/datasets/arithmetic_pairs"
 TRAIN_STEP_TOKENS_S = 2058  # bench/train_throughput.py, lora_jax step, 2 CPUs (RESULTS.md)
 TINY = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=30522,
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -74,16 +80,10 @@ def setup_run(model: Path, data: Path, out: Path) -> tuple[float, float]:
 def pipeline_tokens_s(model: Path, workers: int, batches: int = 40) -> float:
     """Real tokens/s of the shipped SFT config's packed stream over the arithmetic set."""
     from lora_jax import data as data_lib
-    from lora_jax.files import resolve
     from lora_jax.settings import SFT_DATA, DataSettings
-    from lora_jax.sources import open_rows
-    from lora_jax.tasks import TASKS, Encoder
 
-    tokenizer = data_lib.Tokenizer(model, json.loads((model / "config.json").read_text()))
     data = DataSettings(task="sft", max_length=1024, template="{prompt}")
-    rows = open_rows(resolve(f"{SFT_DATA}/train.jsonl"))
-    split = data_lib.Encode(rows, Encoder(TASKS["sft"], tokenizer, data))
-    stream = iter(data_lib.train_stream(split, 32, 0, slice(None), True, workers=workers))
+    stream = shipped_stream(model, data, f"{SFT_DATA}/train.jsonl", 32, workers)
     next(stream)  # workers started, first batch read
     t, tokens = time.perf_counter(), 0
     for _ in range(batches):
@@ -96,22 +96,46 @@ def pipeline_tokens_s(model: Path, workers: int, batches: int = 40) -> float:
 def padding(model: Path, steps: int = 20) -> tuple[float, float]:
     """Mean padded tokens per step (32 rows of 1024): every row padded, and packed."""
     from lora_jax import data as data_lib
-    from lora_jax.files import resolve
     from lora_jax.settings import SFT_DATA, DataSettings
-    from lora_jax.sources import open_rows
-    from lora_jax.tasks import TASKS, Encoder
 
-    tokenizer = data_lib.Tokenizer(model, json.loads((model / "config.json").read_text()))
-    rows = open_rows(resolve(f"{SFT_DATA}/train.jsonl"))
     out = []
     for pack in (False, True):
         data = DataSettings(task="sft", max_length=1024, template="{prompt}", pack=pack)
-        split = data_lib.Encode(rows, Encoder(TASKS["sft"], tokenizer, data))
-        stream = iter(data_lib.train_stream(split, 32, 0, slice(None), pack))
+        stream = shipped_stream(model, data, f"{SFT_DATA}/train.jsonl", 32)
         padded = [32 * 1024 - np.count_nonzero(next(stream)[data_lib.SEGMENT_IDS])
                   for _ in range(steps)]  # fmt: skip
         out.append(float(np.mean(padded)))
     return out[0], out[1]
+
+
+def pair_padding(model: Path, steps: int = 20) -> list[tuple[float, float]]:
+    """(padded share of the batch's tokens, pairs a step) of configs/llama3_8b_dpo.py's
+    batches (32 rows, a pair's two sides of up to 2048 tokens each) on the shipped
+    arithmetic pairs: one pair a row padded to a bucket length, then packed."""
+    from lora_jax import data as data_lib
+    from lora_jax.settings import DataSettings
+
+    out = []
+    for pack in (False, True):
+        data = DataSettings(task="dpo", max_length=2048, template="{prompt}", pack=pack)
+        stream = shipped_stream(model, data, f"{PAIRS_DATA}/train.jsonl", 32)
+        batches = [next(stream)[data_lib.SEGMENT_IDS] for _ in range(steps)]
+        out.append((float(np.mean([data_lib.padding_share(b) for b in batches])),
+                    float(np.mean([sum(r.max() // 2 for r in b) for b in batches]))))  # fmt: skip
+    return out
+
+
+def shipped_stream(model: Path, data: Any, split: str, batch: int, workers: int = 0) -> Any:
+    """The training stream of a shipped split (`data.task`'s examples), one process (and
+    `workers` data workers)."""
+    from lora_jax import data as data_lib
+    from lora_jax.files import resolve
+    from lora_jax.sources import open_rows
+    from lora_jax.tasks import TASKS, Encoder
+
+    tokenizer = data_lib.Tokenizer(model, json.loads((model / "config.json").read_text()))
+    encode = data_lib.Encode(open_rows(resolve(split)), Encoder(TASKS[data.task], tokenizer, data))
+    return iter(data_lib.train_stream(encode, batch, 0, slice(None), data.pack, workers=workers))
 
 
 def curve(model: Path, out: Path, pack: bool, steps: int = 20) -> tuple[float, np.ndarray]:
@@ -134,6 +158,7 @@ def curve(model: Path, out: Path, pack: bool, steps: int = 20) -> tuple[float, n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 2_000_000, 20_000_000])
+    parser.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "lj_data_bench")
     args = parser.parse_args()
     from lora_jax import models
@@ -152,7 +177,7 @@ def main() -> None:
     print("| run | rows | file MB | wall s | peak RSS MiB | vs first |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     first = None
-    for rows in args.rows:
+    for rows in args.rows if "setup" in args.parts else []:
         path = args.dir / f"rows_{rows}.jsonl"
         if not path.exists():
             write_rows(path, rows)
@@ -160,14 +185,20 @@ def main() -> None:
         first = first or (wall, rss)
         print(f"| setup | {rows:,} | {path.stat().st_size / 1e6:,.0f} | {wall:.1f} | {rss:,.0f} "
               f"| time {wall / first[0]:.2f}x, RSS {rss / first[1]:.2f}x |")  # fmt: skip
-    for workers in (0, 2):
+    for workers in (0, 2) if "pipeline" in args.parts else ():
         rate = pipeline_tokens_s(model, workers)
         print(f"| pipeline, {workers} workers | arithmetic | | | | {rate:,.0f} tokens/s = "
               f"{rate / TRAIN_STEP_TOKENS_S:.1f}x the CPU train step |")  # fmt: skip
-    unpacked, packed = padding(model)
-    print(f"| padding per step, 32 x 1024 | arithmetic | | | | every row padded {unpacked:,.0f}, "
-          f"packed {packed:,.0f}: {unpacked / max(packed, 1):.0f}x fewer |")  # fmt: skip
-    for pack in (True, False):
+    if "padding" in args.parts:
+        unpacked, packed = padding(model)
+        print(
+            f"| padding per step, 32 x 1024 | arithmetic | | | | every row padded "
+            f"{unpacked:,.0f}, packed {packed:,.0f}: {unpacked / max(packed, 1):.0f}x fewer |"
+        )
+        for pack, (share, pairs) in zip(("bucketed", "packed"), pair_padding(model), strict=True):
+            print(f"| DPO padding, 32 x 2 x 2048, {pack} | arithmetic_pairs | | | | {share:.1%} "
+                  f"of the tokens padding, {pairs:,.0f} pairs a step |")  # fmt: skip
+    for pack in (True, False) if "curve" in args.parts else ():
         wall, loss = curve(model, args.dir / f"curve_{pack}", pack)
         marks = ", ".join(f"{loss[i - 1]:.3f}" for i in (1, 5, 10, 15, 20))
         print(f"| curve, {'packed' if pack else 'padded to buckets'} | arithmetic | | {wall:.1f} "

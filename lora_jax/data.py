@@ -11,6 +11,7 @@ lengths, so the step compiles a bounded number of times.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -89,9 +90,11 @@ class Tokenizer:
         return self.fast.decode(list(ids), skip_special_tokens=True)
 
 
-def pad(seqs: list[list[int]], length: int, value: int) -> np.ndarray:
-    """Token lists as one (rows, length) int32 array, cut or filled with `value`."""
-    out = np.full((len(seqs), length), value, np.int32)
+def pad(seqs: Sequence[Sequence[Any]], length: int, value: int,
+        dtype: np.dtype | type = np.int32) -> np.ndarray:  # fmt: skip
+    """Token lists as one (rows, length) array (int32, or `dtype`), cut or filled with
+    `value`."""
+    out = np.full((len(seqs), length), value, dtype)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s[:length]
     return out
@@ -134,15 +137,24 @@ class Encode:
 
 
 class WithValues(Encode):
-    """`encode`'s examples, each with its row's entries of `values` (arrays over the split's
-    rows, computed before training) as scalars. Picklable, as `Encode`."""
+    """`encode`'s examples, each with a float32 token array per entry of `values` (an array of
+    (rows, segments) computed before training): its row's j-th value on the first token of
+    the example's segment j + 1, 0 elsewhere. It pads and packs as tokens do, and a sum over
+    a segment's tokens gives the value back. Picklable, as `Encode`."""
 
     def __init__(self, encode: Encode, values: Mapping[str, np.ndarray]):
         super().__init__(encode.rows, encode.encoder)
-        self.values = {k: np.ascontiguousarray(v) for k, v in values.items()}
+        self.values = dict(values)
 
     def __call__(self, index: int) -> Example:
-        return super().__call__(index) | {k: v[int(index)] for k, v in self.values.items()}
+        example = super().__call__(index)
+        segments = example[SEGMENT_IDS]
+        firsts = np.flatnonzero(np.diff(segments, prepend=0))
+        for key, table in self.values.items():
+            spread = np.zeros(len(segments), np.float32)
+            spread[firsts] = table[int(index)][segments[firsts] - 1]
+            example[key] = spread
+        return example
 
 
 def buckets(max_length: int) -> list[int]:
@@ -172,7 +184,7 @@ class Padded:
                 batch[key] = np.stack([e[key] for e in examples])
             else:
                 value = self.pad_id if key == "input_ids" else 0
-                batch[key] = pad([e[key] for e in examples], length, value)
+                batch[key] = pad([e[key] for e in examples], length, value, examples[0][key].dtype)
         return batch
 
 
@@ -186,15 +198,19 @@ def widened(batch: Batch, length: int, pad_id: int) -> Batch:
     return out
 
 
-def _from_packed(bin_: Example) -> Example:
-    """grain's packed bin in this project's names: segment ids 1, 2, ... per example (0 on
-    padding), positions restarting with each example."""
-    return {"input_ids": bin_["input_ids"], SEGMENT_IDS: bin_["input_ids_segment_ids"],
-            "positions": bin_["input_ids_positions"], "loss_mask": bin_["loss_mask"]}  # fmt: skip
+def _only(example: Example, keys: Sequence[str]) -> Example:
+    return {k: example[k] for k in keys}
 
 
-def _packable(example: Example) -> Example:
-    return {"input_ids": example["input_ids"], "loss_mask": example["loss_mask"]}
+def _from_packed(bin_: Example, features: Sequence[str]) -> Example:
+    """grain's packed bin as a row of the examples' own token arrays (their positions too),
+    the segments numbered on through the row, 0 on padding: an SFT example is one segment
+    (1, 2, 3, ...), a DPO pair two (1 and 2, 3 and 4, ...)."""
+    row = {k: bin_[k] for k in features}
+    example, own = bin_["input_ids_segment_ids"], bin_[SEGMENT_IDS]
+    starts = np.r_[True, (example[1:] != example[:-1]) | (own[1:] != own[:-1])]
+    row[SEGMENT_IDS] = np.where(example > 0, np.cumsum(starts), 0).astype(np.int32)
+    return row
 
 
 # ----------------------------------------------------------------------------- streams
@@ -260,17 +276,18 @@ class _Unjoin(grain_x.FlatMapTransform):
         return unjoined(chunk)
 
 
-def packed(examples: grain.IterDataset, bins: int, length: int,
+def packed(examples: grain.IterDataset, features: Sequence[str], bins: int, length: int,
            pad_id: int) -> grain.IterDataset:  # fmt: skip
-    """Examples packed first-fit into rows of `length` tokens (grain's packing), `bins` rows
-    at a time: each flush of `bins` rows is one batch, so no example crosses batches."""
+    """Examples packed first-fit into rows of `length` tokens (grain's packing of their token
+    arrays, `features`), `bins` rows at a time: each flush of `bins` rows is one batch, so
+    no example crosses batches."""
     return grain_x.FirstFitPackIterDataset(
-        examples.map(_packable),
-        length_struct={"input_ids": length, "loss_mask": length},
+        examples.map(functools.partial(_only, keys=features)),
+        length_struct=dict.fromkeys(features, length),
         num_packing_bins=bins,
         shuffle_bins=False,
-        padding_struct={"input_ids": pad_id, "loss_mask": 0},
-    ).map(_from_packed)
+        padding_struct={k: pad_id if k == "input_ids" else 0 for k in features},
+    ).map(functools.partial(_from_packed, features=features))
 
 
 def read_options(threads: int) -> grain.ReadOptions:
@@ -299,7 +316,9 @@ def train_stream(encode: Encode, batch_size: int, seed: int, rows: slice, pack: 
     # batches would depend on the number of workers.
     if pack:
         examples = grain_x.FlatMapIterDataset(stream, _Unjoin(order.local))
-        return packed(examples, order.local, length, pad_id).batch(order.local, drop_remainder=True)
+        features = [k for k, v in encode(0).items() if v.ndim]  # its token arrays
+        rows = packed(examples, features, order.local, length, pad_id)
+        return rows.batch(order.local, drop_remainder=True)
     collate = encode.padded()
     return stream.map(lambda chunk: collate(unjoined(chunk)))
 

@@ -12,6 +12,7 @@ import signal
 import time
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,18 +33,19 @@ from trl import DPOConfig, DPOTrainer
 import lora_jax as lj
 from lora_jax import chat, models
 from lora_jax.cli import main as cli_main
-from lora_jax.data import Padded, Tokenizer
+from lora_jax.data import Encode, Padded, Tokenizer, WithValues, packed
 from lora_jax.files import resolve
 from lora_jax.settings import DataSettings, DpoSettings, RunConfig, load_config
-from lora_jax.sources import read_rows
+from lora_jax.sources import ListedRows, read_rows
 from lora_jax.step import make_step
-from lora_jax.tasks import Dpo
+from lora_jax.tasks import Dpo, Encoder
 from lora_jax.tasks.dpo import REFERENCE, _pair_logps
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")  # fmt: skip
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-PASS_SAID = "ref_chosen_logps and ref_rejected_logps of the 64 training rows computed"
+DATA = DataSettings(task="dpo", max_length=12)  # a pair's row: 24 tokens, 12 slots
+PASS_SAID = "reference_logps of the 64 training rows computed (one forward pass)"
 
 
 def preference_rows(count, seed=0):
@@ -293,6 +295,17 @@ def test_the_step_holds_the_base_once(peer):
     assert 0 <= memory.argument_size_in_bytes - nbytes(args) <= 4
 
 
+def carrying_the_reference(peer, count):
+    """`count` pairs as examples carrying their reference log-probs, as the pass before
+    training (`Dpo.row_values`) gives them to `data.WithValues`: the base's, one pair a row."""
+    model, params, _, lora, tokenizer, _ = peer
+    encode = Encode(ListedRows(preference_rows(count)), Encoder(Dpo(), tokenizer, DATA))
+    plain = Padded(0, 24, 24)([encode(i) for i in range(count)])
+    logps = _pair_logps(lj.lora_apply(model.apply, lora), params, plain)[0]
+    reference = logps.reshape(count, -1, 2)[:, 0]  # a row's pair is in its first slot
+    return [WithValues(encode, {REFERENCE: reference})(i) for i in range(count)]
+
+
 def test_a_precomputed_reference_takes_the_reference_forward_out_of_the_step(peer):
     """dpo.precompute_reference: a batch carrying the reference's log-probs (as the pass
     before training computes them, from the base alone) gives the live reference's loss,
@@ -300,12 +313,12 @@ def test_a_precomputed_reference_takes_the_reference_forward_out_of_the_step(pee
     does under 0.8x the FLOPs: the policy's forward and backward remain (about two forwards'
     worth: the frozen base takes no weight gradient), the reference's forward is gone
     (measured: 0.70x)."""
-    model, params, adapter, lora, tokenizer, _ = peer
+    model, params, adapter, lora, _, _ = peer
     live, pre = Dpo(DpoSettings()), Dpo(DpoSettings(precompute_reference=True))
-    _, batch = pairs_batch(live, tokenizer, preference_rows(4))
-    reference = _pair_logps(lj.lora_apply(model.apply, lora), params, batch)[0]
-    carried = batch | {k: reference[:, i] for i, k in enumerate(REFERENCE)}
-    assert set(carried) == set(pre.batch_shapes(DataSettings(task="dpo"), 4))
+    examples = carrying_the_reference(peer, 4)
+    batch, carried = (Padded(0, 24, 24)([{k: e[k] for k in task.batch_shapes(DATA, 1)}
+                                         for e in examples]) for task in (live, pre))  # fmt: skip
+    assert set(carried) == set(batch) | {REFERENCE}
     loss, metrics, grads = ours(live, model, params, adapter, lora, batch)
     loss_pre, metrics_pre, grads_pre = ours(pre, model, params, adapter, lora, carried)
     np.testing.assert_allclose(loss_pre, loss, rtol=1e-6)
@@ -322,6 +335,42 @@ def test_a_precomputed_reference_takes_the_reference_forward_out_of_the_step(pee
 
     ratio = flops(pre, carried) / flops(live, batch)
     assert ratio < 0.8, ratio
+
+
+def test_packed_pairs_give_the_sums_and_gradients_of_one_pair_a_row(peer):
+    """data.pack with dpo: pairs packed several to a row (pair k its segments 2k - 1 and 2k,
+    each seeing only itself, positions restarting) give the summed loss, the pair count,
+    TRL's metric sums and the adapter gradients of one pair a row (1e-5, float32), the
+    reference live or carried in the rows' tokens (precompute_reference)."""
+    model, params, adapter, lora, _, _ = peer
+    apply = lj.lora_apply(model.apply, lora)
+    examples = carrying_the_reference(peer, 16)
+    plain = Padded(0, 24, 24)(examples)
+    source = grain.MapDataset.source(examples).to_iter_dataset()
+    rows = list(packed(source, list(examples[0]), 4, 96, 0))
+    rows = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    assert len(rows["input_ids"]) < 8 and rows["segment_ids"].max() >= 6  # 3+ pairs a row
+
+    def summed(task, batch):
+        def total(a):
+            loss, *rest = task.loss_terms(apply, lj.combine(a, params), batch)
+            return loss, rest
+
+        (loss, rest), grads = jax.value_and_grad(total, has_aux=True)(adapter)
+        return [loss, *rest], grads
+
+    for task in (Dpo(DpoSettings()), Dpo(DpoSettings(precompute_reference=True))):
+        keep = task.batch_shapes(DATA, 1)
+        (want, want_grads), (got, got_grads) = (
+            summed(task, {k: jnp.asarray(v) for k, v in b.items() if k in keep})
+            for b in (plain, rows)
+        )
+        assert float(got[1]) == float(want[1]) == 16  # every pair counted once
+        np.testing.assert_allclose(got[:3], want[:3], rtol=1e-5)
+        for name in METRICS:
+            np.testing.assert_allclose(got[3][name], want[3][name], rtol=1e-5, atol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                     got_grads, want_grads)  # fmt: skip
 
 
 def dpo_sets(sft, tmp_path, out, **changes):

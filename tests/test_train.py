@@ -261,7 +261,8 @@ def test_packed_rows_give_the_loss_of_one_example_per_row(sft, tmp_path):
     pad_id = split.encoder.pad
     plain = data_lib.Padded(pad_id, 32, 32)(examples)
     source = grain.MapDataset.source(examples).to_iter_dataset()
-    rows = list(data_lib.packed(source, 8, 32, pad_id))  # the last flush: fewer than 8 rows
+    features = list(examples[0])  # an SFT example's token arrays
+    rows = list(data_lib.packed(source, features, 8, 32, pad_id))  # last flush: under 8 rows
     packed = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     assert len(rows) == 32  # 11 tokens an example: two per row of 32
     assert packed[data_lib.SEGMENT_IDS].max() == 2 and packed["positions"][0, 11] == 0

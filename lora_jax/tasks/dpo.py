@@ -15,7 +15,7 @@ import numpy as np
 from lora_jax.chat import check_conversation, is_conversation
 from lora_jax.config import LoraConfig
 from lora_jax.data import SEGMENT_IDS, Example, Tokenizer
-from lora_jax.preference import pair_losses, pair_metrics, side_logps
+from lora_jax.preference import by_side, pair_losses, pair_metrics, side_logps
 from lora_jax.step import token_logps
 from lora_jax.tasks.base import (
     DataFields,
@@ -32,8 +32,8 @@ from lora_jax.tasks.base import (
 from lora_jax.tree import split
 
 # A pair's reference log-probs, when computed before training (`dpo.precompute_reference`):
-# scalars its example carries, chosen then rejected.
-REFERENCE = ("ref_chosen_logps", "ref_rejected_logps")
+# a float token array its example carries (`data.WithValues`), each side's on its first token.
+REFERENCE = "reference_logps"
 
 
 class PreferenceFields(Protocol):
@@ -52,8 +52,9 @@ class Dpo:
     policy (base + adapter) raises the chosen response's log-probability against the
     reference's more than the rejected one's. The reference is the base itself: the same
     tree with the adapter's leaves left out, so no second copy of the weights exists. A pair
-    is one row: prompt + chosen (segment 1), then prompt + rejected (segment 2), each cut at
-    data.max_length, positions restarting, so one forward scores both.
+    is one example: prompt + chosen (segment 1), then prompt + rejected (segment 2), each cut
+    at data.max_length, positions restarting, so one forward scores both; with data.pack a
+    row holds several pairs (pair k: segments 2k - 1 and 2k).
 
     Losses (`loss`): "sigmoid" (DPO; `label_smoothing` > 0: conservative DPO), "ipo" (on
     per-token log-ratios, as TRL computes it) and "simpo" (reference-free: length-normalised
@@ -106,10 +107,14 @@ class Dpo:
 
     def encode(self, row: Mapping[str, Any], tokenizer: Tokenizer,
                data: DataFields) -> Example:  # fmt: skip
-        """The pair as one row: input_ids (prompt, chosen, EOS, then prompt, rejected, EOS),
-        segment_ids 1 then 2, positions restarting, loss_mask on response tokens. A prompt
-        that leaves no response token within data.max_length is a ValueError."""
+        """The pair as one example: input_ids (prompt, chosen, EOS, then prompt, rejected,
+        EOS), segment_ids 1 then 2, positions restarting, loss_mask on response tokens. A
+        prompt of no token, or one that leaves no response token within data.max_length, is
+        a ValueError."""
         prompt, sides = _pair_tokens(row, tokenizer, data)
+        if not prompt:  # its first response token would be scored from the row before it
+            raise ValueError("the prompt is no token: a response is scored from the tokens "
+                             "before it.")  # fmt: skip
         if prompt >= data.max_length:
             raise ValueError(f"the prompt is {prompt} tokens, leaving no room for a "
                              f"response within data.max_length {data.max_length}.")  # fmt: skip
@@ -126,13 +131,13 @@ class Dpo:
         return 1  # the pair: `encode` keeps a response token on each side
 
     def packs(self, data: DataFields) -> bool:
-        return False  # one pair a row, padded to a bucket length
+        return data.pack
 
     def batch_shapes(self, data: DataFields, rows: int) -> Shapes:
         spec = ((rows, self.row_length(data)), np.dtype(np.int32))
         shapes = dict.fromkeys(("input_ids", SEGMENT_IDS, "positions", "loss_mask"), spec)
         if self._precomputed():
-            shapes |= dict.fromkeys(REFERENCE, ((rows,), np.dtype(np.float32)))
+            shapes[REFERENCE] = (spec[0], np.dtype(np.float32))
         return shapes
 
     def _precomputed(self) -> bool:
@@ -158,14 +163,16 @@ class Dpo:
         # the batch carries its log-probs (training batches, with precompute_reference).
         if s.loss == "simpo":
             reference = None
-        elif REFERENCE[0] in batch:
-            reference = jnp.stack([batch[k] for k in REFERENCE], axis=-1)
+        elif REFERENCE in batch:
+            reference = by_side(batch[REFERENCE], batch[SEGMENT_IDS], _slots(batch))
         else:
             reference = _pair_logps(apply, split(params, LoraConfig())[1], batch)[0]
         losses, rewards = pair_losses(s.loss, logps, counts, reference, beta=s.beta,
                                       label_smoothing=s.label_smoothing,
                                       simpo_gamma=s.simpo_gamma)  # fmt: skip
-        weight = row_weights(batch)
+        # A slot holds a pair where its chosen side has response tokens (`encode` keeps one
+        # on each side); an eval's padding rows weigh 0.
+        weight = (counts[:, 0] > 0) * jnp.repeat(row_weights(batch), _slots(batch))
         sums = pair_metrics(rewards, logps, weight)
         return jnp.sum(losses * weight), jnp.sum(weight), sums["rewards/accuracies"], sums
 
@@ -174,9 +181,12 @@ class Dpo:
         in one forward pass over the split; they cost 8 bytes a pair on each process."""
         if not self._precomputed():
             return {}
-        logps = run.per_row("train", lambda base, batch: _pair_logps(run.apply, base, batch)[0],
-                            "reference log-probs", between)  # fmt: skip
-        return dict(zip(REFERENCE, logps.T, strict=True))
+
+        def pair_by_row(base: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+            rows = batch["input_ids"].shape[0]  # unpacked: each row's pair in its first slot
+            return _pair_logps(run.apply, base, batch)[0].reshape(rows, -1, 2)[:, 0]
+
+        return {REFERENCE: run.per_row("train", pair_by_row, "reference log-probs", between)}
 
     def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
         """Nothing beyond the eval's metrics."""
@@ -208,10 +218,15 @@ def _shared(a: list[int], b: list[int]) -> int:
 
 def _pair_logps(apply: Callable, params: Any, batch: Mapping[str, jax.Array],
                 rngs: Any = None) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """(summed response log-probs, response tokens), each (rows, 2): chosen, rejected (a
-    pair's segments 1 and 2); float32."""
+    """(summed response log-probs, response tokens), each (rows * slots, 2): chosen,
+    rejected (`preference.side_logps`); float32."""
     inputs = [batch[k] for k in ("input_ids", SEGMENT_IDS, "positions")]
     hidden = apply(params, *inputs, rngs=rngs, method="hidden")
     head = functools.partial(apply, params, rngs=rngs, method="head")
     logps = token_logps(head, hidden[:, :-1], batch["input_ids"][:, 1:])
-    return side_logps(logps, batch[SEGMENT_IDS][:, 1:], batch["loss_mask"][:, 1:])
+    return side_logps(logps, batch[SEGMENT_IDS][:, 1:], batch["loss_mask"][:, 1:], _slots(batch))
+
+
+def _slots(batch: Mapping[str, jax.Array]) -> int:
+    """Pair slots a row: as many as it could hold (a pair takes two tokens at least)."""
+    return (batch["input_ids"].shape[1] + 1) // 2
