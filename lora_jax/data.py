@@ -73,7 +73,12 @@ class Tokenizer:
         self.fast.add_special_tokens(known)
 
     def __call__(self, text: str, special: bool = True) -> list[int]:
-        return self.fast.encode(text, add_special_tokens=special).ids
+        try:
+            return self.fast.encode(text, add_special_tokens=special).ids
+        except TypeError:  # the Rust side takes UTF-8 only: a lone surrogate ("\ud800" in JSON)
+            raise ValueError(f"the text {text[:40]!r} holds a lone surrogate (an escape as "
+                             "\\ud800 that is half a character): no tokenizer takes "
+                             "it.") from None  # fmt: skip
 
     def chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False
              ) -> list[int]:  # fmt: skip

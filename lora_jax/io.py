@@ -300,15 +300,15 @@ def _assembled(
             flat[(*keys, leaf)] = _stack(per_layer, f"{path}/{leaf}")
         ranks[path] = flat[(*keys, LORA_A)].shape[-1]
     leaves = {path_str(k): set(parts) for k, parts in lora.items()}
-    try:
-        check_file(peft_config, ranks, leaves, dotted)
-    except ValueError as err:
-        raise ValueError(f"{directory}/adapter_config.json: {err}") from None
-    alphas = {p: peft_value(peft_config.get("alpha_pattern") or {}, min(dotted[p]),
-                            peft_config["lora_alpha"]) for p in ranks}  # fmt: skip
     for keys, per_layer in full.items():
         flat[keys] = _stack(per_layer, path_str(keys))
-    return flat, lora_config(peft_config, ranks, alphas, [path_str(k) for k in full])
+    try:  # the settings it gives (LoraConfig's own checks: a zero alpha) name the file too
+        check_file(peft_config, ranks, leaves, dotted)
+        alphas = {p: peft_value(peft_config.get("alpha_pattern") or {}, min(dotted[p]),
+                                peft_config["lora_alpha"]) for p in ranks}  # fmt: skip
+        return flat, lora_config(peft_config, ranks, alphas, [path_str(k) for k in full])
+    except ValueError as err:
+        raise ValueError(f"{directory}/adapter_config.json: {err}") from None
 
 
 def _stack(per_layer: dict[int | None, np.ndarray], what: str) -> np.ndarray:

@@ -11,6 +11,7 @@ back, and AdaLoRA's pruned ranks (sliced off each layer on save, put back as zer
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import warnings
@@ -159,6 +160,10 @@ class AdaLoRA(Plain):
         return {"rank": peft_config["init_r"], "adalora": spec}
 
 
+# peft's target_modules for every linear layer but the output layer (a head it leaves out).
+ALL_LINEAR = "all-linear"
+OUTPUT_LAYERS = ("lm_head", "score", "classifier")
+
 # Every variant's record; the first that claims a config or a file is its variant.
 VARIANTS = (AdaLoRA(), DoRA(), Plain())
 
@@ -178,6 +183,7 @@ def check_file(
     without (or tensors with) DoRA's magnitudes, a module `target_modules` does not pick.
     `ranks`, `leaves` and `names`: each adapted module's rank, leaves and torch names."""
     variant = file_variant(peft_config)
+    _check_types(peft_config, variant)
     for key in ("rank_pattern", "alpha_pattern"):
         for pattern in peft_config.get(key) or {}:
             try:
@@ -186,8 +192,9 @@ def check_file(
                 raise ValueError(f"{key} {pattern!r} is not a regex ({err}).") from None
     try:
         rank = variant.settings(peft_config)["rank"]
-        if "lora_alpha" not in peft_config:
-            raise KeyError("lora_alpha")
+        for key, value in (("r", rank), ("lora_alpha", peft_config.get("lora_alpha"))):
+            if value is None:  # absent, or null (peft never writes either)
+                raise KeyError(key)
     except KeyError as err:
         raise ValueError(f"no {err.args[0]!r}, which a {variant.peft_type} adapter "
                          "needs.") from None  # fmt: skip
@@ -205,14 +212,43 @@ def check_file(
         ):
             raise ValueError(f"r / rank_pattern give {name} rank {given}, but its lora_A "
                              f"has rank {found}.")  # fmt: skip
-        if targets and not by_parameter and not all(_targets(targets, n) for n in names[module]):
+        if (targets is not None and not by_parameter
+                and not all(_targets(targets, n) for n in names[module])):  # fmt: skip
             raise ValueError(f"target_modules {targets!r} does not pick {name}, which holds "
                              "adapter tensors.")  # fmt: skip
 
 
+def _check_types(peft_config: Mapping[str, Any], variant: Plain) -> None:
+    """A ValueError naming the first key whose value has a type peft never writes there (a
+    rank of "8", a rank_pattern list): read as it stands, it would be a traceback, or a
+    comparison that calls 8 and "8" different ranks."""
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    alpha = lambda v: (isinstance(v, int | float) and not isinstance(v, bool)  # noqa: E731
+                       and math.isfinite(v) and v > 0)  # fmt: skip
+    ranks = (lambda v: True) if isinstance(variant, AdaLoRA) else count  # AdaLoRA's: masks
+    types = {
+        "r": (count, "a whole number >= 1"),
+        "init_r": (count, "a whole number >= 1"),
+        "target_r": (count, "a whole number >= 1"),
+        "lora_alpha": (alpha, "a number > 0"),
+        "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+        "rank_pattern": (lambda v: isinstance(v, dict) and all(map(ranks, v.values())),
+                         "an object of module patterns and ranks"),
+        "alpha_pattern": (lambda v: isinstance(v, dict) and all(map(alpha, v.values())),
+                          "an object of module patterns and alphas"),
+        "target_modules": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(
+                           isinstance(n, str) for n in v)), "a name pattern or a list of names"),
+    }  # fmt: skip
+    for key, (valid, what) in types.items():
+        if (value := peft_config.get(key)) is not None and not valid(value):
+            raise ValueError(f"{key} is {json.dumps(value)[:60]}, not {what}.")
+
+
 def _targets(target_modules: str | list[str], name: str) -> bool:
-    """peft's rule: a string full-matches the module's name; a list picks it by its last
-    parts."""
+    """peft's rule: a string full-matches the module's name ("all-linear": every linear
+    layer but the output layer); a list picks it by its last parts."""
+    if target_modules == ALL_LINEAR:
+        return not name.endswith(OUTPUT_LAYERS)
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith(f".{t}") for t in target_modules)

@@ -57,6 +57,7 @@ OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "adapter", "eval.json"
 FINAL = ("adapter", "eval.json", "loss.png")  # written when a run finishes
 LOCK = ".lock"
 ASIDE = ".replaced"  # an earlier run's outputs, kept until this run has its own
+BEFORE = "steps.json"  # in ASIDE: the checkpoints' steps when they were moved aside
 RECORD_KEYS = {"model", "lora", "data", "train"}  # what makes a config.json a run's record
 
 
@@ -92,7 +93,6 @@ class RunDir:
         self.replacing: tuple[str, ...] = ()  # what `begin` moves aside for this run's own
         self.aside = False  # whether it moved anything
         self.data_version: dict[str, Any] | None = None  # the training rows' (`check_data`)
-        self.committed: set[int] = set()  # the checkpoints' steps before this run
         if not main:
             return
         try:
@@ -122,6 +122,9 @@ class RunDir:
         # Which run holds it, told apart from a run of the same pid on another host.
         holder = f"pid {os.getpid()} on {socket.gethostname()} ({secrets.token_hex(6)})"
         self.lock = (ObjectLock if is_remote(self.path) else FileLock)(self.path / LOCK, holder)
+        # What a run killed outright (kill -9, the OOM killer) left aside goes back before
+        # its record is read: that run's record is not the one a --resume continues.
+        self._settle(())
         differences = changed(_record(record), self.settings) if resume and record.exists() else []
         if differences:
             self.close()
@@ -194,15 +197,16 @@ class RunDir:
         the settings and the training rows' version are recorded."""
         if self.lock is None:
             return
-        self._settle(())  # what a process killed outright left aside
         self.replacing = (*FINAL, CONFIG) if self.resume else (*OUTPUTS, CONFIG)
-        self.committed = _committed(self.path)
         aside = self.path / ASIDE
-        for name in self.replacing:
-            if (earlier := self.path / name).exists():
-                aside.mkdir(parents=True, exist_ok=True)
-                files.move(earlier, aside / name)
-                self.aside = True
+        if earlier := [n for n in self.replacing if (self.path / n).exists()]:
+            # The checkpoints there now, first: what this run adds to them is its own, even
+            # when a later run has to tell (this process killed outright).
+            aside.mkdir(parents=True, exist_ok=True)
+            write_text(aside / BEFORE, json.dumps(sorted(_committed(self.path))))
+            self.aside = True
+        for name in earlier:
+            files.move(self.path / name, aside / name)
         record = {**self.settings, DATA_VERSION: self.data_version}
         write_text(self.path / CONFIG, json.dumps(record, indent=1, sort_keys=True))
         self.created = False
@@ -214,10 +218,11 @@ class RunDir:
         aside = self.path / ASIDE
         if not aside.exists():
             return
-        if _committed(self.path) - self.committed or (self.path / "adapter").exists():
+        before = set(json.loads(_text(aside / BEFORE) or "[]"))
+        if _committed(self.path) - before or (self.path / "adapter").exists():
             aside.rmtree()
             return
-        for name in {*replacing, *(p.name for p in aside.iterdir())}:
+        for name in {*replacing, *(p.name for p in aside.iterdir())} - {BEFORE}:
             if (partial := self.path / name).is_dir():
                 partial.rmtree()
             elif partial.exists():
@@ -343,6 +348,8 @@ def _record(path: epath.Path) -> dict[str, Any]:
     record = read_json(path)
     if not set(record) >= RECORD_KEYS:
         raise ValueError(f"{path}: not a run's settings record (no model, lora, data, train).")
+    if bad := sorted(k for k in RECORD_KEYS if not isinstance(record[k], dict)):
+        raise ValueError(f"{path}: not a run's settings record ({bad[0]} is not an object).")
     return record
 
 

@@ -90,13 +90,14 @@ class DataSettings:
     def __post_init__(self) -> None:
         _require(self.max_length >= 1, "data.max_length", self.max_length, "must be >= 1")
         _require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+        try:  # a field with a conversion or a format spec is refused ({p:>999999999999})
+            fields = [f if not (spec or how) else "" for _, f, spec, how
+                      in string.Formatter().parse(self.template) if f is not None]  # fmt: skip
         except ValueError as err:
             fields = [f"{{?}} ({err})"]
         _require(all(f.isidentifier() for f in fields), "data.template", self.template,
-                 "must fill named fields of the row, as {prompt} (no {}, {0} or stray braces; "
-                 "write a brace itself as {{ or }})")  # fmt: skip
+                 "must fill named fields of the row, as {prompt} (no {}, {0}, !r, :spec or "
+                 "stray braces; write a brace itself as {{ or }})")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

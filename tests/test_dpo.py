@@ -431,8 +431,11 @@ def test_two_processes_stopped_and_resumed_give_one_processs_curve(sft, tmp_path
     # A learning rate a third of SFT's: at 3e-2 the two orders of summation drift apart by
     # 1e-3 over 16 steps, the pairs' loss amplifying every difference (a resume's error
     # would instead jump at the step it resumed from).
+    # Unpacked: each process packs its own rows, so packed batches hold other pairs than one
+    # process's (as for SFT's test of this).
     common = {"train.steps": 12, "checkpoint.every": 4, "mesh.fsdp": 4, "mesh.tensor": 2,
-              "mesh.devices": -1, "train.batch_size": 8, "train.learning_rate": 1e-2}  # fmt: skip
+              "mesh.devices": -1, "train.batch_size": 8, "train.learning_rate": 1e-2,
+              "data.pack": False}  # fmt: skip
 
     def start(*extra):
         procs = []
@@ -581,6 +584,7 @@ def test_conversational_pairs_train(sft, tmp_path):
      "chosen[0] is not a message with a string role and content"),
     ("zephyr", {"row": {"rejected": [{"role": "assistant", "content": " "}]}},
      "rejected is empty: a pair needs two responses"),
+    ("zephyr", {"row": {"chosen": []}}, "chosen is not a list of messages"),
     ("mistral", {"row": {"prompt": [{"role": "assistant", "content": "w3"}]}},
      "the chat template fails: Conversation roles must alternate"),
     (None, {}, "has no chat template (tokenizer_config.json's chat_template, or "

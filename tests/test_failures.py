@@ -31,8 +31,8 @@ from lora_jax import models
 from lora_jax.checkpoint import Checkpoints
 from lora_jax.cli import WholeLines
 from lora_jax.cli import main as cli_main
-from lora_jax.rundir import changed
-from lora_jax.settings import RunConfig
+from lora_jax.rundir import RunDir, changed
+from lora_jax.settings import RunConfig, load_config
 
 
 def md5s(*paths):
@@ -104,6 +104,8 @@ def _extra_module(tensors, path):
 
 ADAPTER_CASES = {
     "truncated": (_truncate, r"adapter_model\.safetensors: not a readable safetensors file"),
+    "no tensors": (lambda tensors, path: save_file({}, path),
+                   r"/broken/adapter_model\.safetensors: holds no tensors \(an empty adapter\)"),
     "int32 tensor": (_as_int, r"adapter_model\.safetensors: \S+lora_B\.weight is int32"),
     "NaN tensor": (_nan, r"adapter_model\.safetensors: \S+lora_A\.weight holds non-finite"),
     "unexplained tensor": (_extra_module, r"up_proj\.weight is a full tensor of .*up_proj, "
@@ -142,6 +144,23 @@ CONFIG_CASES = {
     "no lora_alpha": ({"lora_alpha": None}, r"no 'lora_alpha', which a LORA adapter needs"),
     "bad alpha_pattern": ({"alpha_pattern": {"(q_proj": 4}},
                           r"alpha_pattern '\(q_proj' is not a regex"),
+    # Values of a type peft never writes there.
+    "r a string": ({"r": "8"}, r'r is "8", not a whole number >= 1'),
+    "r true": ({"r": True}, r"r is true, not a whole number >= 1"),
+    "lora_alpha a string": ({"lora_alpha": "16"}, r'lora_alpha is "16", not a number > 0'),
+    "null lora_alpha": ({"lora_alpha": "null"}, r"no 'lora_alpha', which a LORA adapter needs"),
+    "rank_pattern a list": ({"rank_pattern": ["q_proj"]},
+                            r'rank_pattern is \["q_proj"\], not an object of module patterns'),
+    "alpha_pattern a string": ({"alpha_pattern": "q_proj"},
+                               r'alpha_pattern is "q_proj", not an object of module patterns'),
+    "target_modules a number": ({"target_modules": 5},
+                                r"target_modules is 5, not a name pattern or a list of names"),
+    "no target_modules": ({"target_modules": []},
+                          r"target_modules \[\] does not pick \S+_proj"),
+    "zero alpha": ({"lora_alpha": 0}, r"lora_alpha is 0, not a number > 0"),
+    "zero in alpha_pattern": ({"alpha_pattern": {"v_proj": 0}},
+                              r"alpha_pattern is \{\"v_proj\": 0\}, not an object of module "
+                              "patterns and alphas"),
 }  # fmt: skip
 
 
@@ -156,6 +175,7 @@ def test_an_adapter_config_that_contradicts_its_tensors_is_refused(
     shutil.copytree(adapter_dir, broken)
     config = json.loads((broken / "adapter_config.json").read_text())
     config = {k: v for k, v in {**config, **change}.items() if v is not None}
+    config = {k: None if v == "null" else v for k, v in config.items()}  # written as null
     (broken / "adapter_config.json").write_text(json.dumps(config))
     out = tmp_path / "merged"
     for args in (["merge", "--base", str(checkpoints / "llama"), "--adapter", str(broken),
@@ -164,6 +184,21 @@ def test_an_adapter_config_that_contradicts_its_tensors_is_refused(
         err = one_line(capsys.readouterr().err)
         assert f"{broken}/adapter_config.json: " in err and re.search(message, err), err
     assert not out.exists()
+
+
+def test_an_all_linear_target_is_peft_s_every_linear_layer(checkpoints, adapter_dir, tmp_path):
+    """target_modules "all-linear", as peft writes it (every linear layer but the output
+    layer), picks the adapted modules: the adapter is read and merged as with their names."""
+    copy = tmp_path / "all_linear"
+    shutil.copytree(adapter_dir, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config["target_modules"] = "all-linear"
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    for adapter, out in ((adapter_dir, "named"), (copy, "all")):  # merged models
+        assert cli_main(["merge", "--base", str(checkpoints / "llama"), "--adapter", str(adapter),
+                         "--out", str(tmp_path / out)]) == 0  # fmt: skip
+    merged = [(tmp_path / out / "model.safetensors").read_bytes() for out in ("named", "all")]
+    assert merged[0] == merged[1]
 
 
 def test_merge_never_writes_over_its_inputs(checkpoints, adapter_dir, tmp_path, capsys):
@@ -206,6 +241,11 @@ DATA_CASES = {
     "sft: number in the template": ('{"prompt": "w3", "n": 7, "response": "w4"}\n',
                                     {**SFT, "data.template": "{prompt} {n}"},
                                     r"jsonl:1: n is 7, not a string"),
+    # JSON's escape of half a character: Python holds it, no tokenizer takes it.
+    "sft: a lone surrogate": ('{"prompt": "w3 \\ud800", "response": "w4"}\n', SFT,
+                              r"jsonl:1: the text 'w3 \\ud800' holds a lone surrogate"),
+    "a lone surrogate": ('{"prompt": "w3 \\udfff", "label": 0}\n', {},
+                         r"jsonl:1: the text 'w3 \\udfff' holds a lone surrogate"),
 }  # fmt: skip
 
 
@@ -673,9 +713,11 @@ def test_every_file_read_is_named_in_its_error(sft, tmp_path, capsys):
     raising.write_text("def get_config():\n    return {'train': 1 / 0}\n")
     assert cli_main(["train", "--config", str(raising)]) == 2
     assert f"{raising}:2: ZeroDivisionError: division by zero" in one_line(capsys.readouterr().err)
-    assert cli_main([*train_args(sft, tmp_path / "t"), "--set", "data.template=Q: {}"]) == 2
-    assert "config data.template is 'Q: {}'; must fill named fields" in one_line(
-        capsys.readouterr().err)  # fmt: skip
+    for template in ("Q: {}", "{prompt:>999999999999}", "{prompt!r}"):
+        assert cli_main([*train_args(sft, tmp_path / "t"), "--set", f"data.template={template}"
+                         ]) == 2  # fmt: skip
+        assert f"config data.template is {template!r}; must fill named fields" in one_line(
+            capsys.readouterr().err)  # fmt: skip
     # A run's own files, damaged, on --resume.
     out = tmp_path / "out"
     assert cli_main(train_args(sft, out, **{"train.steps": 2, "checkpoint.every": 1})) == 0
@@ -688,6 +730,10 @@ def test_every_file_read_is_named_in_its_error(sft, tmp_path, capsys):
     (out / "config.json").write_text('{"model": ')
     assert cli_main(resume) == 2
     assert f"{out}/config.json: not valid JSON" in one_line(capsys.readouterr().err)
+    (out / "config.json").write_text('{"model": {}, "lora": {}, "data": "x", "train": {}}')
+    assert cli_main(resume) == 2
+    assert f"{out}/config.json: not a run's settings record (data is not an object)" in (
+        one_line(capsys.readouterr().err))  # fmt: skip
 
 
 def test_a_bad_eval_row_found_after_training_keeps_the_training_for_resume(sft, tmp_path, capsys):
@@ -771,6 +817,33 @@ def test_a_run_stopped_before_it_has_outputs_puts_the_earlier_ones_back(
         after = md5s(out)
         assert {f: after[f] for f in before} == before
         assert all("tfevents" in f and resume for f in set(after) - set(before))
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_killed_outright_in_setup_leaves_the_earlier_run_to_the_next(sft, tmp_path, resume):
+    """A run killed outright (kill -9, the OOM killer: no `finally` runs) after it prepared a
+    finished run's directory, before its first checkpoint: the earlier run's outputs lie
+    aside, the killed run's record in their place. The next run to take the directory puts
+    them back before it reads the record, whole (adapter, eval, record, checkpoints), so a
+    --resume continues the run that owns the checkpoints."""
+    out = tmp_path / "out"
+    first = {"train.steps": 2, "checkpoint.every": 1}
+    assert cli_main(train_args(sft, out, **first)) == 0
+    before = md5s(out)
+    # Killed: a fresh run of other settings, or a --resume to more steps.
+    other = {"train.steps": 4, **({} if resume else {"lora.rank": 4})}
+    settings = load_config(LLAMA_SFT, overrides(sft, out, **{**first, **other}))
+    killed = RunDir(RunConfig.from_dict(settings), resume, main=True)
+    killed.begin()
+    killed.lock.release()  # what the OS does for a killed process; nothing else runs
+    assert (out / ".replaced").is_dir() and md5s(out) != before
+    following = RunDir(RunConfig.from_dict(load_config(LLAMA_SFT, overrides(sft, out, **first))),
+                       True, main=True)  # fmt: skip
+    following.close()  # it held the directory, and began nothing
+    assert md5s(out) == before and not (out / ".replaced").exists()
+    more = {**first, "train.steps": 3}
+    assert cli_main([*train_args(sft, out, **more), "--resume"]) == 0
+    assert steps_of(out) == [1, 2, 3]
 
 
 def test_resume_needs_a_run_and_the_rows_it_began_on(sft, tmp_path, capsys):

@@ -395,26 +395,30 @@ def test_quickstart_runs_offline_as_the_readme_says(tmp_path, capsys):
     shown = [line for line in page.splitlines() if line.startswith("bert/")]
     rows = {tuple(line.split()[:2]): line for line in capsys.readouterr().out.splitlines()}
     printed = [rows.get(tuple(line.split()[:2]), "") for line in shown]  # module, layer
-    assert len(shown) == 10 and same_figures(shown, printed), (shown, printed)
+    # k90 is column 6: module, layer, r, |dW|, top1, top4, k90, ...
+    assert len(shown) == 10 and same_figures(shown, printed, threshold_count=6), (shown, printed)
 
 
-def same_figures(shown: list[str], printed: list[str]) -> bool:
+def same_figures(shown: list[str], printed: list[str], threshold_count: int = -1) -> bool:
     """Lines equal word for word, but for their decimal figures, which may differ by 5% + 0.002:
     the docs were written on one x86-64 CPU, and another (an Intel Xeon's AVX-512 against an
     AMD EPYC's AVX2) sums the same floats in another order, which 150 Adam steps carry into
-    the third digit. Counts (integers: rank, layer, k90, eval examples) stay exact."""
+    the third digit. Counts (integers: rank, layer) stay exact, but for `threshold_count`'s
+    column (`lora-jax inspect`'s k90): how many directions hold 90% of the energy moves by
+    one where that share sits at 0.9 (value layer 5: its top 4 hold 0.896)."""
 
-    def close(a: str, b: str) -> bool:
+    def close(column: int, a: str, b: str) -> bool:
         try:
             x, y = float(a), float(b)
         except ValueError:
             return a == b
         if "." not in a + b:
-            return a == b
+            return abs(x - y) <= (1 if column == threshold_count else 0)
         return abs(x - y) <= 0.05 * max(abs(x), abs(y)) + 0.002
 
     return len(shown) == len(printed) and all(
-        len(s.split()) == len(p.split()) and all(map(close, s.split(), p.split()))
+        len(s.split()) == len(p.split())
+        and all(close(i, a, b) for i, (a, b) in enumerate(zip(s.split(), p.split(), strict=True)))
         for s, p in zip(shown, printed, strict=True)
     )
 

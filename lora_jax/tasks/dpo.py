@@ -84,7 +84,7 @@ class Dpo:
         messages and the template the prompt's field alone; each response holds text, and
         the two differ (a pair of the same text prefers nothing)."""
         sides = (data.chosen_field, data.rejected_field)
-        if is_conversation(row[data.chosen_field]):
+        if isinstance(row[data.chosen_field], list):  # messages, or refused as such
             prompt = (template_fields(data.template) or ["prompt"])[0]
             if data.template != "{" + prompt + "}":
                 raise ValueError(f"{at}: a conversational row is rendered by the checkpoint's "
