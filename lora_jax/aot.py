@@ -55,7 +55,7 @@ def _out_of_hbm(err: Exception) -> tuple[int, int] | None:
 
 def topology_name(name: str) -> str:
     """jax's CHIP:SHAPE name for a topology given in either form; ValueError listing both."""
-    if (m := re.fullmatch(r"(v\w+):\d+(x\d+){1,2}", name)) and m[1] in CHIPS:
+    if (m := re.fullmatch(r"(v\w+):[1-9]\d*(x[1-9]\d*){1,2}", name)) and m[1] in CHIPS:
         return name
     if (m := re.fullmatch(r"(v5e|v5litepod|v6e)-(\d+)", name)) and int(m[2]) in TORUS_2D:
         return f"{'v6e' if m[1] == 'v6e' else 'v5e'}:{TORUS_2D[int(m[2])]}"

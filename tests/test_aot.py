@@ -2,6 +2,7 @@
 no TPU), its per-chip report, and the sharding that makes it fit."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -74,10 +75,16 @@ def test_two_core_chips_compile_as_one_device_each(small_config, topology, chips
     ({"num_hidden_layers": 0}, "num_hidden_layers is 0: a model size"),
     ({"vocab_size": 10**12}, "vocab_size is 1000000000000: a model size"),
     ({"intermediate_size": "128"}, "intermediate_size is '128': a model size"),
+    # Settings of another type than the family reads (as config.json's own names say).
+    ({"rope_scaling": {"rope_type": "linear", "factor": "x"}},
+     "rope_factor is 'x' (from config.json), not a finite number"),
+    ({"tie_word_embeddings": "false"},
+     "tie_word_embeddings is 'false' (from config.json), not true or false"),
 ])  # fmt: skip
 def test_a_config_json_that_is_no_model_is_refused(tmp_path, change, says):
-    """Missing or absurd sizes in config.json: one line naming the file and the key, exit 2,
-    not a traceback nor a "fits" for a model of nothing."""
+    """Missing or absurd sizes in config.json, or settings of the wrong type: one line naming
+    the file and the key, exit 2, not a traceback nor a "fits" for a model of nothing (or
+    for one tied by the string "false")."""
     config = {k: v for k, v in {**SMALL, **change}.items() if v is not None}
     (tmp_path / "config.json").write_text(json.dumps(config))
     done = compile_cli(tmp_path, "v5e-4")
@@ -147,6 +154,13 @@ def test_without_libtpu_the_error_names_the_extra(small_config, tmp_path, monkey
 )  # fmt: skip
 def test_topology_names_in_both_forms(given, jax_name):
     assert aot.topology_name(given) == jax_name
+
+
+@pytest.mark.parametrize("given", ["v5e:0x2", "v5e:2x2x2x2", "v6e-3", "v5e-", "tpu", "v5e:2x2 "])
+def test_a_topology_of_no_slice_is_refused_by_name(given):
+    with pytest.raises(ValueError, match=f"topology {re.escape(repr(given))} is not a TPU "
+                                         "topology this knows"):  # fmt: skip
+        aot.topology_name(given)
 
 
 def test_the_batch_is_split_over_chips_not_replicated(small_config):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -337,7 +338,8 @@ SIZES = (
 
 def check_sizes(hf_config: dict[str, Any]) -> None:
     """A ValueError naming the first size of a config.json that is not a whole number in
-    [1, 2^31), or that its family needs and it lacks."""
+    [1, 2^31), that its family needs and it lacks, or a setting of another type than its
+    family reads (`check_kinds`)."""
 
     def check(name: str, value: Any) -> None:
         if value is not None and not (type(value) is int and 1 <= value < 2**31):
@@ -354,6 +356,30 @@ def check_sizes(hf_config: dict[str, Any]) -> None:
                          "needs.") from None  # fmt: skip
     for name in SIZES:
         check(name, getattr(config, name, None))
+    check_kinds(config)
+
+
+def check_kinds(config: Any) -> None:
+    """A ValueError naming the first field of a family's config (as read from config.json)
+    whose value is not of its declared kind: a finite number for a float (a rope factor of
+    "x" would fail deep in the rotary tables), true or false for a bool (the string "false"
+    would tie the embeddings), a whole number for an int, text for a str."""
+    kinds = {"float": _is_number, "bool": lambda v: isinstance(v, bool),
+             "int": lambda v: type(v) is int, "str": lambda v: isinstance(v, str)}  # fmt: skip
+    for field in dataclasses.fields(config):
+        kind, optional, _ = str(field.type).partition(" | None")
+        value = getattr(config, field.name)
+        if kind in kinds and not (value is None and optional) and not kinds[kind](value):
+            raise ValueError(f"{field.name} is {value!r} (from config.json), not "
+                             f"{KIND_NAMES[kind]}.")  # fmt: skip
+
+
+KIND_NAMES = {"float": "a finite number", "bool": "true or false", "int": "a whole number",
+              "str": "text"}  # fmt: skip
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def from_pretrained(
