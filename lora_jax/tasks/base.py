@@ -114,8 +114,9 @@ class Task(Protocol):
         ...
 
     def row_values(self, run: Trained, between: Callable[[], None]) -> dict[str, np.ndarray]:
-        """Values of each training row computed once before the first step, which its
-        examples then carry as scalars (DPO's reference log-probs, when asked); {}: none."""
+        """Values of each training row, (rows, segments) an array, computed once before the
+        first step; its examples then carry them on their segments' first tokens
+        (`data.WithValues`: DPO's reference log-probs, when asked); {}: none."""
         ...
 
     def finish(self, run: Trained, adapter: Any, log: Callable[[str], None]) -> None:
